@@ -1,0 +1,243 @@
+"""HTTP routes (Quart-Trio): parse, validate, call the registry or the store.
+
+No business logic lives here. Every error leaves as
+``{"ok": false, "error": "<sentence>", "field": "<name>"}`` with the status of
+http-api.md; bad input is never a 500.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import trio
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from . import __version__, validate
+from .auth import TokenAuth, Unauthorized
+from .errors import BadRequest, NotFound, SkydeckError
+from .model import AgentSpec
+from .registry import Registry
+from .store import CursorError, Store
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1024 * 1024
+KEEPALIVE_S = 15.0
+DEFAULT_PAGE = 100
+MAX_PAGE = 500
+
+Json = tuple[dict[str, Any], int] | dict[str, Any]
+
+
+def _error(status: int, message: str, field: str | None = None) -> tuple[dict[str, Any], int]:
+    body: dict[str, Any] = {"ok": False, "error": message}
+    if field is not None:
+        body["field"] = field
+    return body, status
+
+
+def _page_limit(raw: str | None) -> int:
+    if raw is None:
+        return DEFAULT_PAGE
+    if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+        raise BadRequest(f"limit must be an integer from 1 to {MAX_PAGE}", field="limit")
+    return int(raw)
+
+
+def _flag(raw: str | None, field: str) -> bool:
+    if raw is None or raw.lower() in ("false", "0", ""):
+        return False
+    if raw.lower() in ("true", "1"):
+        return True
+    raise BadRequest(f"{field} must be true or false", field=field)
+
+
+def create_app(
+    registry: Registry, store: Store, auth: TokenAuth, *, max_body: int = MAX_BODY_BYTES
+) -> QuartTrio:
+    app = QuartTrio("skydeck")
+    app.config["MAX_CONTENT_LENGTH"] = max_body
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+
+    def agent_json(agent: AgentSpec) -> dict[str, Any]:
+        status, queued = registry.status(agent.name)
+        return {**agent.to_json(), "status": status, "queued": queued}
+
+    async def json_body() -> dict[str, Any]:
+        raw = await request.get_data(as_text=False)
+        assert isinstance(raw, bytes)
+        return validate.json_object(raw)
+
+    async def post_inbound(channel: str | None = None) -> Json:
+        inbound = validate.inbound(await json_body(), channel=channel)
+        if inbound is None:
+            return {"ok": True, "state": "ignored"}
+        accepted = registry.submit(inbound)
+        return {"ok": True, "id": accepted.id, "state": accepted.state}
+
+    # -- errors -------------------------------------------------------------------
+
+    @app.before_request
+    async def authenticate() -> None:
+        if request.path.startswith("/api/") or request.path == "/metrics":
+            auth.check(request.headers.get("Authorization"))
+
+    @app.errorhandler(SkydeckError)
+    async def skydeck_error(error: SkydeckError) -> Json:
+        return _error(error.status, error.message, error.field)
+
+    @app.errorhandler(Unauthorized)
+    async def unauthorized(_: Unauthorized) -> Json:
+        return _error(401, "unauthorized")
+
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException) -> Json:
+        status = error.code or 500
+        messages = {
+            404: "no such route",
+            405: "method not allowed on this route",
+            413: f"request body is over the {max_body} byte limit",
+        }
+        return _error(status, messages.get(status, error.name))
+
+    @app.errorhandler(Exception)
+    async def internal_error(error: Exception) -> Json:
+        log.exception("unhandled error in a request", exc_info=error)
+        return _error(500, "internal error (logged on the daemon)")
+
+    # -- routes -------------------------------------------------------------------
+
+    @app.get("/")
+    async def index() -> Json:
+        return {"name": "skydeck", "version": __version__, "api": "/api", "health": "/health"}
+
+    @app.get("/health")
+    async def health() -> Json:
+        agents = []
+        for agent in registry.agents():
+            status, queued = registry.status(agent.name)
+            agents.append(
+                {
+                    "name": agent.name,
+                    "channel": agent.channel,
+                    "backend": agent.backend,
+                    "status": status,
+                    "queued": queued,
+                }
+            )
+        return {"status": "ok", "agents": agents, "buffered": store.count_buffered()}
+
+    @app.post("/api/inbound")
+    async def inbound() -> Json:
+        return await post_inbound()
+
+    @app.post("/api/vault/inbound")
+    async def vault_inbound() -> Json:
+        return await post_inbound()
+
+    @app.post("/api/channels/<channel>/messages")
+    async def post_channel_message(channel: str) -> Json:
+        return await post_inbound(validate.name(channel, "channel"))
+
+    @app.get("/api/channels/<channel>/messages")
+    async def list_channel_messages(channel: str) -> Json:
+        validate.name(channel, "channel")
+        args = request.args
+        after, before = args.get("after"), args.get("before")
+        if after is not None and before is not None:
+            raise BadRequest("give after or before, not both", field="before")
+        try:
+            page = store.list_messages(
+                channel,
+                limit=_page_limit(args.get("limit")),
+                after=after,
+                before=before,
+                tail=_flag(args.get("tail"), "tail"),
+            )
+        except CursorError:
+            raise BadRequest(
+                "cursor is not one this daemon handed out",
+                field="after" if after is not None else "before",
+            ) from None
+        return {
+            "messages": [message.to_json() for message in page.messages],
+            "next": page.next,
+            "prev": page.prev,
+        }
+
+    @app.get("/api/channels/<channel>/turn-events")
+    async def turn_events(channel: str) -> Response:
+        validate.name(channel, "channel")
+
+        async def stream() -> AsyncIterator[bytes]:
+            with registry.events.subscribe(channel) as receive:
+                yield b": subscribed\n\n"
+                while True:
+                    with trio.move_on_after(KEEPALIVE_S) as idle:
+                        try:
+                            event = await receive.receive()
+                        except (trio.EndOfChannel, trio.ClosedResourceError):
+                            return
+                    if idle.cancelled_caught:
+                        yield b": keep-alive\n\n"
+                        continue
+                    yield f"event: turn\ndata: {json.dumps(event.to_json())}\n\n".encode()
+
+        response = Response(
+            stream(),
+            status=200,
+            content_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        response.timeout = None
+        return response
+
+    @app.get("/api/messages/<message_id>")
+    async def get_message(message_id: str) -> Json:
+        message = store.get_message(message_id)
+        if message is None:
+            raise NotFound(f"no message with id {message_id!r}", field="id")
+        return message.to_json()
+
+    @app.get("/api/threads")
+    async def list_threads() -> Json:
+        channel = request.args.get("channel")
+        if channel is not None:
+            validate.name(channel, "channel")
+        return {"threads": [thread.to_json() for thread in store.list_threads(channel)]}
+
+    @app.get("/api/agents")
+    async def list_agents() -> Json:
+        return {"agents": [agent_json(agent) for agent in registry.agents()]}
+
+    @app.post("/api/agents")
+    async def create_agent() -> Json:
+        agent = registry.create(validate.new_agent(await json_body()))
+        return agent_json(agent), 201
+
+    @app.get("/api/agents/<name>")
+    async def get_agent(name: str) -> Json:
+        return agent_json(registry.get(name))
+
+    @app.patch("/api/agents/<name>")
+    async def patch_agent(name: str) -> Json:
+        body = await json_body()
+        changes = validate.agent_changes(body, registry.get(name))
+        return agent_json(registry.update(name, changes))
+
+    @app.delete("/api/agents/<name>")
+    async def delete_agent(name: str) -> Json:
+        registry.remove(name)
+        return {"ok": True}
+
+    @app.post("/api/agents/<name>/reset")
+    async def reset_agent(name: str) -> Json:
+        registry.reset(name)
+        return {"ok": True}
+
+    return app

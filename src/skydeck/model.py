@@ -1,0 +1,216 @@
+"""Records that cross module boundaries.
+
+Plain dataclasses, no behaviour beyond small derived views: the store, the
+registry, the turn pipeline, the backends and the HTTP layer all speak these,
+so none of them has to know how another keeps its data.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+#: R1: names and channels. Anchored with \Z so a trailing newline never sneaks in.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+
+Backend = Literal["claude", "command", "echo"]
+Mode = Literal["single-threaded", "multi-threaded"]
+QueueMode = Literal["followup", "collect", "interrupt"]
+MessageState = Literal[
+    "buffered", "queued", "working", "done", "failed", "cancelled", "dropped"
+]
+Direction = Literal["in", "out"]
+ThreadStatus = Literal["working", "ok", "error"]
+
+BACKENDS: tuple[Backend, ...] = ("claude", "command", "echo")
+MODES: tuple[Mode, ...] = ("single-threaded", "multi-threaded")
+QUEUE_MODES: tuple[QueueMode, ...] = ("followup", "collect", "interrupt")
+TERMINAL_STATES: frozenset[str] = frozenset({"done", "failed", "cancelled", "dropped"})
+
+DEFAULT_TIMEOUT_S = 900
+
+
+def is_valid_name(value: str) -> bool:
+    """R1: the one rule for agent names, channels and job names."""
+    return NAME_PATTERN.match(value) is not None
+
+
+def utc_now() -> str:
+    """ISO 8601 UTC with milliseconds: sortable as text, readable by JS `Date`."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(slots=True)
+class AgentSpec:
+    """An agent definition: what serves a channel, and how."""
+
+    name: str
+    channel: str
+    backend: Backend = "claude"
+    mode: Mode = "single-threaded"
+    queue_mode: QueueMode = "followup"
+    model: str | None = None
+    system_prompt: str | None = None
+    command: list[str] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    timeout_s: int = DEFAULT_TIMEOUT_S
+    created_at: str = field(default_factory=utc_now)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "channel": self.channel,
+            "backend": self.backend,
+            "mode": self.mode,
+            "queue_mode": self.queue_mode,
+            "model": self.model,
+            "system_prompt": self.system_prompt,
+            "command": self.command,
+            "env": self.env,
+            "timeout_s": self.timeout_s,
+            "created_at": self.created_at,
+        }
+
+
+@dataclass(slots=True)
+class Inbound:
+    """A validated request to put a message into a channel (not stored yet)."""
+
+    channel: str
+    content: str
+    external_id: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def reply_to(self) -> str | None:
+        value = self.metadata.get("reply_to")
+        return value if isinstance(value, str) else None
+
+
+@dataclass(slots=True)
+class Message:
+    """A stored message, inbound (`in`) or a reply (`out`)."""
+
+    id: str
+    seq: int
+    channel: str
+    direction: Direction
+    content: str
+    state: MessageState
+    created_at: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    external_id: str | None = None
+    in_reply_to: str | None = None
+    thread_id: str | None = None
+    reply_id: str | None = None
+    attempts: int = 0
+    error: str | None = None
+
+    @property
+    def reply_to(self) -> str | None:
+        value = self.metadata.get("reply_to")
+        return value if isinstance(value, str) else None
+
+    @property
+    def delegation_depth(self) -> int:
+        """R23: depth as received; strings from vault metadata coerce, garbage is 0."""
+        raw = self.metadata.get("delegation_depth", 0)
+        if isinstance(raw, bool):
+            return 0
+        if isinstance(raw, int):
+            return max(raw, 0)
+        if isinstance(raw, str) and raw.strip().isdigit():
+            return int(raw.strip())
+        return 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "channel": self.channel,
+            "direction": self.direction,
+            "content": self.content,
+            "state": self.state,
+            "created_at": self.created_at,
+            "in_reply_to": self.in_reply_to,
+            "thread_id": self.thread_id,
+            "reply_id": self.reply_id,
+            "metadata": self.metadata,
+            "attempts": self.attempts,
+            "error": self.error,
+        }
+
+
+@dataclass(slots=True)
+class Accepted:
+    """What an inbound post is acknowledged with (http-api.md, Inbound responses)."""
+
+    id: str
+    state: Literal["queued", "buffered", "duplicate"]
+    message: Message
+
+
+@dataclass(slots=True)
+class ThreadRecord:
+    """One turn's record (R12, R16, R17, R21)."""
+
+    id: str
+    channel: str
+    agent: str
+    mode: Mode
+    status: ThreadStatus
+    input: str
+    output: str = ""
+    session: str | None = None
+    turn_count: int = 0
+    usage: dict[str, Any] | None = None
+    started_at: str = field(default_factory=utc_now)
+    ended_at: str | None = None
+    message_id: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "channel": self.channel,
+            "agent": self.agent,
+            "mode": self.mode,
+            "status": self.status,
+            "input": self.input,
+            "output": self.output,
+            "session": self.session,
+            "turn_count": self.turn_count,
+            "usage": self.usage,
+            "started_at": self.started_at,
+            "ended_at": self.ended_at,
+            "message_id": self.message_id,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class TurnSession:
+    """The session a turn runs in: resume an existing one, or create `id` fresh."""
+
+    id: str
+    resume: bool
+
+
+@dataclass(slots=True)
+class TurnResult:
+    """A backend's successful answer. `session_id` is only what the backend echoed."""
+
+    reply: str
+    session_id: str | None = None
+    usage: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TurnEvent:
+    """A live event of a turn, fanned out to subscribers (SSE, web chat, `send --wait`)."""
+
+    kind: Literal["queued", "init", "text", "tool", "done", "error"]
+    message_id: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "message_id": self.message_id, **self.data}

@@ -1,0 +1,219 @@
+"""Channel -> task. Every registered channel has exactly one Trio task reading
+its own memory channel, so one channel's turns can never overlap (R6) and
+different channels never wait for each other (except for the global turn
+limit, R10).
+
+All methods but `serve` are synchronous on purpose: accepting a message,
+deciding `queued` versus `buffered` and handing it to the channel task happen
+without a checkpoint in between, so no registration can slip in between the
+decision and the row that records it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import trio
+
+from .errors import Conflict, NotFound, Unavailable
+from .events import TurnEvents
+from .model import Accepted, AgentSpec, Inbound, Message, TurnEvent
+from .store import Store
+from .turn import Turn, TurnDeps
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUFFER_CAP = 1000
+DEFAULT_MAX_TURNS = 4
+REMOVED_REASON = "agent removed"
+
+
+@dataclass(eq=False)
+class ChannelTask:
+    """The state the registry keeps for one registered channel."""
+
+    agent: AgentSpec
+    send: trio.MemorySendChannel[Message]
+    receive: trio.MemoryReceiveChannel[Message]
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    turn: Turn | None = None
+    waiting_for_slot: bool = False
+
+    @property
+    def backlog(self) -> int:
+        return self.send.statistics().current_buffer_used
+
+    def status(self) -> tuple[str, int]:
+        """R5 (and R10: a message waiting for a global slot counts as queued)."""
+        waiting = self.backlog + (1 if self.waiting_for_slot else 0)
+        if self.turn is None:
+            return ("queued", waiting) if waiting else ("idle", 0)
+        return ("queued", waiting) if waiting else ("working", 0)
+
+
+class Registry:
+    def __init__(
+        self,
+        store: Store,
+        deps: TurnDeps,
+        *,
+        buffer_cap: int = DEFAULT_BUFFER_CAP,
+        max_turns: int = DEFAULT_MAX_TURNS,
+    ) -> None:
+        self.store = store
+        self.deps = deps
+        self.events: TurnEvents = deps.events
+        self.buffer_cap = buffer_cap
+        self.limiter = trio.CapacityLimiter(max_turns)
+        self.accepting = True
+        self.on_accepted: Callable[[Accepted], None] | None = None
+        self._by_name: dict[str, ChannelTask] = {}
+        self._by_channel: dict[str, ChannelTask] = {}
+        self._nursery: trio.Nursery | None = None
+
+    # -- lifetime -----------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the channel tasks. Stored agents register at once, replaying their
+        open messages in order (R28); cancel this to stop them all (their state
+        stays in the store for the next start)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for agent in self.store.list_agents():
+                self._register(agent)
+            task_status.started()
+            await trio.sleep_forever()
+
+    # -- agents -------------------------------------------------------------------
+
+    def agents(self) -> list[AgentSpec]:
+        return [task.agent for task in sorted(self._by_name.values(), key=lambda t: t.agent.name)]
+
+    def get(self, name: str) -> AgentSpec:
+        task = self._by_name.get(name)
+        if task is None:
+            raise NotFound(f"no agent named {name!r}", field="name")
+        return task.agent
+
+    def status(self, name: str) -> tuple[str, int]:
+        task = self._by_name.get(name)
+        return ("idle", 0) if task is None else task.status()
+
+    def create(self, agent: AgentSpec) -> AgentSpec:
+        if agent.name in self._by_name:
+            raise Conflict(f"an agent named {agent.name!r} already exists", field="name")
+        self._check_channel_free(agent.channel)
+        self.store.save_agent(agent)
+        self._register(agent)
+        return agent
+
+    def update(self, name: str, changes: dict[str, Any]) -> AgentSpec:
+        """PATCH: other fields apply from the next turn; a new channel moves the agent (R3)."""
+        current = self.get(name)
+        updated = replace(current, **changes)
+        if updated.channel != current.channel:
+            self._check_channel_free(updated.channel)
+            self.store.save_agent(updated)
+            self._deregister(name)
+            self._register(updated)
+        else:
+            self.store.save_agent(updated)
+            self._by_name[name].agent = updated
+        return updated
+
+    def remove(self, name: str) -> None:
+        """R26: cancel the channel's task and forget the agent (404 when unknown)."""
+        self.get(name)
+        self._deregister(name)
+        self.store.delete_agent(name)
+
+    def reset(self, name: str) -> None:
+        """R27: the next turn of a single-threaded agent starts a fresh conversation."""
+        self.get(name)
+        self.store.clear_session(name)
+
+    def _check_channel_free(self, channel: str) -> None:
+        holder = self._by_channel.get(channel)
+        if holder is not None:
+            raise Conflict(
+                f"channel {channel!r} is already served by agent {holder.agent.name!r}",
+                field="channel",
+            )
+
+    # -- messages -----------------------------------------------------------------
+
+    def submit(self, inbound: Inbound) -> Accepted:
+        """Store the message durably, then hand it to its channel task (if any)."""
+        if not self.accepting:
+            raise Unavailable("skydeck is shutting down; try again after it restarts")
+        task = self._by_channel.get(inbound.channel)
+        accepted = self.store.accept_inbound(
+            inbound, registered=task is not None, buffer_cap=self.buffer_cap
+        )
+        if accepted.state == "queued" and task is not None:
+            task.send.send_nowait(accepted.message)
+            self.events.publish(
+                inbound.channel, TurnEvent(kind="queued", message_id=accepted.id)
+            )
+        if self.on_accepted is not None:
+            self.on_accepted(accepted)
+        return accepted
+
+    # -- channel tasks ------------------------------------------------------------
+
+    def _register(self, agent: AgentSpec) -> None:
+        """Start the channel's task and feed it the channel's open messages (R7, R28)."""
+        assert self._nursery is not None, "Registry.serve() is not running"
+        send, receive = trio.open_memory_channel[Message](math.inf)
+        task = ChannelTask(agent=agent, send=send, receive=receive)
+        self._by_name[agent.name] = task
+        self._by_channel[agent.channel] = task
+        for message in self.store.claim_open(agent.channel):
+            send.send_nowait(message)
+        self._nursery.start_soon(self._run_channel, task, name=f"channel:{agent.channel}")
+
+    def _deregister(self, name: str) -> None:
+        """R26: cancel the running turn (recorded `cancelled`), stop the task, and
+        put the channel's queued messages back to `buffered`."""
+        task = self._by_name.pop(name)
+        del self._by_channel[task.agent.channel]
+        if task.turn is not None:
+            task.turn.cancel(REMOVED_REASON)
+        task.scope.cancel()
+        task.send.close()
+        released = self.store.release_open(task.agent.channel)
+        log.info(
+            "agent deregistered",
+            extra={"agent": name, "channel": task.agent.channel, "released": released},
+        )
+
+    async def _run_channel(self, task: ChannelTask) -> None:
+        with task.scope:
+            async for message in task.receive:
+                batch = [message]
+                if task.agent.queue_mode == "collect":
+                    batch.extend(self._drain_nowait(task.receive))
+                task.waiting_for_slot = True
+                async with self.limiter:
+                    task.waiting_for_slot = False
+                    task.turn = Turn(self.deps, task.agent, batch)
+                    try:
+                        await task.turn.run()
+                    except Exception:
+                        # R25: a bug in a side effect never kills the channel.
+                        log.exception("turn crashed", extra={"channel": task.agent.channel})
+                    finally:
+                        task.turn = None
+
+    @staticmethod
+    def _drain_nowait(receive: trio.MemoryReceiveChannel[Message]) -> list[Message]:
+        more: list[Message] = []
+        while True:
+            try:
+                more.append(receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return more

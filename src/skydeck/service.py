@@ -1,0 +1,148 @@
+"""Wires the store, the registry and the HTTP app into one Trio nursery.
+
+    Service.run
+    ├── Registry.serve         (a task per registered channel)
+    └── hypercorn.trio.serve   (the HTTP app; its shutdown_trigger is ours)
+
+`stop` is the one way down: stop accepting, cancel the channel tasks (their
+messages stay `queued`/`working` in the store and replay at next start, R28),
+then let Hypercorn close.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from .app import MAX_BODY_BYTES, create_app
+from .auth import TokenAuth
+from .backends import CommandBackend, EchoBackend
+from .backends.base import Backend
+from .events import TurnEvents
+from .model import AgentSpec
+from .registry import DEFAULT_BUFFER_CAP, DEFAULT_MAX_TURNS, Registry
+from .store import Store
+from .turn import TurnDeps
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 1941
+DB_NAME = "skydeck.db"
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "skydeck"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ConfigError(Exception):
+    """A setting that stops the daemon from starting, said as one sentence."""
+
+
+@dataclass(slots=True)
+class Settings:
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    data_dir: Path = field(default_factory=default_data_dir)
+    token: str | None = None
+    demo: bool = True
+    insecure: bool = False
+    buffer_cap: int = DEFAULT_BUFFER_CAP
+    max_turns: int = DEFAULT_MAX_TURNS
+    max_body: int = MAX_BODY_BYTES
+
+    def check(self) -> None:
+        if not is_loopback(self.host) and not self.token and not self.insecure:
+            raise ConfigError(
+                f"refusing to listen on {self.host} without a token: anyone who can reach it "
+                "could run agents. Set SKYDECK_TOKEN (or --token), or pass --insecure."
+            )
+
+
+class Service:
+    def __init__(self, settings: Settings) -> None:
+        settings.check()
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(settings.data_dir / DB_NAME)
+        self.events = TurnEvents()
+        backends: dict[str, Backend] = {
+            "echo": EchoBackend(),
+            "command": CommandBackend(settings.data_dir / "workspaces"),
+        }
+        self.deps = TurnDeps(
+            store=self.store,
+            events=self.events,
+            backends=backends,
+            submit=lambda inbound: self.registry.submit(inbound),
+        )
+        self.registry = Registry(
+            self.store, self.deps, buffer_cap=settings.buffer_cap, max_turns=settings.max_turns
+        )
+        self.app = create_app(
+            self.registry, self.store, TokenAuth(settings.token), max_body=settings.max_body
+        )
+        self._stopped = trio.Event()
+
+    def _ensure_demo(self) -> None:
+        """First start with an empty store: one agent that works without credentials."""
+        if self.store.get_meta("initialized") is not None:
+            return
+        if self.settings.demo and not self.registry.agents():
+            self.registry.create(AgentSpec(name="demo", channel="demo", backend="echo"))
+            log.info("created the demo agent", extra={"agent": "demo", "backend": "echo"})
+        self.store.set_meta("initialized", "1")
+
+    async def run(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+        config = HypercornConfig()
+        config.bind = [f"{self.settings.host}:{self.settings.port}"]
+        config.accesslog = None
+        config.errorlog = logging.getLogger("hypercorn.error")
+        config.graceful_timeout = 5
+        try:
+            async with trio.open_nursery() as nursery:
+                registry_scope = trio.CancelScope()
+
+                async def run_registry(task_status: trio.TaskStatus[None]) -> None:
+                    with registry_scope:
+                        await self.registry.serve(task_status=task_status)
+
+                await nursery.start(run_registry)
+                self._ensure_demo()
+                binds: list[str] = await nursery.start(
+                    partial(
+                        hypercorn_serve,
+                        self.app,
+                        config,
+                        shutdown_trigger=self._stopped.wait,
+                    )
+                )
+                log.info("skydeck listening", extra={"binds": ",".join(binds)})
+                task_status.started(binds)
+                await self._stopped.wait()
+                registry_scope.cancel()
+        finally:
+            self.store.close()
+
+    def stop(self) -> None:
+        """Stop taking messages, stop the channel tasks, close the server."""
+        self.registry.accepting = False
+        self._stopped.set()

@@ -1,0 +1,569 @@
+"""The SQLite system of record: agents, messages, thread records, sessions.
+
+Why synchronous calls on the Trio thread: each statement here touches a few
+indexed rows and commits in tens of microseconds (WAL, ``synchronous=NORMAL``),
+which is cheaper than a hop to a worker thread. It also makes every method
+atomic with respect to other Trio tasks: nothing can interleave between "is
+this channel registered?" and "store the message as queued", so ordering
+decisions and the rows that record them never disagree.
+
+Durability: a commit in WAL mode with ``synchronous=NORMAL`` survives a killed
+process (the OS holds the pages); ``durability="full"`` also fsyncs each commit,
+for power-loss safety at a throughput cost (see docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from .model import (
+    Accepted,
+    AgentSpec,
+    Inbound,
+    Message,
+    MessageState,
+    ThreadRecord,
+    ThreadStatus,
+    utc_now,
+)
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS agents (
+    name TEXT PRIMARY KEY,
+    channel TEXT NOT NULL UNIQUE,
+    spec TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    channel TEXT NOT NULL,
+    direction TEXT NOT NULL,
+    content TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    metadata TEXT NOT NULL DEFAULT '{}',
+    external_id TEXT,
+    in_reply_to TEXT,
+    thread_id TEXT,
+    reply_id TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS messages_channel_seq ON messages (channel, seq);
+CREATE UNIQUE INDEX IF NOT EXISTS messages_external_id
+    ON messages (channel, external_id) WHERE external_id IS NOT NULL AND direction = 'in';
+CREATE INDEX IF NOT EXISTS messages_open
+    ON messages (channel, state, seq) WHERE state IN ('buffered', 'queued', 'working');
+CREATE TABLE IF NOT EXISTS threads (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    channel TEXT NOT NULL,
+    agent TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    status TEXT NOT NULL,
+    input TEXT NOT NULL,
+    output TEXT NOT NULL DEFAULT '',
+    session TEXT,
+    turn_count INTEGER NOT NULL DEFAULT 0,
+    usage TEXT,
+    started_at TEXT NOT NULL,
+    ended_at TEXT,
+    message_id TEXT
+);
+CREATE INDEX IF NOT EXISTS threads_channel ON threads (channel, seq);
+CREATE TABLE IF NOT EXISTS sessions (
+    agent TEXT PRIMARY KEY,
+    session_id TEXT,
+    turn_count INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+_MESSAGE_COLUMNS = (
+    "seq, id, channel, direction, content, state, created_at, metadata, external_id, "
+    "in_reply_to, thread_id, reply_id, attempts, error"
+)
+
+OPEN_STATES = ("buffered", "queued", "working")
+
+
+class CursorError(ValueError):
+    """A paging cursor that this store did not hand out."""
+
+
+@dataclass(slots=True)
+class Page:
+    messages: list[Message]
+    next: str | None
+    prev: str | None
+
+
+def _row_to_message(row: sqlite3.Row) -> Message:
+    return Message(
+        seq=row["seq"],
+        id=row["id"],
+        channel=row["channel"],
+        direction=row["direction"],
+        content=row["content"],
+        state=row["state"],
+        created_at=row["created_at"],
+        metadata=json.loads(row["metadata"]),
+        external_id=row["external_id"],
+        in_reply_to=row["in_reply_to"],
+        thread_id=row["thread_id"],
+        reply_id=row["reply_id"],
+        attempts=row["attempts"],
+        error=row["error"],
+    )
+
+
+def _row_to_thread(row: sqlite3.Row) -> ThreadRecord:
+    return ThreadRecord(
+        id=row["id"],
+        channel=row["channel"],
+        agent=row["agent"],
+        mode=row["mode"],
+        status=row["status"],
+        input=row["input"],
+        output=row["output"],
+        session=row["session"],
+        turn_count=row["turn_count"],
+        usage=json.loads(row["usage"]) if row["usage"] else None,
+        started_at=row["started_at"],
+        ended_at=row["ended_at"],
+        message_id=row["message_id"],
+    )
+
+
+def _decode_cursor(cursor: str) -> int:
+    if not cursor.isdigit() or len(cursor) > 18:
+        raise CursorError(cursor)
+    return int(cursor)
+
+
+class Store:
+    """One SQLite connection, owned by the daemon's Trio thread.
+
+    ``path=":memory:"`` gives the same store without a file (benchmarks, unit tests).
+    """
+
+    def __init__(self, path: str | Path, *, durability: Literal["normal", "full"] = "normal"):
+        self.path = str(path)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._migrate()
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- plumbing -----------------------------------------------------------------
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One atomic write. Nested use joins the outer transaction."""
+        if self._db.in_transaction:
+            yield self._db
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{self.path}: schema version {version} is newer than this skydeck "
+                f"({SCHEMA_VERSION}); upgrade skydeck"
+            )
+        with self._tx() as db:
+            # Statement by statement: executescript() would COMMIT behind our back.
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    # -- agents -------------------------------------------------------------------
+
+    def save_agent(self, agent: AgentSpec) -> None:
+        """Insert or replace. Uniqueness of name/channel is the caller's 409 to give."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO agents (name, channel, spec) VALUES (?, ?, ?)",
+                (agent.name, agent.channel, json.dumps(agent.to_json())),
+            )
+
+    def delete_agent(self, name: str) -> bool:
+        with self._tx() as db:
+            deleted = db.execute("DELETE FROM agents WHERE name = ?", (name,)).rowcount
+            db.execute("DELETE FROM sessions WHERE agent = ?", (name,))
+        return deleted > 0
+
+    def list_agents(self) -> list[AgentSpec]:
+        rows = self._db.execute("SELECT spec FROM agents ORDER BY name").fetchall()
+        return [AgentSpec(**json.loads(row[0])) for row in rows]
+
+    # -- sessions (R11, R17, R18, R27) --------------------------------------------
+
+    def get_session(self, agent: str) -> str | None:
+        row = self._db.execute(
+            "SELECT session_id FROM sessions WHERE agent = ?", (agent,)
+        ).fetchone()
+        return None if row is None else cast("str | None", row[0])
+
+    def clear_session(self, agent: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM sessions WHERE agent = ?", (agent,))
+
+    # -- inbound ------------------------------------------------------------------
+
+    def accept_inbound(self, inbound: Inbound, *, registered: bool, buffer_cap: int) -> Accepted:
+        """Store a new inbound message, or recognise a duplicate (R8).
+
+        ``registered`` decides `queued` versus `buffered` (R7); over ``buffer_cap``
+        buffered messages on the channel, the oldest are marked `dropped`.
+        """
+        with self._tx() as db:
+            if inbound.external_id is not None:
+                row = db.execute(
+                    f"SELECT {_MESSAGE_COLUMNS} FROM messages "
+                    "WHERE channel = ? AND external_id = ? AND direction = 'in'",
+                    (inbound.channel, inbound.external_id),
+                ).fetchone()
+                if row is not None:
+                    original = _row_to_message(row)
+                    return Accepted(id=original.id, state="duplicate", message=original)
+            state: MessageState = "queued" if registered else "buffered"
+            message = self._insert(
+                db,
+                channel=inbound.channel,
+                direction="in",
+                content=inbound.content,
+                state=state,
+                metadata=inbound.metadata,
+                external_id=inbound.external_id,
+            )
+            if not registered:
+                self._evict_over_cap(db, inbound.channel, buffer_cap)
+        return Accepted(id=message.id, state=state, message=message)
+
+    def _insert(
+        self,
+        db: sqlite3.Connection,
+        *,
+        channel: str,
+        direction: Literal["in", "out"],
+        content: str,
+        state: MessageState,
+        metadata: dict[str, Any],
+        external_id: str | None = None,
+        in_reply_to: str | None = None,
+        thread_id: str | None = None,
+    ) -> Message:
+        message_id = str(uuid.uuid4())
+        created_at = utc_now()
+        cursor = db.execute(
+            "INSERT INTO messages (id, channel, direction, content, state, created_at, "
+            "metadata, external_id, in_reply_to, thread_id) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                message_id,
+                channel,
+                direction,
+                content,
+                state,
+                created_at,
+                json.dumps(metadata),
+                external_id,
+                in_reply_to,
+                thread_id,
+            ),
+        )
+        return Message(
+            id=message_id,
+            seq=cast(int, cursor.lastrowid),
+            channel=channel,
+            direction=direction,
+            content=content,
+            state=state,
+            created_at=created_at,
+            metadata=metadata,
+            external_id=external_id,
+            in_reply_to=in_reply_to,
+            thread_id=thread_id,
+        )
+
+    def _evict_over_cap(self, db: sqlite3.Connection, channel: str, cap: int) -> None:
+        (count,) = db.execute(
+            "SELECT COUNT(*) FROM messages WHERE channel = ? AND state = 'buffered'", (channel,)
+        ).fetchone()
+        excess = count - cap
+        if excess <= 0:
+            return
+        db.execute(
+            "UPDATE messages SET state = 'dropped', error = ? WHERE seq IN ("
+            "SELECT seq FROM messages WHERE channel = ? AND state = 'buffered' "
+            "ORDER BY seq LIMIT ?)",
+            (f"buffer cap of {cap} messages exceeded", channel, excess),
+        )
+        log.warning(
+            "buffer cap reached: oldest messages dropped",
+            extra={"channel": channel, "dropped": excess, "cap": cap},
+        )
+
+    def claim_open(self, channel: str) -> list[Message]:
+        """Every open message of a channel, oldest first; `buffered` ones become `queued`.
+
+        Called when an agent registers (R7 replay) and at start (R28 replay).
+        """
+        with self._tx() as db:
+            db.execute(
+                "UPDATE messages SET state = 'queued' WHERE channel = ? AND state = 'buffered'",
+                (channel,),
+            )
+            rows = db.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE channel = ? "
+                "AND state IN ('queued', 'working') ORDER BY seq",
+                (channel,),
+            ).fetchall()
+        return [_row_to_message(row) for row in rows]
+
+    def release_open(self, channel: str) -> int:
+        """Deregister (R26): the channel's queued messages go back to `buffered`."""
+        with self._tx() as db:
+            return db.execute(
+                "UPDATE messages SET state = 'buffered' WHERE channel = ? AND state = 'queued'",
+                (channel,),
+            ).rowcount
+
+    # -- the turn (R12, R16, R17, R21, R26, R28) ----------------------------------
+
+    def start_turn(self, messages: Sequence[Message], thread: ThreadRecord) -> None:
+        """Mark the turn's messages `working` (one more attempt) and write the start record."""
+        with self._tx() as db:
+            for message in messages:
+                db.execute(
+                    "UPDATE messages SET state = 'working', attempts = attempts + 1, "
+                    "thread_id = ? WHERE id = ?",
+                    (thread.id, message.id),
+                )
+                message.state = "working"
+                message.attempts += 1
+                message.thread_id = thread.id
+            self._write_thread(db, thread)
+
+    def _write_thread(self, db: sqlite3.Connection, thread: ThreadRecord) -> None:
+        db.execute(
+            "INSERT INTO threads (id, channel, agent, mode, status, input, output, session, "
+            "turn_count, usage, started_at, ended_at, message_id) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET "
+            "status = excluded.status, output = excluded.output, session = excluded.session, "
+            "turn_count = excluded.turn_count, usage = excluded.usage, "
+            "ended_at = excluded.ended_at",
+            (
+                thread.id,
+                thread.channel,
+                thread.agent,
+                thread.mode,
+                thread.status,
+                thread.input,
+                thread.output,
+                thread.session,
+                thread.turn_count,
+                json.dumps(thread.usage) if thread.usage is not None else None,
+                thread.started_at,
+                thread.ended_at,
+                thread.message_id,
+            ),
+        )
+
+    def end_turn(
+        self,
+        messages: Sequence[Message],
+        thread: ThreadRecord,
+        *,
+        state: Literal["done", "failed"],
+        reply: str,
+        error: str | None,
+        persist_session: bool,
+    ) -> Message | None:
+        """The end of a turn in one transaction (R16/R17/R19).
+
+        Counts the turn (once, here), ends the thread record, stores the reply
+        (if non-empty) as an outbound message answering the first message, moves
+        the inbound messages to their terminal state, and persists the session the
+        backend echoed (single-threaded agents only).
+        """
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT session_id, turn_count FROM sessions WHERE agent = ?", (thread.agent,)
+            ).fetchone()
+            prior_count = 0 if row is None or thread.mode == "multi-threaded" else row[1]
+            thread.turn_count = prior_count + 1
+            thread.ended_at = utc_now()
+            self._write_thread(db, thread)
+            if thread.mode == "single-threaded":
+                session = thread.session if persist_session and thread.session else None
+                db.execute(
+                    "INSERT INTO sessions (agent, session_id, turn_count) VALUES (?, ?, ?) "
+                    "ON CONFLICT (agent) DO UPDATE SET turn_count = excluded.turn_count, "
+                    "session_id = COALESCE(excluded.session_id, sessions.session_id)",
+                    (thread.agent, session, thread.turn_count),
+                )
+            outbound = None
+            if reply:
+                outbound = self._insert(
+                    db,
+                    channel=thread.channel,
+                    direction="out",
+                    content=reply,
+                    state="done",
+                    metadata={},
+                    in_reply_to=messages[0].id,
+                    thread_id=thread.id,
+                )
+            for message in messages:
+                message.state = state
+                message.error = error
+                message.reply_id = outbound.id if outbound else None
+                db.execute(
+                    "UPDATE messages SET state = ?, error = ?, reply_id = ? WHERE id = ?",
+                    (state, error, message.reply_id, message.id),
+                )
+        return outbound
+
+    def rewrite_thread(self, thread: ThreadRecord) -> None:
+        """R21: rewrite the same turn's record; the turn count does not move."""
+        with self._tx() as db:
+            self._write_thread(db, thread)
+
+    def set_state(
+        self, messages: Sequence[Message], state: MessageState, error: str | None = None
+    ) -> None:
+        with self._tx() as db:
+            for message in messages:
+                message.state = state
+                message.error = error
+                db.execute(
+                    "UPDATE messages SET state = ?, error = ? WHERE id = ?",
+                    (state, error, message.id),
+                )
+
+    def end_thread(self, thread: ThreadRecord, status: ThreadStatus, output: str) -> None:
+        """End a record without counting a turn (a cancelled turn never completed)."""
+        thread.status = status
+        thread.output = output
+        thread.ended_at = utc_now()
+        self.rewrite_thread(thread)
+
+    # -- reading ------------------------------------------------------------------
+
+    def get_message(self, message_id: str) -> Message | None:
+        row = self._db.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,)
+        ).fetchone()
+        return None if row is None else _row_to_message(row)
+
+    def list_messages(
+        self,
+        channel: str,
+        *,
+        limit: int,
+        after: str | None = None,
+        before: str | None = None,
+        tail: bool = False,
+    ) -> Page:
+        """Cursor paging over a channel's transcript; every page is oldest first.
+
+        A cursor is a message's ``seq`` as text. ``next`` is set when newer
+        messages exist after the page, ``prev`` when older ones exist before it.
+        """
+        base = f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE channel = ?"
+        if after is not None:
+            rows = self._db.execute(
+                f"{base} AND seq > ? ORDER BY seq LIMIT ?",
+                (channel, _decode_cursor(after), limit),
+            ).fetchall()
+        elif before is not None or tail:
+            bound = _decode_cursor(before) if before is not None else 2**62
+            rows = self._db.execute(
+                f"{base} AND seq < ? ORDER BY seq DESC LIMIT ?", (channel, bound, limit)
+            ).fetchall()
+            rows.reverse()
+        else:
+            rows = self._db.execute(
+                f"{base} ORDER BY seq LIMIT ?", (channel, limit)
+            ).fetchall()
+        messages = [_row_to_message(row) for row in rows]
+        if not messages:
+            return Page(messages=[], next=None, prev=None)
+        first, last = messages[0].seq, messages[-1].seq
+        newer = self._db.execute(
+            "SELECT 1 FROM messages WHERE channel = ? AND seq > ? LIMIT 1", (channel, last)
+        ).fetchone()
+        older = self._db.execute(
+            "SELECT 1 FROM messages WHERE channel = ? AND seq < ? LIMIT 1", (channel, first)
+        ).fetchone()
+        return Page(
+            messages=messages,
+            next=str(last) if newer else None,
+            prev=str(first) if older else None,
+        )
+
+    def open_messages(self, channel: str) -> list[Message]:
+        rows = self._db.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE channel = ? "
+            "AND state IN ('buffered', 'queued', 'working') ORDER BY seq",
+            (channel,),
+        ).fetchall()
+        return [_row_to_message(row) for row in rows]
+
+    def count_buffered(self) -> int:
+        (count,) = self._db.execute(
+            "SELECT COUNT(*) FROM messages WHERE state = 'buffered'"
+        ).fetchone()
+        return int(count)
+
+    def list_threads(self, channel: str | None = None, limit: int = 500) -> list[ThreadRecord]:
+        if channel is None:
+            rows = self._db.execute(
+                "SELECT * FROM threads ORDER BY seq LIMIT ?", (limit,)
+            ).fetchall()
+        else:
+            rows = self._db.execute(
+                "SELECT * FROM threads WHERE channel = ? ORDER BY seq LIMIT ?", (channel, limit)
+            ).fetchall()
+        return [_row_to_thread(row) for row in rows]
+
+    def get_thread(self, thread_id: str) -> ThreadRecord | None:
+        row = self._db.execute("SELECT * FROM threads WHERE id = ?", (thread_id,)).fetchone()
+        return None if row is None else _row_to_thread(row)

@@ -1,0 +1,235 @@
+"""Request bodies -> records, or a `BadRequest` naming the field at fault.
+
+Pure functions with no I/O, so every rule is cheap to test exhaustively (and to
+fuzz): the HTTP layer only reads bytes and calls these.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, cast
+
+from .errors import BadRequest
+from .model import (
+    BACKENDS,
+    DEFAULT_TIMEOUT_S,
+    MODES,
+    QUEUE_MODES,
+    AgentSpec,
+    Inbound,
+    is_valid_name,
+)
+
+OUTBOUND_TAGS = frozenset({"#agent/message/outbound", "agent/message/outbound"})
+MAX_TIMEOUT_S = 86_400
+
+_PLAIN_FIELDS = frozenset(
+    {"channel", "content", "id", "reply_to", "correlation_id", "delegation_depth", "metadata"}
+)
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """Parse a request body that must be one JSON object."""
+    try:
+        value = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise BadRequest("request body is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise BadRequest("request body must be a JSON object")
+    return value
+
+
+def name(value: object, field: str) -> str:
+    """R1 for agent names, channels and job names."""
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f"{field} is required and must be a non-empty string", field=field)
+    if not is_valid_name(value):
+        raise BadRequest(
+            f"{field} must be 1-64 characters of letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit",
+            field=field,
+        )
+    return value
+
+
+def _optional_str(body: dict[str, Any], field: str) -> str | None:
+    value = body.get(field)
+    if value is not None and not isinstance(value, str):
+        raise BadRequest(f"{field} must be a string", field=field)
+    return value
+
+
+def _depth(value: object) -> int:
+    """R23, plain JSON body: a non-negative integer or a numeric string."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    raise BadRequest(
+        "delegation_depth must be a non-negative integer", field="delegation_depth"
+    )
+
+
+def inbound(body: dict[str, Any], *, channel: str | None = None) -> Inbound | None:
+    """A webhook body (plain or Parachute Vault trigger) as an `Inbound`.
+
+    ``channel`` is the path's channel for ``/api/channels/{ch}/messages``.
+    Returns None for a vault note that is itself a reply (tagged outbound): it
+    must be acknowledged and ignored, or replies would loop back as prompts.
+    """
+    if channel is None and "note" in body:
+        return _vault_trigger(body)
+    unknown = sorted(set(body) - _PLAIN_FIELDS - ({"channel"} if channel is None else set()))
+    if channel is not None and "channel" in body:
+        unknown.append("channel")
+    if unknown:
+        raise BadRequest(f"unknown field {unknown[0]!r}", field=unknown[0])
+    target = name(body.get("channel") if channel is None else channel, "channel")
+    content = body.get("content")
+    if not isinstance(content, str) or not content:
+        raise BadRequest("content is required and must be a non-empty string", field="content")
+    external_id = _optional_str(body, "id")
+    metadata = body.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise BadRequest("metadata must be a JSON object", field="metadata")
+    metadata = dict(metadata)
+    if body.get("reply_to") is not None:
+        metadata["reply_to"] = name(body["reply_to"], "reply_to")
+    correlation_id = _optional_str(body, "correlation_id")
+    if correlation_id is not None:
+        metadata["correlation_id"] = correlation_id
+    if body.get("delegation_depth") is not None:
+        _depth(body["delegation_depth"])
+        metadata["delegation_depth"] = body["delegation_depth"]
+    return Inbound(channel=target, content=content, external_id=external_id, metadata=metadata)
+
+
+def _vault_trigger(body: dict[str, Any]) -> Inbound | None:
+    note = body["note"]
+    if not isinstance(note, dict):
+        raise BadRequest("note must be a JSON object", field="note")
+    metadata = note.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise BadRequest("note.metadata must be a JSON object", field="note.metadata")
+    tags = note.get("tags", [])
+    if not isinstance(tags, list):
+        raise BadRequest("note.tags must be a list", field="note.tags")
+    if OUTBOUND_TAGS.intersection(t for t in tags if isinstance(t, str)) or (
+        metadata.get("direction") == "outbound"
+    ):
+        return None
+    note_id = note.get("id")
+    if not isinstance(note_id, str) or not note_id:
+        raise BadRequest("note.id is required and must be a string", field="note.id")
+    agent = metadata.get("agent")
+    routing = agent if isinstance(agent, str) and agent else metadata.get("channel")
+    if routing is None or routing == "":
+        raise BadRequest(
+            "note.metadata.agent (or note.metadata.channel) is required", field="channel"
+        )
+    target = name(routing, "channel")
+    content = note.get("content")
+    if not isinstance(content, str) or not content:
+        raise BadRequest("note.content must be a non-empty string", field="content")
+    kept = {key: value for key, value in metadata.items() if isinstance(key, str)}
+    if kept.get("reply_to") not in (None, ""):
+        kept["reply_to"] = name(kept["reply_to"], "reply_to")
+    else:
+        kept.pop("reply_to", None)
+    return Inbound(channel=target, content=content, external_id=note_id, metadata=kept)
+
+
+# -- agents ---------------------------------------------------------------------
+
+_AGENT_FIELDS = frozenset(
+    {
+        "name",
+        "channel",
+        "backend",
+        "mode",
+        "queue_mode",
+        "model",
+        "system_prompt",
+        "command",
+        "env",
+        "timeout_s",
+    }
+)
+
+
+def _choice(value: object, field: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise BadRequest(f"{field} must be one of: {', '.join(choices)}", field=field)
+    return cast(str, value)
+
+
+def _agent_fields(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
+    unknown = sorted(set(body) - _AGENT_FIELDS)
+    if unknown:
+        raise BadRequest(f"unknown field {unknown[0]!r}", field=unknown[0])
+    out: dict[str, Any] = {}
+    for field in ("name", "channel"):
+        if field in body or not partial:
+            out[field] = name(body.get(field), field)
+    if "backend" in body:
+        out["backend"] = _choice(body["backend"], "backend", BACKENDS)
+    if "mode" in body:
+        out["mode"] = _choice(body["mode"], "mode", MODES)
+    if "queue_mode" in body:
+        out["queue_mode"] = _choice(body["queue_mode"], "queue_mode", QUEUE_MODES)
+    for field in ("model", "system_prompt"):
+        if field in body:
+            out[field] = _optional_str(body, field)
+    if "command" in body:
+        command = body["command"]
+        if command is not None and (
+            not isinstance(command, list)
+            or not command
+            or not all(isinstance(arg, str) for arg in command)
+            or not command[0]
+        ):
+            raise BadRequest("command must be a non-empty list of strings", field="command")
+        out["command"] = command
+    if "env" in body:
+        env = body["env"]
+        if not isinstance(env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+        ):
+            raise BadRequest("env must be an object of string values", field="env")
+        out["env"] = env
+    if "timeout_s" in body:
+        timeout = body["timeout_s"]
+        if (
+            not isinstance(timeout, int)
+            or isinstance(timeout, bool)
+            or not 1 <= timeout <= MAX_TIMEOUT_S
+        ):
+            raise BadRequest(
+                f"timeout_s must be an integer from 1 to {MAX_TIMEOUT_S}", field="timeout_s"
+            )
+        out["timeout_s"] = timeout
+    return out
+
+
+def _check_command(spec: AgentSpec) -> None:
+    if spec.backend == "command" and not spec.command:
+        raise BadRequest("command is required for the command backend", field="command")
+
+
+def new_agent(body: dict[str, Any]) -> AgentSpec:
+    fields = _agent_fields(body, partial=False)
+    fields.setdefault("timeout_s", DEFAULT_TIMEOUT_S)
+    spec = AgentSpec(**fields)
+    _check_command(spec)
+    return spec
+
+
+def agent_changes(body: dict[str, Any], current: AgentSpec) -> dict[str, Any]:
+    """A PATCH body. Renaming is not a change an agent can take (its identity)."""
+    changes = _agent_fields(body, partial=True)
+    if "name" in changes and changes["name"] != current.name:
+        raise BadRequest("name cannot be changed; create a new agent instead", field="name")
+    changes.pop("name", None)
+    merged = AgentSpec(**{**current.to_json(), **changes})
+    _check_command(merged)
+    return changes
