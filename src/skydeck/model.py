@@ -18,9 +18,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 Backend = Literal["claude", "command", "echo"]
 Mode = Literal["single-threaded", "multi-threaded"]
 QueueMode = Literal["followup", "collect", "interrupt"]
-MessageState = Literal[
-    "buffered", "queued", "working", "done", "failed", "cancelled", "dropped"
-]
+MessageState = Literal["buffered", "queued", "working", "done", "failed", "cancelled", "dropped"]
 Direction = Literal["in", "out"]
 ThreadStatus = Literal["working", "ok", "error"]
 

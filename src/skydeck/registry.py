@@ -15,7 +15,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -24,6 +24,9 @@ from .events import TurnEvents
 from .model import Accepted, AgentSpec, Inbound, Message, TurnEvent
 from .store import Store
 from .turn import Turn, TurnDeps
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +80,7 @@ class Registry:
 
     # -- lifetime -----------------------------------------------------------------
 
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the channel tasks. Stored agents register at once, replaying their
         open messages in order (R28); cancel this to stop them all (their state
         stays in the store for the next start)."""
@@ -156,9 +159,7 @@ class Registry:
         )
         if accepted.state == "queued" and task is not None:
             task.send.send_nowait(accepted.message)
-            self.events.publish(
-                inbound.channel, TurnEvent(kind="queued", message_id=accepted.id)
-            )
+            self.events.publish(inbound.channel, TurnEvent(kind="queued", message_id=accepted.id))
         if self.on_accepted is not None:
             self.on_accepted(accepted)
         return accepted

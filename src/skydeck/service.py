@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -31,6 +32,9 @@ from .model import AgentSpec
 from .registry import DEFAULT_BUFFER_CAP, DEFAULT_MAX_TURNS, Registry
 from .store import Store
 from .turn import TurnDeps
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +115,7 @@ class Service:
             log.info("created the demo agent", extra={"agent": "demo", "backend": "echo"})
         self.store.set_meta("initialized", "1")
 
-    async def run(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         config = HypercornConfig()
         config.bind = [f"{self.settings.host}:{self.settings.port}"]
         config.accesslog = None
@@ -121,7 +125,7 @@ class Service:
             async with trio.open_nursery() as nursery:
                 registry_scope = trio.CancelScope()
 
-                async def run_registry(task_status: trio.TaskStatus[None]) -> None:
+                async def run_registry(task_status: TaskStatus[None]) -> None:
                     with registry_scope:
                         await self.registry.serve(task_status=task_status)
 

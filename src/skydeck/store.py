@@ -263,7 +263,7 @@ class Store:
                 if row is not None:
                     original = _row_to_message(row)
                     return Accepted(id=original.id, state="duplicate", message=original)
-            state: MessageState = "queued" if registered else "buffered"
+            state: Literal["queued", "buffered"] = "queued" if registered else "buffered"
             message = self._insert(
                 db,
                 channel=inbound.channel,
@@ -520,9 +520,7 @@ class Store:
             ).fetchall()
             rows.reverse()
         else:
-            rows = self._db.execute(
-                f"{base} ORDER BY seq LIMIT ?", (channel, limit)
-            ).fetchall()
+            rows = self._db.execute(f"{base} ORDER BY seq LIMIT ?", (channel, limit)).fetchall()
         messages = [_row_to_message(row) for row in rows]
         if not messages:
             return Page(messages=[], next=None, prev=None)

@@ -7,7 +7,7 @@ fuzz): the HTTP layer only reads bytes and calls these.
 from __future__ import annotations
 
 import json
-from typing import Any, cast
+from typing import Any
 
 from .errors import BadRequest
 from .model import (
@@ -65,9 +65,7 @@ def _depth(value: object) -> int:
         return value
     if isinstance(value, str) and value.isascii() and value.isdigit():
         return int(value)
-    raise BadRequest(
-        "delegation_depth must be a non-negative integer", field="delegation_depth"
-    )
+    raise BadRequest("delegation_depth must be a non-negative integer", field="delegation_depth")
 
 
 def inbound(body: dict[str, Any], *, channel: str | None = None) -> Inbound | None:
@@ -160,7 +158,8 @@ _AGENT_FIELDS = frozenset(
 def _choice(value: object, field: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise BadRequest(f"{field} must be one of: {', '.join(choices)}", field=field)
-    return cast(str, value)
+    assert isinstance(value, str)
+    return value
 
 
 def _agent_fields(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:

@@ -29,9 +29,7 @@ KILL_GRACE_S = 3.0
 BASE_ENV_KEYS = ("PATH", "LANG", "LC_ALL", "TZ")
 
 
-def minimal_env(
-    agent: AgentSpec, home: Path, passthrough: Iterable[str] = ()
-) -> dict[str, str]:
+def minimal_env(agent: AgentSpec, home: Path, passthrough: Iterable[str] = ()) -> dict[str, str]:
     """R30/R31: PATH, HOME (the agent's workspace), LANG, named credentials, the agent's env.
 
     Nothing else of the daemon's environment (its token, JWT secret, cloud
@@ -55,10 +53,8 @@ def workspace_for(root: Path, agent: AgentSpec) -> Path:
 
 
 def kill_group(pgid: int, sig: signal.Signals = signal.SIGKILL) -> None:
-    try:
+    with suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 async def terminate_group(process: trio.Process) -> None:
