@@ -159,7 +159,12 @@ class Registry:
         )
         if accepted.state == "queued" and task is not None:
             task.send.send_nowait(accepted.message)
-            self.events.publish(inbound.channel, TurnEvent(kind="queued", message_id=accepted.id))
+            try:
+                self.events.publish(
+                    inbound.channel, TurnEvent(kind="queued", message_id=accepted.id)
+                )
+            except Exception:  # R25: a viewer's failure is never the sender's
+                log.exception("queued event failed", extra={"channel": inbound.channel})
         if self.on_accepted is not None:
             self.on_accepted(accepted)
         return accepted

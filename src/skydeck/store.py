@@ -411,7 +411,7 @@ class Store:
         messages: Sequence[Message],
         thread: ThreadRecord,
         *,
-        state: Literal["done", "failed"],
+        state: MessageState,
         reply: str,
         error: str | None,
         persist_session: bool,

@@ -178,6 +178,7 @@ class Turn:
         reply = self._end("done", result.reply, error=None, persist_session=True)
         error = await self._sink(reply) if reply is not None else None
         if error is None:
+            self._settle("done")
             self._publish("done", {"reply": result.reply})
             self._callbacks("ok", reply.id if reply else None)
             self._finished("ok")
@@ -213,6 +214,7 @@ class Turn:
             error = await self._sink(reply)
             if error is not None:
                 log.error("failure reply not delivered", extra={"channel": self.channel})
+        self._settle("failed", reason)
         self._callbacks("error", None)
         self._finished("timeout" if self._timed_out else "error")
 
@@ -225,14 +227,20 @@ class Turn:
         persist_session: bool,
     ) -> Message | None:
         self._ended = True
+        # With extra sinks the messages stay `working` until the reply has landed
+        # there too (`_settle`): `done` means delivered everywhere.
         return self.deps.store.end_turn(
             self.messages,
             self.thread,
-            state=state,
+            state="working" if self.deps.sinks else state,
             reply=reply,
             error=error,
             persist_session=persist_session,
         )
+
+    def _settle(self, state: Literal["done", "failed"], error: str | None = None) -> None:
+        if self.deps.sinks:
+            self.deps.store.set_state(self.messages, state, error)
 
     async def _sink(self, reply: Message) -> str | None:
         """R20: every extra sink gets the reply; the first final error is returned."""

@@ -1,0 +1,164 @@
+"""Test doubles for the near side (backends, sinks) and a few waiting helpers.
+
+`ScriptBackend` is driven by the prompt itself, so each test states what the
+turn does right where it posts the message:
+
+    "sleep:2 hello"    wait 2 s (virtual time under the autojump clock), then reply
+    "fail:why"         raise BackendError("why")
+    "raise:why"        raise RuntimeError("why")        (R15)
+    "hang"             never return
+    "empty"            reply ""                         (R19)
+    "nosession ..."    reply without echoing a session   (R18)
+    anything else      reply "re: <prompt>", echoing the session id
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from skydeck.backends.base import Backend, BackendError, Emit
+from skydeck.events import TurnEvents
+from skydeck.model import TERMINAL_STATES, AgentSpec, Inbound, Message, TurnResult, TurnSession
+from skydeck.registry import Registry
+from skydeck.store import Store
+from skydeck.transports.base import DeliveryError, ReplySink
+from skydeck.turn import TurnDeps
+
+
+@dataclass
+class Call:
+    channel: str
+    prompt: str
+    session: TurnSession
+    started: float
+    ended: float | None = None
+
+
+@dataclass
+class ScriptBackend:
+    calls: list[Call] = field(default_factory=list)
+    active: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    max_overlap: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    running: int = 0
+    max_running: int = 0
+
+    async def deliver(
+        self, agent: AgentSpec, prompt: str, session: TurnSession, emit: Emit
+    ) -> TurnResult:
+        call = Call(agent.channel, prompt, session, trio.current_time())
+        self.calls.append(call)
+        self.active[agent.channel] += 1
+        self.running += 1
+        self.max_running = max(self.max_running, self.running)
+        self.max_overlap[agent.channel] = max(
+            self.max_overlap[agent.channel], self.active[agent.channel]
+        )
+        try:
+            return await self._act(prompt, session, emit)
+        finally:
+            self.active[agent.channel] -= 1
+            self.running -= 1
+            call.ended = trio.current_time()
+
+    async def _act(self, prompt: str, session: TurnSession, emit: Emit) -> TurnResult:
+        emit("init", {"session_id": session.id})
+        if m := re.match(r"sleep:([\d.]+) ?", prompt):
+            await trio.sleep(float(m.group(1)))
+        if prompt.startswith("fail:"):
+            raise BackendError(prompt[5:])
+        if prompt.startswith("raise:"):
+            raise RuntimeError(prompt[6:])
+        if prompt == "hang":
+            await trio.sleep_forever()
+        if prompt == "empty":
+            return TurnResult(reply="", session_id=session.id)
+        emit("text", {"text": f"re: {prompt}"})
+        echoed = None if prompt.startswith("nosession") else session.id
+        return TurnResult(reply=f"re: {prompt}", session_id=echoed, usage={"output_tokens": 1})
+
+    def prompts(self, channel: str) -> list[str]:
+        return [call.prompt for call in self.calls if call.channel == channel]
+
+
+@dataclass
+class FlakySink:
+    """A reply sink that fails with the given statuses first (None = network error)."""
+
+    failures: list[int | None]
+    attempts: list[float] = field(default_factory=list)
+    delivered: list[Message] = field(default_factory=list)
+
+    async def write_reply(self, reply: Message) -> None:
+        self.attempts.append(trio.current_time())
+        if self.failures:
+            status = self.failures.pop(0)
+            raise DeliveryError("vault write failed", status=status)
+        self.delivered.append(reply)
+
+
+def make_store(tmp_path: Path, name: str = "skydeck.db") -> Store:
+    return Store(tmp_path / name)
+
+
+@asynccontextmanager
+async def running_registry(
+    store: Store,
+    backend: Backend | None = None,
+    *,
+    sinks: Sequence[ReplySink] = (),
+    agents: Iterable[AgentSpec] = (),
+    buffer_cap: int = 1000,
+    max_turns: int = 4,
+    backends: dict[str, Backend] | None = None,
+) -> AsyncIterator[Registry]:
+    """A registry serving in its own nursery for the block, then cancelled."""
+    events = TurnEvents()
+    registry: Registry
+    deps = TurnDeps(
+        store=store,
+        events=events,
+        backends={"echo": backend or ScriptBackend(), **(backends or {})},
+        submit=lambda inbound: registry.submit(inbound),
+        sinks=sinks,
+    )
+    registry = Registry(store, deps, buffer_cap=buffer_cap, max_turns=max_turns)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(registry.serve)
+        for agent in agents:
+            registry.create(agent)
+        yield registry
+        nursery.cancel_scope.cancel()
+
+
+def agent(name: str, channel: str | None = None, **kwargs: object) -> AgentSpec:
+    """An agent on the scripted backend (registered under the name "echo")."""
+    return AgentSpec(name=name, channel=channel or name, backend="echo", **kwargs)  # type: ignore[arg-type]
+
+
+def post(registry: Registry, channel: str, content: str, **metadata: object) -> str:
+    return registry.submit(Inbound(channel=channel, content=content, metadata=dict(metadata))).id
+
+
+async def settle(store: Store, ids: Iterable[str], timeout: float = 600) -> list[Message]:
+    """Wait until every message is terminal (virtual time under the autojump clock)."""
+    wanted = list(ids)
+    with trio.fail_after(timeout):
+        while True:
+            messages = [store.get_message(i) for i in wanted]
+            if all(m is not None and m.state in TERMINAL_STATES for m in messages):
+                return [m for m in messages if m is not None]
+            await trio.sleep(0.01)
+
+
+def reply_of(store: Store, message: Message) -> Message:
+    assert message.reply_id is not None, f"{message.id} has no reply"
+    reply = store.get_message(message.reply_id)
+    assert reply is not None
+    return reply

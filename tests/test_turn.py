@@ -1,0 +1,309 @@
+"""The turn contract, side effect by side effect (R11-R25, R28)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+from helpers import (
+    FlakySink,
+    ScriptBackend,
+    agent,
+    make_store,
+    post,
+    reply_of,
+    running_registry,
+    settle,
+)
+
+from skydeck.model import Inbound, TurnEvent
+from skydeck.turn import failure_reply_text
+
+TAIL = "\n\nThis is often temporary; please try again in a moment."
+
+
+def test_r16_failure_reply_text_exact_and_cut_at_240() -> None:
+    assert failure_reply_text("boom") == (
+        "⚠️ I couldn't complete that — the turn failed: boom" + TAIL
+    )
+    long = "x" * 241
+    assert failure_reply_text(long) == (
+        "⚠️ I couldn't complete that — the turn failed: " + "x" * 240 + "…" + TAIL
+    )
+    assert failure_reply_text("y" * 240).count("…") == 0
+
+
+async def test_r16_failed_turn_records_replies_and_emits_error(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    store = make_store(tmp_path)
+    async with running_registry(store, agents=[agent("a")]) as registry:
+        with registry.events.subscribe("a") as events:
+            (failed,) = await settle(store, [post(registry, "a", "fail:the model said no")])
+            kinds = [e.kind for e in _drain(events)]
+    assert (failed.state, failed.error) == ("failed", "the model said no")
+    reply = reply_of(store, failed)
+    assert reply.content == failure_reply_text("the model said no")
+    assert (reply.direction, reply.in_reply_to, reply.thread_id) == ("out", failed.id, failed.thread_id)
+    (thread,) = store.list_threads("a")
+    assert (thread.status, thread.output, thread.turn_count) == ("error", "the model said no", 1)
+    assert kinds == ["queued", "init", "error"], "R24: exactly one final event"
+
+
+async def test_r15_backend_that_raises_is_a_failed_turn_not_a_dead_channel(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    store = make_store(tmp_path)
+    async with running_registry(store, agents=[agent("a")]) as registry:
+        bad, good = post(registry, "a", "raise:kaput"), post(registry, "a", "after")
+        first, second = await settle(store, [bad, good])
+    assert (first.state, first.error) == ("failed", "kaput")
+    assert second.state == "done"
+
+
+async def test_r14_hung_turn_times_out_and_the_channel_moves_on(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    store = make_store(tmp_path)
+    async with running_registry(store, agents=[agent("a", timeout_s=30)]) as registry:
+        start = trio.current_time()
+        hung, next_one = await settle(store, [post(registry, "a", "hang"), post(registry, "a", "x")])
+        assert trio.current_time() - start == pytest.approx(30, abs=0.1)
+    assert (hung.state, hung.error) == ("failed", "turn timed out after 30 s")
+    assert next_one.state == "done"
+
+
+async def test_r11_r17_r18_sessions_resume_only_what_was_echoed(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    store = make_store(tmp_path)
+    backend = ScriptBackend()
+    async with running_registry(store, backend, agents=[agent("a")]) as registry:
+        await settle(store, [post(registry, "a", "one")])
+        await settle(store, [post(registry, "a", "two")])
+        await settle(store, [post(registry, "a", "fail:no session echoed")])
+        await settle(store, [post(registry, "a", "three")])
+        registry.reset("a")  # R27
+        await settle(store, [post(registry, "a", "four")])
+    one, two, failed, three, four = (call.session for call in backend.calls)
+    assert not one.resume
+    assert two.resume and two.id == one.id
+    assert failed.resume and three.resume and three.id == one.id, "R18: failure kept the session"
+    assert not four.resume and four.id != one.id, "R27: reset starts fresh"
+    threads = store.list_threads("a")
+    assert [t.turn_count for t in threads] == [1, 2, 3, 4, 1]
+
+
+async def test_r18_a_turn_that_echoes_no_session_keeps_the_previous_one(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    store = make_store(tmp_path)
+    backend = ScriptBackend()
+    async with running_registry(store, backend, agents=[agent("a")]) as registry:
+        await settle(store, [post(registry, "a", "nosession first")])
+        await settle(store, [post(registry, "a", "second")])
+        await settle(store, [post(registry, "a", "third")])
+    first, second, third = (call.session for call in backend.calls)
+    assert not first.resume and not second.resume, "nothing echoed: nothing to resume"
+    assert third.resume and third.id == second.id
+
+
+async def test_r4_r11_multi_threaded_never_resumes(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    store = make_store(tmp_path)
+    backend = ScriptBackend()
+    async with running_registry(
+        store, backend, agents=[agent("m", mode="multi-threaded")]
+    ) as registry:
+        await settle(store, [post(registry, "m", "one")])
+        await settle(store, [post(registry, "m", "two")])
+    sessions = [call.session for call in backend.calls]
+    assert not any(s.resume for s in sessions)
+    assert sessions[0].id != sessions[1].id
+    assert [t.turn_count for t in store.list_threads("m")] == [1, 1]
+
+
+async def test_r12_thread_record_is_working_while_the_turn_runs(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    store = make_store(tmp_path)
+    async with running_registry(store, agents=[agent("a")]) as registry:
+        message_id = post(registry, "a", "sleep:5 hi")
+        await trio.sleep(1)
+        (thread,) = store.list_threads("a")
+        assert (thread.status, thread.input, thread.output) == ("working", "sleep:5 hi", "")
+        assert thread.turn_count == 0, "R12: the start record does not count a turn"
+        await settle(store, [message_id])
+    (thread,) = store.list_threads("a")
+    assert (thread.status, thread.turn_count, thread.usage) == ("ok", 1, {"output_tokens": 1})
+
+
+async def test_r19_empty_reply_posts_nothing(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    store = make_store(tmp_path)
+    async with running_registry(store, agents=[agent("a")]) as registry:
+        (message,) = await settle(store, [post(registry, "a", "empty")])
+    assert (message.state, message.reply_id) == ("done", None)
+    assert len(store.list_messages("a", limit=10).messages) == 1
+
+
+async def test_r20_transient_errors_retried_with_linear_backoff(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    store = make_store(tmp_path)
+    sink = FlakySink(failures=[503, None])
+    async with running_registry(store, sinks=[sink], agents=[agent("a")]) as registry:
+        (message,) = await settle(store, [post(registry, "a", "hi")])
+    assert message.state == "done"
+    assert len(sink.attempts) == 3
+    gaps = [b - a for a, b in zip(sink.attempts, sink.attempts[1:], strict=False)]
+    assert gaps == [pytest.approx(0.25), pytest.approx(0.5)], "250 ms × attempt"
+    assert [r.content for r in sink.delivered] == ["re: hi"]
+
+
+async def test_r20_permanent_4xx_is_not_retried(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    store = make_store(tmp_path)
+    sink = FlakySink(failures=[400])
+    async with running_registry(store, sinks=[sink], agents=[agent("a")]) as registry:
+        (message,) = await settle(store, [post(registry, "a", "hi")])
+    assert len(sink.attempts) == 1
+    assert message.state == "failed"
+
+
+async def test_r21_undelivered_reply_rewrites_the_same_record_and_calls_back_error(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    store = make_store(tmp_path)
+    sink = FlakySink(failures=[500, 502, 503])
+    async with running_registry(store, sinks=[sink], agents=[agent("a")]) as registry:
+        with registry.events.subscribe("a") as events:
+            (message,) = await settle(store, [post(registry, "a", "hi", reply_to="boss")])
+            final = _drain(events)[-1]
+    assert len(sink.attempts) == 3, "3 attempts, then give up"
+    (thread,) = store.list_threads("a")
+    assert thread.status == "error"
+    assert thread.output == (
+        "reply produced but NOT delivered (outbound write failed: vault write failed (503)). "
+        "Undelivered reply text: re: hi"
+    )
+    assert thread.turn_count == 1, "same turn, no double count"
+    assert (message.state, message.error) == ("failed", "outbound write failed: vault write failed (503)")
+    assert reply_of(store, message).content == "re: hi", "the reply text is never lost"
+    assert (final.kind, final.data["error"]) == (
+        "error",
+        "reply produced but not saved: vault write failed (503)",
+    )
+    callbacks = [m for m in store.list_messages("boss", limit=10).messages]
+    assert [c.metadata["status"] for c in callbacks] == ["error"]
+    assert "source_message" not in callbacks[0].metadata
+
+
+async def test_r22_callback_metadata_exact(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    store = make_store(tmp_path)
+    backend = ScriptBackend()
+    async with running_registry(store, backend, agents=[agent("worker")]) as registry:
+        inbound = Inbound(
+            channel="worker",
+            content="do it",
+            metadata={"reply_to": "boss", "correlation_id": "c-42", "delegation_depth": "2"},
+        )
+        (done,) = await settle(store, [registry.submit(inbound).id])
+        failing = Inbound(channel="worker", content="fail:nope", metadata={"reply_to": "boss"})
+        (failed,) = await settle(store, [registry.submit(failing).id])
+    ok_cb, err_cb = store.list_messages("boss", limit=10).messages
+    assert ok_cb.state == "buffered", "boss has no agent yet: the callback waits for it (R7)"
+    assert ok_cb.content == (
+        "[callback] worker finished (ok) — see source_message / source_thread in this "
+        "note's metadata to pull the full result."
+    )
+    assert ok_cb.metadata == {
+        "callback": "true",
+        "status": "ok",
+        "source_channel": "worker",
+        "source_thread": done.thread_id,
+        "source_message": done.reply_id,
+        "correlation_id": "c-42",
+        "delegation_depth": "3",
+    }
+    assert err_cb.content.startswith("[callback] worker finished with an error — see ")
+    assert err_cb.metadata == {
+        "callback": "true",
+        "status": "error",
+        "source_channel": "worker",
+        "source_thread": failed.thread_id,
+        "delegation_depth": "1",
+    }
+    assert "reply_to" not in ok_cb.metadata and "reply_to" not in err_cb.metadata, "R23"
+
+
+async def test_r23_no_callback_at_depth_8_and_callbacks_never_ping_pong(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    store = make_store(tmp_path)
+    backend = ScriptBackend()
+    async with running_registry(store, backend, agents=[agent("a"), agent("b")]) as registry:
+        deep = Inbound(
+            channel="a", content="deep", metadata={"reply_to": "b", "delegation_depth": 8}
+        )
+        shallow = Inbound(
+            channel="a", content="shallow", metadata={"reply_to": "b", "delegation_depth": 7}
+        )
+        await settle(store, [registry.submit(deep).id, registry.submit(shallow).id])
+        await trio.sleep(5)
+        callbacks = [m for m in store.list_messages("b", limit=10).messages if m.direction == "in"]
+        await settle(store, [c.id for c in callbacks])
+        await trio.sleep(5)
+    assert [c.metadata["delegation_depth"] for c in callbacks] == ["8"]
+    assert store.list_messages("a", limit=50).messages[-1].content == "re: shallow", (
+        "b's turn on the callback must not call back into a"
+    )
+
+
+async def test_r28_message_interrupted_three_times_fails_without_running(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    store = make_store(tmp_path)
+    backend = ScriptBackend()
+    accepted = store.accept_inbound(
+        Inbound(channel="a", content="crashy"), registered=True, buffer_cap=10
+    )
+    with store._tx() as db:  # three starts that never ended: three daemon crashes
+        db.execute("UPDATE messages SET state='working', attempts=3 WHERE id=?", (accepted.id,))
+    async with running_registry(store, backend, agents=[agent("a")]):
+        (message,) = await settle(store, [accepted.id])
+    assert backend.calls == []
+    assert (message.state, message.error) == ("failed", "interrupted 3 times by daemon restarts")
+    assert reply_of(store, message).content == failure_reply_text(
+        "interrupted 3 times by daemon restarts"
+    )
+
+
+async def test_r24_every_turn_ends_with_exactly_one_done_or_error(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    store = make_store(tmp_path)
+    prompts = ["ok", "fail:x", "raise:y", "empty", "hang", "sleep:1 z"]
+    async with running_registry(store, agents=[agent("a", timeout_s=5)]) as registry:
+        with registry.events.subscribe("a", buffer=-1) as events:
+            ids = [post(registry, "a", p) for p in prompts]
+            await settle(store, ids)
+            seen = _drain(events)
+    for message_id in ids:
+        finals = [e.kind for e in seen if e.message_id == message_id and e.kind in ("done", "error")]
+        assert len(finals) == 1, finals
+
+
+def _drain(events: trio.MemoryReceiveChannel[TurnEvent]) -> list[TurnEvent]:
+    out = []
+    while True:
+        try:
+            out.append(events.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return out
