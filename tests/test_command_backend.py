@@ -10,8 +10,8 @@ from pathlib import Path
 import psutil
 import pytest
 import trio
-from helpers import make_store, post, running_registry, settle
 
+from helpers import make_store, post, reply_of, running_registry, settle
 from skydeck.backends import CommandBackend
 from skydeck.model import AgentSpec
 from skydeck.registry import Registry
@@ -26,7 +26,7 @@ def command_agent(name: str, argv: list[str], **kwargs: object) -> AgentSpec:
 
 def alive(pid: int) -> bool:
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return False
 
@@ -52,8 +52,8 @@ async def test_r31_prompt_on_stdin_verbatim_reply_on_stdout(tmp_path: Path, stor
     async with running_registry(store, agents=agents, backends=backends(tmp_path)) as registry:  # type: ignore[arg-type]
         ids = [post(registry, "cat", "-v --help"), post(registry, "cat", "multi\nline\n\n")]
         flag, multi = await settle(store, ids, timeout=30)
-    assert store.get_message(flag.reply_id).content == "-v --help"  # type: ignore[arg-type,union-attr]
-    assert store.get_message(multi.reply_id).content == "multi\nline", "trailing whitespace stripped"  # type: ignore[arg-type,union-attr]
+    assert reply_of(store, flag).content == "-v --help"
+    assert reply_of(store, multi).content == "multi\nline", "trailing whitespace stripped"
 
 
 async def test_r31_nonzero_exit_fails_with_stderr_tail(tmp_path: Path, store: Store) -> None:
@@ -79,7 +79,7 @@ async def test_r31_minimal_environment_keeps_daemon_secrets_out(
         (message,) = await settle(store, [post(registry, "env", "x")], timeout=30)
     import json
 
-    env = json.loads(store.get_message(message.reply_id).content)  # type: ignore[arg-type,union-attr]
+    env = json.loads(reply_of(store, message).content)
     assert "daemon-secret-token" not in json.dumps(env)
     assert "cloud-secret" not in json.dumps(env)
     assert env["AGENT_VAR"] == "mine"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import trio
-from helpers import ScriptBackend, agent, make_store, post, running_registry, settle
 
+from helpers import ScriptBackend, agent, make_store, post, running_registry, settle
 from skydeck.errors import Conflict, NotFound
 from skydeck.model import Inbound
 
@@ -53,9 +53,7 @@ async def test_r7_buffered_then_replayed_in_order_on_register(
     store = make_store(tmp_path)
     backend = ScriptBackend()
     async with running_registry(store, backend) as registry:
-        acks = [
-            registry.submit(Inbound(channel="later", content=f"m{i}")) for i in range(5)
-        ]
+        acks = [registry.submit(Inbound(channel="later", content=f"m{i}")) for i in range(5)]
         assert {a.state for a in acks} == {"buffered"}
         await trio.sleep(1)
         assert backend.calls == [], "buffered messages must not run"

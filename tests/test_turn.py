@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import trio
+
 from helpers import (
     FlakySink,
     ScriptBackend,
@@ -16,7 +17,6 @@ from helpers import (
     running_registry,
     settle,
 )
-
 from skydeck.model import Inbound, TurnEvent
 from skydeck.turn import failure_reply_text
 
@@ -45,7 +45,11 @@ async def test_r16_failed_turn_records_replies_and_emits_error(
     assert (failed.state, failed.error) == ("failed", "the model said no")
     reply = reply_of(store, failed)
     assert reply.content == failure_reply_text("the model said no")
-    assert (reply.direction, reply.in_reply_to, reply.thread_id) == ("out", failed.id, failed.thread_id)
+    assert (reply.direction, reply.in_reply_to, reply.thread_id) == (
+        "out",
+        failed.id,
+        failed.thread_id,
+    )
     (thread,) = store.list_threads("a")
     assert (thread.status, thread.output, thread.turn_count) == ("error", "the model said no", 1)
     assert kinds == ["queued", "init", "error"], "R24: exactly one final event"
@@ -68,7 +72,9 @@ async def test_r14_hung_turn_times_out_and_the_channel_moves_on(
     store = make_store(tmp_path)
     async with running_registry(store, agents=[agent("a", timeout_s=30)]) as registry:
         start = trio.current_time()
-        hung, next_one = await settle(store, [post(registry, "a", "hang"), post(registry, "a", "x")])
+        hung, next_one = await settle(
+            store, [post(registry, "a", "hang"), post(registry, "a", "x")]
+        )
         assert trio.current_time() - start == pytest.approx(30, abs=0.1)
     assert (hung.state, hung.error) == ("failed", "turn timed out after 30 s")
     assert next_one.state == "done"
@@ -192,7 +198,10 @@ async def test_r21_undelivered_reply_rewrites_the_same_record_and_calls_back_err
         "Undelivered reply text: re: hi"
     )
     assert thread.turn_count == 1, "same turn, no double count"
-    assert (message.state, message.error) == ("failed", "outbound write failed: vault write failed (503)")
+    assert (message.state, message.error) == (
+        "failed",
+        "outbound write failed: vault write failed (503)",
+    )
     assert reply_of(store, message).content == "re: hi", "the reply text is never lost"
     assert (final.kind, final.data["error"]) == (
         "error",
@@ -203,9 +212,7 @@ async def test_r21_undelivered_reply_rewrites_the_same_record_and_calls_back_err
     assert "source_message" not in callbacks[0].metadata
 
 
-async def test_r22_callback_metadata_exact(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
-) -> None:
+async def test_r22_callback_metadata_exact(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
     store = make_store(tmp_path)
     backend = ScriptBackend()
     async with running_registry(store, backend, agents=[agent("worker")]) as registry:
@@ -296,7 +303,9 @@ async def test_r24_every_turn_ends_with_exactly_one_done_or_error(
             await settle(store, ids)
             seen = _drain(events)
     for message_id in ids:
-        finals = [e.kind for e in seen if e.message_id == message_id and e.kind in ("done", "error")]
+        finals = [
+            e.kind for e in seen if e.message_id == message_id and e.kind in ("done", "error")
+        ]
         assert len(finals) == 1, finals
 
 

@@ -31,7 +31,7 @@ KEEPALIVE_S = 15.0
 DEFAULT_PAGE = 100
 MAX_PAGE = 500
 
-Json = tuple[dict[str, Any], int] | dict[str, Any]
+Json = tuple[dict[str, Any], int] | tuple[dict[str, Any], int, dict[str, str]] | dict[str, Any]
 
 
 def _error(status: int, message: str, field: str | None = None) -> tuple[dict[str, Any], int]:
@@ -103,7 +103,12 @@ def create_app(
             405: "method not allowed on this route",
             413: f"request body is over the {max_body} byte limit",
         }
-        return _error(status, messages.get(status, error.name))
+        body, status = _error(status, messages.get(status, error.name))
+        if status == 413:
+            # The rest of the body was never read: this connection cannot carry
+            # another request, so tell the client to open a new one.
+            return body, status, {"Connection": "close"}
+        return body, status
 
     @app.errorhandler(Exception)
     async def internal_error(error: Exception) -> Json:

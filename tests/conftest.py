@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from skydeck.service import Service, Settings
+
+
+@dataclass
+class Daemon:
+    service: Service
+    url: str
+    client: httpx.AsyncClient
+
+    def count_rows(self, table: str = "messages") -> int:
+        import sqlite3
+
+        with sqlite3.connect(self.service.store.path) as db:
+            return int(db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+
+
+@pytest.fixture
+async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
+    """A real skydeck service on a loopback port, in this test's Trio run."""
+    service = Service(Settings(port=0, data_dir=tmp_path / "data"))
+    async with trio.open_nursery() as nursery:
+        binds: list[str] = await nursery.start(service.run)
+        async with httpx.AsyncClient(base_url=binds[0], timeout=30) as client:
+            yield Daemon(service, binds[0], client)
+        service.stop()
