@@ -78,6 +78,7 @@ def create_app(
         if inbound is None:
             return {"ok": True, "state": "ignored"}
         accepted = registry.submit(inbound)
+        await store.flushed()  # R28: committed before the 200 that acknowledges it
         return {"ok": True, "id": accepted.id, "state": accepted.state}
 
     # -- errors -------------------------------------------------------------------
@@ -223,6 +224,7 @@ def create_app(
     @app.post("/api/agents")
     async def create_agent() -> Json:
         agent = registry.create(validate.new_agent(await json_body()))
+        await store.flushed()
         return agent_json(agent), 201
 
     @app.get("/api/agents/<name>")
@@ -233,16 +235,20 @@ def create_app(
     async def patch_agent(name: str) -> Json:
         body = await json_body()
         changes = validate.agent_changes(body, registry.get(name))
-        return agent_json(registry.update(name, changes))
+        agent = registry.update(name, changes)
+        await store.flushed()
+        return agent_json(agent)
 
     @app.delete("/api/agents/<name>")
     async def delete_agent(name: str) -> Json:
         registry.remove(name)
+        await store.flushed()
         return {"ok": True}
 
     @app.post("/api/agents/<name>/reset")
     async def reset_agent(name: str) -> Json:
         registry.reset(name)
+        await store.flushed()
         return {"ok": True}
 
     return app

@@ -86,6 +86,7 @@ class Registry:
         stays in the store for the next start)."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self.store.run_flusher, name="store-flusher")
             for agent in self.store.list_agents():
                 self._register(agent)
             task_status.started()

@@ -36,6 +36,7 @@ from .model import (
     TurnEvent,
     TurnResult,
     TurnSession,
+    new_id,
 )
 from .store import Store
 from .transports.base import ReplySink, deliver_with_retry
@@ -100,7 +101,7 @@ class Turn:
         self.channel = agent.channel
         self.prompt = "\n\n".join(message.content for message in self.messages)
         self.thread = ThreadRecord(
-            id=str(uuid.uuid4()),
+            id=new_id(),
             channel=self.channel,
             agent=agent.name,
             mode=agent.mode,
@@ -146,6 +147,7 @@ class Turn:
             return
         session = self._session()
         self.deps.store.start_turn(self.messages, self.thread)
+        await self.deps.store.flushed()  # the attempt counts even if we crash mid-turn (R28)
         backend = self.deps.backends.get(self.agent.backend)
         try:
             if backend is None:
@@ -175,7 +177,7 @@ class Turn:
         thread = self.thread
         thread.status, thread.output = "ok", result.reply
         thread.usage, thread.session = result.usage, result.session_id
-        reply = self._end("done", result.reply, error=None, persist_session=True)
+        reply = await self._end("done", result.reply, error=None, persist_session=True)
         error = await self._sink(reply) if reply is not None else None
         if error is None:
             self._settle("done")
@@ -203,7 +205,7 @@ class Turn:
         log.warning("turn failed", extra={"channel": self.channel, "reason": reason})
         thread = self.thread
         thread.status, thread.output, thread.session = "error", reason, echoed_session
-        reply = self._end(
+        reply = await self._end(
             "failed",
             failure_reply_text(reason),
             error=reason,
@@ -218,7 +220,7 @@ class Turn:
         self._callbacks("error", None)
         self._finished("timeout" if self._timed_out else "error")
 
-    def _end(
+    async def _end(
         self,
         state: Literal["done", "failed"],
         reply: str,
@@ -229,7 +231,7 @@ class Turn:
         self._ended = True
         # With extra sinks the messages stay `working` until the reply has landed
         # there too (`_settle`): `done` means delivered everywhere.
-        return self.deps.store.end_turn(
+        outbound = self.deps.store.end_turn(
             self.messages,
             self.thread,
             state="working" if self.deps.sinks else state,
@@ -237,6 +239,9 @@ class Turn:
             error=error,
             persist_session=persist_session,
         )
+        # Durable before anyone is told: a viewer never sees a reply a crash could undo.
+        await self.deps.store.flushed()
+        return outbound
 
     def _settle(self, state: Literal["done", "failed"], error: str | None = None) -> None:
         if self.deps.sinks:
