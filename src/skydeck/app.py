@@ -41,9 +41,9 @@ def _error(status: int, message: str, field: str | None = None) -> tuple[dict[st
     return body, status
 
 
-def _page_limit(raw: str | None) -> int:
+def _page_limit(raw: str | None, default: int = DEFAULT_PAGE) -> int:
     if raw is None:
-        return DEFAULT_PAGE
+        return default
     if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
         raise BadRequest(f"limit must be an integer from 1 to {MAX_PAGE}", field="limit")
     return int(raw)
@@ -215,7 +215,9 @@ def create_app(
         channel = request.args.get("channel")
         if channel is not None:
             validate.name(channel, "channel")
-        return {"threads": [thread.to_json() for thread in store.list_threads(channel)]}
+        limit = _page_limit(request.args.get("limit"), default=MAX_PAGE)
+        threads = store.list_threads(channel, limit=limit)
+        return {"threads": [thread.to_json() for thread in threads]}
 
     @app.get("/api/agents")
     async def list_agents() -> Json:

@@ -607,15 +607,12 @@ class Store:
         return int(count)
 
     def list_threads(self, channel: str | None = None, limit: int = 500) -> list[ThreadRecord]:
-        if channel is None:
-            rows = self._db.execute(
-                "SELECT * FROM threads ORDER BY seq LIMIT ?", (limit,)
-            ).fetchall()
-        else:
-            rows = self._db.execute(
-                "SELECT * FROM threads WHERE channel = ? ORDER BY seq LIMIT ?", (channel, limit)
-            ).fetchall()
-        return [_row_to_thread(row) for row in rows]
+        """The newest ``limit`` thread records, oldest first."""
+        where, args = ("", ()) if channel is None else ("WHERE channel = ?", (channel,))
+        rows = self._db.execute(
+            f"SELECT * FROM threads {where} ORDER BY seq DESC LIMIT ?", (*args, limit)
+        ).fetchall()
+        return [_row_to_thread(row) for row in reversed(rows)]
 
     def get_thread(self, thread_id: str) -> ThreadRecord | None:
         row = self._db.execute("SELECT * FROM threads WHERE id = ?", (thread_id,)).fetchone()
