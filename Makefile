@@ -5,14 +5,24 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# The pinned Claude Code CLI (shared/spec/claude-cli.md §1), installed project-locally.
+CLAUDE_VERSION := 2.1.197
+CLAUDE := .tools/claude/node_modules/.bin/claude
 
-.PHONY: run test lint typecheck pytest bench clean
+.PHONY: run test lint typecheck pytest bench claude clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $@
+
+$(CLAUDE):
+	npm install --no-save --no-package-lock --no-audit --no-fund --loglevel=error \
+		--prefix .tools/claude @anthropic-ai/claude-code@$(CLAUDE_VERSION)
+	$(CLAUDE) --version | grep -q '^$(CLAUDE_VERSION) '
+
+claude: $(CLAUDE)
 
 run: $(STAMP)
 	$(BIN)/skydeck serve
@@ -25,13 +35,14 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 # pytest exits 5 when it collected no test: make treats that as a failure, so an empty run never passes.
-pytest: $(STAMP)
+pytest: $(STAMP) $(CLAUDE)
 	$(BIN)/python -m pytest -q
 
 test: lint typecheck pytest
 
-bench: $(STAMP)
+bench: $(STAMP) $(CLAUDE)
 	$(BIN)/python bench/queue_throughput.py
+	$(BIN)/python bench/turn_overhead.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache

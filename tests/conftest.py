@@ -24,6 +24,24 @@ class Daemon:
             return int(db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
 
 
+CREDENTIAL_AND_DAEMON_VARS = (
+    "ANTHROPIC_API_KEY",
+    "ANTHROPIC_AUTH_TOKEN",
+    "CLAUDE_CODE_OAUTH_TOKEN",
+    "ANTHROPIC_BASE_URL",
+    "SKYDECK_TOKEN",
+    "SKYDECK_JWT_SECRET",
+    "SKYDECK_URL",
+)
+
+
+@pytest.fixture(autouse=True)
+def hermetic_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests see no credentials or daemon settings from the machine they run on."""
+    for name in CREDENTIAL_AND_DAEMON_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture
 async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
     """A real skydeck service on a loopback port, in this test's Trio run."""

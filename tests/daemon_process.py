@@ -11,6 +11,12 @@ import time
 from pathlib import Path
 
 SKYDECK = str(Path(sys.executable).parent / "skydeck")
+PRIVATE = ("ANTHROPIC_", "CLAUDE_CODE_", "SKYDECK_")
+
+
+def clean_env() -> dict[str, str]:
+    """The machine's environment without credentials or skydeck settings."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(PRIVATE)}
 
 
 class DaemonProcess:
@@ -21,7 +27,7 @@ class DaemonProcess:
             [SKYDECK, "serve", "--port", "0", "--data-dir", str(data_dir), *extra],
             stdout=subprocess.PIPE,
             stderr=self.log,
-            env={**os.environ, "SKYDECK_LOG_LEVEL": "WARNING"},
+            env={**clean_env(), "SKYDECK_LOG_LEVEL": "WARNING"},
         )
         self.url = self._read_url()
 
@@ -52,5 +58,9 @@ class DaemonProcess:
 
 def cli(url: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [SKYDECK, "--url", url, *args], capture_output=True, text=True, timeout=timeout
+        [SKYDECK, "--url", url, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=clean_env(),
     )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon_process import SKYDECK, DaemonProcess, cli
+from daemon_process import SKYDECK, DaemonProcess, clean_env, cli
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +90,7 @@ def test_serve_refuses_public_bind_without_token(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=30,
+        env=clean_env(),
     )
     assert result.returncode == 2
     assert "refusing to listen on 0.0.0.0 without a token" in result.stderr

@@ -118,6 +118,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"skydeck {__version__} serving data in {settings.data_dir}", flush=True)
             print(f"  web UI: {base}/", flush=True)
             print(f"  API:    {base}/api  (health: {base}/health)", flush=True)
+            if service.demo_note:
+                print(f"  {service.demo_note}", flush=True)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:
                     service.stop()

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -27,6 +27,7 @@ from .app import MAX_BODY_BYTES, create_app
 from .auth import TokenAuth
 from .backends import CommandBackend, EchoBackend
 from .backends.base import Backend
+from .backends.claude import ClaudeBackend, find_claude, has_credentials
 from .events import TurnEvents
 from .model import AgentSpec
 from .registry import DEFAULT_BUFFER_CAP, DEFAULT_MAX_TURNS, Registry
@@ -88,9 +89,12 @@ class Service:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(settings.data_dir / DB_NAME)
         self.events = TurnEvents()
+        workspaces = settings.data_dir / "workspaces"
+        self.claude_bin = find_claude()
         backends: dict[str, Backend] = {
             "echo": EchoBackend(),
-            "command": CommandBackend(settings.data_dir / "workspaces"),
+            "command": CommandBackend(workspaces),
+            "claude": ClaudeBackend(self.claude_bin, workspaces),
         }
         self.deps = TurnDeps(
             store=self.store,
@@ -105,14 +109,24 @@ class Service:
             self.registry, self.store, TokenAuth(settings.token), max_body=settings.max_body
         )
         self._stopped = trio.Event()
+        self.demo_note: str | None = None
 
     def _ensure_demo(self) -> None:
-        """First start with an empty store: one agent that works without credentials."""
+        """First start with an empty store: a demo agent on channel `demo`.
+
+        It uses claude when a CLI and credentials are there, else echo, so it
+        always works; `demo_note` says which, for the startup banner.
+        """
         if self.store.get_meta("initialized") is not None:
             return
         if self.settings.demo and not self.registry.agents():
-            self.registry.create(AgentSpec(name="demo", channel="demo", backend="echo"))
-            log.info("created the demo agent", extra={"agent": "demo", "backend": "echo"})
+            backend: Literal["claude", "echo"] = "echo"
+            why = "no claude CLI with credentials found"
+            if self.claude_bin and has_credentials():
+                backend, why = "claude", f"claude CLI at {self.claude_bin}"
+            self.registry.create(AgentSpec(name="demo", channel="demo", backend=backend))
+            self.demo_note = f"created demo agent on channel demo: {backend} backend ({why})"
+            log.info("created the demo agent", extra={"agent": "demo", "backend": backend})
         self.store.set_meta("initialized", "1")
 
     async def run(self, *, task_status: TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:

@@ -29,11 +29,17 @@ KILL_GRACE_S = 3.0
 BASE_ENV_KEYS = ("PATH", "LANG", "LC_ALL", "TZ")
 
 
-def minimal_env(agent: AgentSpec, home: Path, passthrough: Iterable[str] = ()) -> dict[str, str]:
+def minimal_env(
+    agent: AgentSpec,
+    home: Path,
+    passthrough: Iterable[str] = (),
+    defaults: Mapping[str, str] | None = None,
+) -> dict[str, str]:
     """R30/R31: PATH, HOME (the agent's workspace), LANG, named credentials, the agent's env.
 
     Nothing else of the daemon's environment (its token, JWT secret, cloud
-    credentials) reaches the child.
+    credentials) reaches the child. ``defaults`` are backend settings that the
+    agent's own ``env`` may override.
     """
     env = {"PATH": os.defpath, "LANG": "C.UTF-8"}
     for key in (*BASE_ENV_KEYS, *passthrough):
@@ -41,6 +47,7 @@ def minimal_env(agent: AgentSpec, home: Path, passthrough: Iterable[str] = ()) -
         if value is not None:
             env[key] = value
     env["HOME"] = str(home)
+    env.update(defaults or {})
     env.update(agent.env)
     return env
 
@@ -95,7 +102,21 @@ async def open_group_process(
             await process.wait()
 
 
-async def _read_all(stream: trio.abc.ReceiveStream | None, into: bytearray) -> None:
+async def iter_lines(stream: trio.abc.ReceiveStream) -> AsyncIterator[bytes]:
+    """Lines as they arrive (without the newline); a last unterminated line too."""
+    buffer = bytearray()
+    while chunk := await stream.receive_some(65536):
+        buffer += chunk
+        start = 0
+        while (end := buffer.find(b"\n", start)) >= 0:
+            yield bytes(buffer[start:end])
+            start = end + 1
+        del buffer[:start]
+    if buffer:
+        yield bytes(buffer)
+
+
+async def read_all(stream: trio.abc.ReceiveStream | None, into: bytearray) -> None:
     if stream is None:
         return
     while chunk := await stream.receive_some(65536):
@@ -125,8 +146,8 @@ async def run_in_group(
     async with open_group_process(argv, env=env, cwd=cwd) as process:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_feed, process.stdin, stdin)
-            nursery.start_soon(_read_all, process.stdout, stdout)
-            nursery.start_soon(_read_all, process.stderr, stderr)
+            nursery.start_soon(read_all, process.stdout, stdout)
+            nursery.start_soon(read_all, process.stderr, stderr)
         returncode = await process.wait()
     return Completed(returncode=returncode, stdout=bytes(stdout), stderr=bytes(stderr))
 

@@ -1,0 +1,211 @@
+"""R30: the real Claude Code CLI, one ``claude -p`` process per turn.
+
+The CLI's wire facts (flags, stream lines, error shapes) are in
+``shared/spec/claude-cli.md``; `claude_stream` parses the stream, this module
+runs processes and decides what a failure means:
+
+- resume of a conversation that no longer exists -> once more with a fresh
+  session id (R18: the channel heals);
+- API 5xx/overloaded, an API error with no status (network), or the process
+  killed by a signal we did not send -> retried up to 2 more times, 2 s then
+  5 s apart, inside the turn and its timeout (R33);
+- anything else (401, other 4xx, a bad flag) -> the turn fails at once with a
+  readable reason.
+
+Stopping a turn (timeout, deregister, interrupt, shutdown) is cancellation:
+the process group is terminated by `open_group_process`, and nothing is
+retried, because no return code is ever looked at.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from ..model import AgentSpec, TurnResult, TurnSession
+from .base import BackendError, Emit
+from .claude_stream import StreamOutcome, StreamParser
+from .process import (
+    describe_exit,
+    iter_lines,
+    minimal_env,
+    open_group_process,
+    read_all,
+    workspace_for,
+)
+
+log = logging.getLogger(__name__)
+
+#: R33: the waits before the 2nd and the 3rd attempt.
+RETRY_DELAYS_S = (2.0, 5.0)
+#: Credentials and endpoint the CLI needs from the daemon's environment.
+CREDENTIAL_KEYS = (
+    "ANTHROPIC_API_KEY",
+    "ANTHROPIC_AUTH_TOKEN",
+    "CLAUDE_CODE_OAUTH_TOKEN",
+    "ANTHROPIC_BASE_URL",
+)
+STDERR_TAIL = 2000
+#: Where `make test` / `make run` install the pinned CLI, relative to the checkout.
+LOCAL_INSTALL = Path(".tools/claude/node_modules/.bin/claude")
+
+
+def find_claude() -> str | None:
+    """`SKYDECK_CLAUDE_BIN`, else the project-local install, else ``claude`` on PATH."""
+    explicit = os.environ.get("SKYDECK_CLAUDE_BIN")
+    if explicit:
+        return explicit
+    checkout = Path(__file__).resolve().parents[3]
+    local = checkout / LOCAL_INSTALL
+    if local.exists():
+        return str(local)
+    return shutil.which("claude")
+
+
+def has_credentials() -> bool:
+    return any(os.environ.get(key) for key in CREDENTIAL_KEYS[:3])
+
+
+class _Retry(Exception):
+    """An attempt failed in a way another attempt may fix."""
+
+    def __init__(self, reason: str, outcome: StreamOutcome) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.outcome = outcome
+
+
+class _ResumeNotFound(Exception):
+    pass
+
+
+class ClaudeBackend:
+    def __init__(
+        self,
+        executable: str | None,
+        workspaces: Path,
+        *,
+        retry_delays: Sequence[float] = RETRY_DELAYS_S,
+    ) -> None:
+        self.executable = executable
+        self.workspaces = workspaces
+        self.retry_delays = tuple(retry_delays)
+
+    async def deliver(
+        self, agent: AgentSpec, prompt: str, session: TurnSession, emit: Emit
+    ) -> TurnResult:
+        if self.executable is None:
+            raise BackendError(
+                "no claude executable found: run `make test` (installs the pinned CLI) "
+                "or set SKYDECK_CLAUDE_BIN"
+            )
+        delays = iter(self.retry_delays)
+        healed = False
+        while True:
+            try:
+                return await self._attempt(agent, prompt, session, emit)
+            except _ResumeNotFound:
+                if healed:
+                    raise BackendError("claude could not resume or start a session") from None
+                healed = True
+                log.warning(
+                    "session not found, starting a fresh one",
+                    extra={"agent": agent.name, "session": session.id},
+                )
+                session = TurnSession(id=str(uuid.uuid4()), resume=False)
+            except _Retry as failure:
+                delay = next(delays, None)
+                echoed = failure.outcome.session_id
+                if delay is None:
+                    raise BackendError(failure.reason, session_id=echoed) from None
+                log.warning(
+                    "claude attempt failed, retrying",
+                    extra={"agent": agent.name, "reason": failure.reason, "delay_s": delay},
+                )
+                if echoed is not None:
+                    # The session exists now: reusing the id with --session-id would
+                    # be refused ("already in use"), so continue it instead.
+                    session = TurnSession(id=echoed, resume=True)
+                await trio.sleep(delay)
+
+    def argv(self, agent: AgentSpec, prompt: str, session: TurnSession) -> list[str]:
+        assert self.executable is not None
+        argv = [
+            self.executable,
+            "-p",
+            "--output-format",
+            "stream-json",
+            "--verbose",
+            "--mcp-config",
+            json.dumps({"mcpServers": {}}),
+            "--strict-mcp-config",
+            "--permission-mode",
+            "bypassPermissions",
+        ]
+        if agent.model:
+            argv += ["--model", agent.model]
+        if agent.system_prompt:
+            argv += ["--system-prompt", agent.system_prompt]
+        argv += ["--resume" if session.resume else "--session-id", session.id]
+        return [*argv, "--", prompt]
+
+    def env(self, agent: AgentSpec, home: Path) -> dict[str, str]:
+        defaults = {
+            # skydeck owns the retry policy (R33) and the timeout (R14).
+            "CLAUDE_CODE_MAX_RETRIES": "0",
+            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        }
+        if os.geteuid() == 0:
+            # As root the CLI refuses bypassPermissions unless told it is sandboxed;
+            # each agent runs in its own workspace with a minimal environment.
+            defaults["IS_SANDBOX"] = "1"
+        return minimal_env(agent, home, passthrough=CREDENTIAL_KEYS, defaults=defaults)
+
+    async def _attempt(
+        self, agent: AgentSpec, prompt: str, session: TurnSession, emit: Emit
+    ) -> TurnResult:
+        home = workspace_for(self.workspaces, agent)
+        parser = StreamParser()
+        stderr = bytearray()
+        async with open_group_process(
+            self.argv(agent, prompt, session), env=self.env(agent, home), cwd=home
+        ) as process:
+            assert process.stdin is not None and process.stdout is not None
+            await process.stdin.aclose()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_all, process.stderr, stderr)
+                async for line in iter_lines(process.stdout):
+                    for kind, data in parser.feed(line):
+                        emit(kind, data)
+            returncode = await process.wait()
+        return self._judge(parser.outcome, returncode, bytes(stderr), session)
+
+    def _judge(
+        self, outcome: StreamOutcome, returncode: int, stderr: bytes, session: TurnSession
+    ) -> TurnResult:
+        if outcome.ok:
+            return TurnResult(
+                reply=outcome.reply, session_id=outcome.session_id, usage=outcome.usage
+            )
+        if outcome.result is not None:
+            if session.resume and outcome.resume_not_found:
+                raise _ResumeNotFound()
+            status = outcome.api_status
+            api_failure = outcome.result.get("subtype") == "success"
+            if (status is not None and status >= 500) or (status is None and api_failure):
+                raise _Retry(outcome.error_text, outcome)
+            raise BackendError(outcome.error_text, session_id=outcome.session_id)
+        if returncode < 0:
+            raise _Retry(f"claude was {describe_exit(returncode)}", outcome)
+        tail = stderr.decode(errors="replace")[-STDERR_TAIL:].strip()
+        raise BackendError(
+            tail or f"claude {describe_exit(returncode)} without a result",
+            session_id=outcome.session_id,
+        )
