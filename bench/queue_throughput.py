@@ -85,7 +85,7 @@ async def registry_run(store: Store, channels: int, per_channel: int) -> float:
     done = trio.Event()
     count = 0
 
-    def finished(outcome: str, elapsed: float) -> None:
+    def finished(outcome: str, elapsed: float, messages: int) -> None:
         nonlocal count
         count += 1
         if count == total:

@@ -18,8 +18,9 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from . import __version__, validate
-from .auth import TokenAuth, Unauthorized
+from .auth import Auth, Forbidden, Unauthorized, scope_for
 from .errors import BadRequest, NotFound, SkydeckError
+from .metrics import Metrics
 from .model import AgentSpec
 from .registry import Registry
 from .store import CursorError, Store
@@ -58,7 +59,12 @@ def _flag(raw: str | None, field: str) -> bool:
 
 
 def create_app(
-    registry: Registry, store: Store, auth: TokenAuth, *, max_body: int = MAX_BODY_BYTES
+    registry: Registry,
+    store: Store,
+    auth: Auth,
+    metrics: Metrics | None = None,
+    *,
+    max_body: int = MAX_BODY_BYTES,
 ) -> QuartTrio:
     app = QuartTrio("skydeck")
     app.config["MAX_CONTENT_LENGTH"] = max_body
@@ -86,7 +92,8 @@ def create_app(
     @app.before_request
     async def authenticate() -> None:
         if request.path.startswith("/api/") or request.path == "/metrics":
-            auth.check(request.headers.get("Authorization"))
+            scope = scope_for(request.method, request.path)
+            auth.check(request.headers.get("Authorization"), scope)
 
     @app.errorhandler(SkydeckError)
     async def skydeck_error(error: SkydeckError) -> Json:
@@ -95,6 +102,10 @@ def create_app(
     @app.errorhandler(Unauthorized)
     async def unauthorized(_: Unauthorized) -> Json:
         return _error(401, "unauthorized")
+
+    @app.errorhandler(Forbidden)
+    async def forbidden(error: Forbidden) -> Json:
+        return _error(403, str(error))
 
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> Json:
@@ -124,6 +135,8 @@ def create_app(
 
     @app.get("/health")
     async def health() -> Json:
+        if not registry.accepting:
+            return {"status": "stopping"}, 503
         agents = []
         for agent in registry.agents():
             status, queued = registry.status(agent.name)
@@ -137,6 +150,11 @@ def create_app(
                 }
             )
         return {"status": "ok", "agents": agents, "buffered": store.count_buffered()}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        body = metrics.render() if metrics is not None else b""
+        return Response(body, content_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.post("/api/inbound")
     async def inbound() -> Json:

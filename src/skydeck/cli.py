@@ -15,13 +15,16 @@ import signal
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import httpx
 import trio
 
 from . import __version__
 from .model import BACKENDS, MODES, QUEUE_MODES
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
 
 DEFAULT_URL = "http://127.0.0.1:1941"
 
@@ -102,6 +105,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=int(args.port or os.environ.get("SKYDECK_PORT") or os.environ.get("PORT") or 1941),
         data_dir=Path(args.data_dir or os.environ.get("SKYDECK_DATA_DIR") or default_data_dir()),
         token=args.token or os.environ.get("SKYDECK_TOKEN") or None,
+        jwt_secret=os.environ.get("SKYDECK_JWT_SECRET") or None,
+        grace_s=float(args.grace if args.grace is not None else 30),
         demo=args.demo,
         insecure=args.insecure,
         max_turns=int(args.max_turns or os.environ.get("SKYDECK_MAX_TURNS") or 4),
@@ -113,17 +118,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            binds: list[str] = await nursery.start(service.run)
+
+            async def run_service(task_status: TaskStatus[list[str]]) -> None:
+                await service.run(task_status=task_status)
+                nursery.cancel_scope.cancel()  # done: stop watching for signals
+
+            nursery.start_soon(watch_signals, nursery.cancel_scope)
+            binds: list[str] = await nursery.start(run_service)
             base = binds[0]
             print(f"skydeck {__version__} serving data in {settings.data_dir}", flush=True)
             print(f"  web UI: {base}/", flush=True)
             print(f"  API:    {base}/api  (health: {base}/health)", flush=True)
             if service.demo_note:
                 print(f"  {service.demo_note}", flush=True)
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for _ in signals:
-                    service.stop()
-                    break
+
+    async def watch_signals(everything: trio.CancelScope) -> None:
+        """First SIGINT/SIGTERM: graceful stop (R29). A second one: stop at once."""
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                if service.stopping:
+                    print("skydeck: second signal, stopping now", file=sys.stderr, flush=True)
+                    everything.cancel()
+                    return
+                print(
+                    f"skydeck: stopping; running turns get {settings.grace_s:g} s "
+                    "(a second Ctrl-C stops at once)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                service.stop()
 
     trio.run(main)
     return 0
@@ -237,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--demo", action=argparse.BooleanOptionalAction, default=True)
     serve.add_argument("--insecure", action="store_true", help="allow a public bind, no token")
     serve.add_argument("--max-turns", type=int, help="concurrent turns across channels (4)")
+    serve.add_argument("--grace", type=float, help="seconds running turns get at shutdown (30)")
 
     agent = commands.add_parser("agent", help="manage agents")
     agent_cmds = agent.add_subparsers(dest="agent_cmd", required=True, metavar="ACTION")

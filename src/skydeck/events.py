@@ -63,5 +63,11 @@ class TurnEvents:
             self._drop(channel, send)
             receive.close()
 
+    def close_all(self) -> None:
+        """End every stream (shutdown): live views see the end, not a hang."""
+        for channel, subscribers in list(self._subscribers.items()):
+            for send in list(subscribers):
+                self._drop(channel, send)
+
     def subscriber_count(self, channel: str) -> int:
         return len(self._subscribers.get(channel, ()))

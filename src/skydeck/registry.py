@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 DEFAULT_BUFFER_CAP = 1000
 DEFAULT_MAX_TURNS = 4
 REMOVED_REASON = "agent removed"
+INTERRUPTED_REASON = "interrupted by a newer message"
 
 
 @dataclass(eq=False)
@@ -74,6 +75,9 @@ class Registry:
         self.limiter = trio.CapacityLimiter(max_turns)
         self.accepting = True
         self.on_accepted: Callable[[Accepted], None] | None = None
+        self._stopping = False
+        self._running = 0
+        self._idle = trio.Event()
         self._by_name: dict[str, ChannelTask] = {}
         self._by_channel: dict[str, ChannelTask] = {}
         self._nursery: trio.Nursery | None = None
@@ -91,6 +95,22 @@ class Registry:
                 self._register(agent)
             task_status.started()
             await trio.sleep_forever()
+
+    async def drain(self, grace_s: float) -> None:
+        """R29: take no new messages, start no new turn, give running turns
+        ``grace_s`` to finish. The caller cancels what is left; those messages
+        stay `working`/`queued` in the store and run again at next start."""
+        self.accepting = False
+        self._stopping = True
+        if self._running:
+            self._idle = trio.Event()
+            with trio.move_on_after(grace_s):
+                await self._idle.wait()
+        log.info("drained", extra={"turns_left": self._running})
+
+    def depths(self) -> list[tuple[str, int]]:
+        """Queue depth per agent, for metrics."""
+        return [(name, task.status()[1]) for name, task in sorted(self._by_name.items())]
 
     # -- agents -------------------------------------------------------------------
 
@@ -160,6 +180,8 @@ class Registry:
         )
         if accepted.state == "queued" and task is not None:
             task.send.send_nowait(accepted.message)
+            if task.agent.queue_mode == "interrupt" and task.turn is not None:
+                task.turn.cancel(INTERRUPTED_REASON)  # R9: the newest message wins
             try:
                 self.events.publish(
                     inbound.channel, TurnEvent(kind="queued", message_id=accepted.id)
@@ -207,7 +229,10 @@ class Registry:
                 task.waiting_for_slot = True
                 async with self.limiter:
                     task.waiting_for_slot = False
+                    if self._stopping:
+                        await trio.sleep_forever()  # R29: no new turn; it replays at start
                     task.turn = Turn(self.deps, task.agent, batch)
+                    self._running += 1
                     try:
                         await task.turn.run()
                     except Exception:
@@ -215,6 +240,9 @@ class Registry:
                         log.exception("turn crashed", extra={"channel": task.agent.channel})
                     finally:
                         task.turn = None
+                        self._running -= 1
+                        if self._running == 0:
+                            self._idle.set()
 
     @staticmethod
     def _drain_nowait(receive: trio.MemoryReceiveChannel[Message]) -> list[Message]:

@@ -4,9 +4,10 @@
     ├── Registry.serve         (a task per registered channel)
     └── hypercorn.trio.serve   (the HTTP app; its shutdown_trigger is ours)
 
-`stop` is the one way down: stop accepting, cancel the channel tasks (their
-messages stay `queued`/`working` in the store and replay at next start, R28),
-then let Hypercorn close.
+`stop` is the one way down (R29): stop accepting (posts get 503), start no
+new turn, give running turns a grace period, cancel the rest (their messages
+stay `queued`/`working` in the store and replay at next start, R28), and only
+then let Hypercorn stop listening.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from .app import MAX_BODY_BYTES, create_app
-from .auth import TokenAuth
+from .auth import Auth
 from .backends import CommandBackend, EchoBackend
 from .backends.base import Backend
 from .backends.claude import ClaudeBackend, find_claude, has_credentials
 from .events import TurnEvents
+from .metrics import Metrics
 from .model import AgentSpec
 from .registry import DEFAULT_BUFFER_CAP, DEFAULT_MAX_TURNS, Registry
 from .store import Store
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 1941
 DB_NAME = "skydeck.db"
+DEFAULT_GRACE_S = 30.0
 
 
 def default_data_dir() -> Path:
@@ -73,12 +76,16 @@ class Settings:
     buffer_cap: int = DEFAULT_BUFFER_CAP
     max_turns: int = DEFAULT_MAX_TURNS
     max_body: int = MAX_BODY_BYTES
+    jwt_secret: str | None = None
+    grace_s: float = DEFAULT_GRACE_S
 
     def check(self) -> None:
-        if not is_loopback(self.host) and not self.token and not self.insecure:
+        secured = bool(self.token or self.jwt_secret)
+        if not is_loopback(self.host) and not secured and not self.insecure:
             raise ConfigError(
                 f"refusing to listen on {self.host} without a token: anyone who can reach it "
-                "could run agents. Set SKYDECK_TOKEN (or --token), or pass --insecure."
+                "could run agents. Set SKYDECK_TOKEN (or --token) or SKYDECK_JWT_SECRET, "
+                "or pass --insecure."
             )
 
 
@@ -91,24 +98,35 @@ class Service:
         self.events = TurnEvents()
         workspaces = settings.data_dir / "workspaces"
         self.claude_bin = find_claude()
+        self.metrics = Metrics(lambda: self.registry.depths())
         backends: dict[str, Backend] = {
             "echo": EchoBackend(),
             "command": CommandBackend(workspaces),
-            "claude": ClaudeBackend(self.claude_bin, workspaces),
+            "claude": ClaudeBackend(
+                self.claude_bin, workspaces, on_retry=self.metrics.backend_retries.inc
+            ),
         }
         self.deps = TurnDeps(
             store=self.store,
             events=self.events,
             backends=backends,
             submit=lambda inbound: self.registry.submit(inbound),
+            on_finished=self.metrics.on_finished,
+            on_outbound_retry=self.metrics.outbound_retries.inc,
         )
         self.registry = Registry(
             self.store, self.deps, buffer_cap=settings.buffer_cap, max_turns=settings.max_turns
         )
+        self.registry.on_accepted = self.metrics.on_accepted
         self.app = create_app(
-            self.registry, self.store, TokenAuth(settings.token), max_body=settings.max_body
+            self.registry,
+            self.store,
+            Auth(settings.token, settings.jwt_secret),
+            self.metrics,
+            max_body=settings.max_body,
         )
         self._stopped = trio.Event()
+        self._http_done = trio.Event()
         self.demo_note: str | None = None
 
     def _ensure_demo(self) -> None:
@@ -150,17 +168,28 @@ class Service:
                         hypercorn_serve,
                         self.app,
                         config,
-                        shutdown_trigger=self._stopped.wait,
+                        shutdown_trigger=self._http_done.wait,
                     )
                 )
                 log.info("skydeck listening", extra={"binds": ",".join(binds)})
                 task_status.started(binds)
                 await self._stopped.wait()
+                # R29, in order: (stopping: 503s already) -> running turns get the
+                # grace period -> the rest is cancelled (replayed at next start) ->
+                # only then does the HTTP server stop listening.
+                await self.registry.drain(self.settings.grace_s)
                 registry_scope.cancel()
+                self._http_done.set()
         finally:
             self.store.close()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopped.is_set()
+
     def stop(self) -> None:
-        """Stop taking messages, stop the channel tasks, close the server."""
+        """Begin the graceful shutdown (R29); `run` returns once it is complete."""
+        log.info("stopping", extra={"grace_s": self.settings.grace_s})
         self.registry.accepting = False
+        self.events.close_all()
         self._stopped.set()

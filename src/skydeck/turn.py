@@ -88,7 +88,9 @@ class TurnDeps:
     backends: Mapping[str, Backend]
     submit: Callable[[Inbound], Accepted]
     sinks: Sequence[ReplySink] = ()
-    on_finished: Callable[[str, float], None] | None = None
+    #: (outcome, seconds, messages): outcome is ok, error, timeout or cancelled.
+    on_finished: Callable[[str, float, int], None] | None = None
+    on_outbound_retry: Callable[[], None] | None = None
 
 
 class Turn:
@@ -119,7 +121,15 @@ class Turn:
     async def run(self) -> None:
         """Run the turn. Returns normally when it ends, or when `cancel` stopped it."""
         with self._scope:
-            await self._run()
+            try:
+                await self._run()
+            except trio.Cancelled:
+                if not self._ended:
+                    log.info(
+                        "turn stopped before it ended; it runs again at next start",
+                        extra={"channel": self.channel, "message_id": self.messages[0].id},
+                    )
+                raise
 
     def cancel(self, reason: str) -> None:
         """Stop this turn and record it `cancelled` with ``reason`` (R26, R9 interrupt).
@@ -250,7 +260,7 @@ class Turn:
     async def _sink(self, reply: Message) -> str | None:
         """R20: every extra sink gets the reply; the first final error is returned."""
         for sink in self.deps.sinks:
-            error = await deliver_with_retry(sink, reply)
+            error = await deliver_with_retry(sink, reply, on_retry=self.deps.on_outbound_retry)
             if error is not None:
                 return error
         return None
@@ -307,7 +317,7 @@ class Turn:
             },
         )
         if self.deps.on_finished is not None:
-            self._guard("turn metrics", self.deps.on_finished, outcome, elapsed)
+            self._guard("turn metrics", self.deps.on_finished, outcome, elapsed, len(self.messages))
 
     def _guard(self, what: str, fn: Callable[..., object], *args: Any) -> None:
         try:

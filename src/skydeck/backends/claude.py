@@ -24,7 +24,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import trio
@@ -93,10 +93,12 @@ class ClaudeBackend:
         workspaces: Path,
         *,
         retry_delays: Sequence[float] = RETRY_DELAYS_S,
+        on_retry: Callable[[], None] | None = None,
     ) -> None:
         self.executable = executable
         self.workspaces = workspaces
         self.retry_delays = tuple(retry_delays)
+        self.on_retry = on_retry
 
     async def deliver(
         self, agent: AgentSpec, prompt: str, session: TurnSession, emit: Emit
@@ -129,6 +131,8 @@ class ClaudeBackend:
                     "claude attempt failed, retrying",
                     extra={"agent": agent.name, "reason": failure.reason, "delay_s": delay},
                 )
+                if self.on_retry is not None:
+                    self.on_retry()
                 if echoed is not None:
                     # The session exists now: reusing the id with --session-id would
                     # be refused ("already in use"), so continue it instead.

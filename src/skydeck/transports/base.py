@@ -9,6 +9,7 @@ can help.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Protocol
 
 import trio
@@ -36,7 +37,9 @@ class ReplySink(Protocol):
     async def write_reply(self, reply: Message) -> None: ...
 
 
-async def deliver_with_retry(sink: ReplySink, reply: Message) -> str | None:
+async def deliver_with_retry(
+    sink: ReplySink, reply: Message, *, on_retry: Callable[[], None] | None = None
+) -> str | None:
     """Write ``reply`` to ``sink``: 3 attempts at most, 250 ms × attempt apart.
 
     Returns None when delivered, else the last error as text.
@@ -57,4 +60,6 @@ async def deliver_with_retry(sink: ReplySink, reply: Message) -> str | None:
             "outbound write failed, retrying",
             extra={"channel": reply.channel, "attempt": attempt, "error": error},
         )
+        if on_retry is not None:
+            on_retry()
         await trio.sleep(OUTBOUND_BACKOFF_S * attempt)

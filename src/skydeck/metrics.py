@@ -1,0 +1,77 @@
+"""Prometheus metrics (``GET /metrics``).
+
+One `CollectorRegistry` per service, not the process-global default, so two
+daemons in one test process never share counters. Queue depth and buffered
+counts are read at scrape time from the registry itself (a custom collector),
+so they can never drift from the truth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .model import Accepted
+
+TURN_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
+
+
+class _QueueCollector(Collector):
+    def __init__(self, depths: Callable[[], Iterable[tuple[str, int]]]) -> None:
+        self._depths = depths
+
+    def collect(self) -> Iterable[Metric]:
+        queued = GaugeMetricFamily(
+            "skydeck_queue_depth", "Messages waiting per agent (R5, R10)", labels=["agent"]
+        )
+        for agent, depth in self._depths():
+            queued.add_metric([agent], depth)
+        yield queued
+
+
+class Metrics:
+    def __init__(self, depths: Callable[[], Iterable[tuple[str, int]]]) -> None:
+        self.registry = CollectorRegistry()
+        self.accepted = Counter(
+            "skydeck_messages_accepted",
+            "Inbound messages acknowledged, by the state they were acknowledged in",
+            ["state"],
+            registry=self.registry,
+        )
+        self.final = Counter(
+            "skydeck_messages_final",
+            "Inbound messages that reached a terminal state",
+            ["state"],
+            registry=self.registry,
+        )
+        self.turns = Counter(
+            "skydeck_turns", "Turns by outcome", ["outcome"], registry=self.registry
+        )
+        self.turn_seconds = Histogram(
+            "skydeck_turn_duration_seconds",
+            "Wall time of a turn",
+            buckets=TURN_BUCKETS,
+            registry=self.registry,
+        )
+        self.backend_retries = Counter(
+            "skydeck_backend_retries", "Backend attempts retried (R33)", registry=self.registry
+        )
+        self.outbound_retries = Counter(
+            "skydeck_outbound_retries", "Outbound writes retried (R20)", registry=self.registry
+        )
+        self.registry.register(_QueueCollector(depths))
+
+    def on_accepted(self, accepted: Accepted) -> None:
+        self.accepted.labels(accepted.state).inc()
+
+    def on_finished(self, outcome: str, seconds: float, messages: int) -> None:
+        self.turns.labels(outcome).inc()
+        self.turn_seconds.observe(seconds)
+        final = {"ok": "done", "error": "failed", "timeout": "failed"}.get(outcome, outcome)
+        self.final.labels(final).inc(messages)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
