@@ -1,0 +1,89 @@
+"""Queue modes (R9) and the global turn limit (R10), under the autojump clock."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+from helpers import ScriptBackend, agent, make_store, post, reply_of, running_registry, settle
+
+
+async def test_r9_collect_joins_queued_messages_into_one_turn(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    store = make_store(tmp_path)
+    backend = ScriptBackend()
+    async with running_registry(
+        store, backend, agents=[agent("c", queue_mode="collect")]
+    ) as registry:
+        first = post(registry, "c", "sleep:5 first")
+        await trio.sleep(1)
+        later = [post(registry, "c", text) for text in ("a", "b", "c")]
+        messages = await settle(store, [first, *later])
+    assert backend.prompts("c") == ["sleep:5 first", "a\n\nb\n\nc"]
+    joined = messages[1:]
+    assert {m.state for m in joined} == {"done"}
+    assert len({m.reply_id for m in joined}) == 1, "one turn, one reply for all of them"
+    assert reply_of(store, joined[0]).content == "re: a\n\nb\n\nc"
+    assert len({m.thread_id for m in joined}) == 1
+
+
+async def test_r9_interrupt_cancels_the_running_turn_for_the_newest(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    store = make_store(tmp_path)
+    backend = ScriptBackend()
+    async with running_registry(
+        store, backend, agents=[agent("i", queue_mode="interrupt")]
+    ) as registry:
+        with registry.events.subscribe("i", buffer=-1) as events:
+            running = post(registry, "i", "sleep:100 long job")
+            await trio.sleep(1)
+            newer = post(registry, "i", "urgent")
+            old, new = await settle(store, [running, newer])
+            kinds = []
+            while True:
+                try:
+                    event = events.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                kinds.append((event.message_id, event.kind, event.data.get("error")))
+        assert trio.current_time() < 50, "the long job did not run to its end"
+    assert (old.state, old.error) == ("cancelled", "interrupted by a newer message")
+    assert new.state == "done"
+    assert (running, "error", "interrupted by a newer message") in kinds
+    (cancelled_thread, done_thread) = store.list_threads("i")
+    assert cancelled_thread.status == "error" and done_thread.status == "ok"
+
+
+async def test_r9_followup_is_the_default_and_runs_every_message(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    store = make_store(tmp_path)
+    backend = ScriptBackend()
+    async with running_registry(store, backend, agents=[agent("f")]) as registry:
+        ids = [post(registry, "f", f"sleep:1 m{i}") for i in range(4)]
+        await settle(store, ids)
+    assert len(backend.calls) == 4
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3])
+async def test_r10_global_limit_caps_concurrent_turns(
+    tmp_path: Path, autojump_clock: trio.abc.Clock, limit: int
+) -> None:
+    store = make_store(tmp_path)
+    backend = ScriptBackend()
+    channels = [f"ch{i}" for i in range(6)]
+    async with running_registry(
+        store, backend, agents=[agent(ch) for ch in channels], max_turns=limit
+    ) as registry:
+        start = trio.current_time()
+        ids = [post(registry, ch, "sleep:10 work") for ch in channels]
+        await trio.sleep(1)
+        statuses = [registry.status(ch)[0] for ch in channels]
+        await settle(store, ids)
+        elapsed = trio.current_time() - start
+    assert backend.max_running == limit
+    assert statuses.count("working") == limit and statuses.count("queued") == 6 - limit
+    assert elapsed == pytest.approx(10 * -(-6 // limit), abs=0.5)
