@@ -10,9 +10,9 @@ from typing import Any
 
 import httpx
 import trio
+
 from conftest import Daemon
 from helpers import agent, make_store, post, running_registry, settle
-
 from skydeck.service import Service, Settings
 
 

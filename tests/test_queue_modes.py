@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import trio
+
 from helpers import ScriptBackend, agent, make_store, post, reply_of, running_registry, settle
 
 
