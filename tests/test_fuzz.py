@@ -1,0 +1,194 @@
+"""Hypothesis against a real daemon process: every route, every body shape.
+Zero 5xx, no crashed channel task (the daemon keeps serving every agent), and
+a consistent store afterwards."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from daemon_process import DaemonProcess
+
+ROUTES = [
+    ("GET", "/health"),
+    ("GET", "/"),
+    ("GET", "/metrics"),
+    ("POST", "/api/inbound"),
+    ("POST", "/api/vault/inbound"),
+    ("POST", "/api/channels/{}/messages"),
+    ("GET", "/api/channels/{}/messages"),
+    ("GET", "/api/messages/{}"),
+    ("GET", "/api/threads"),
+    ("GET", "/api/agents"),
+    ("POST", "/api/agents"),
+    ("GET", "/api/agents/{}"),
+    ("PATCH", "/api/agents/{}"),
+    ("DELETE", "/api/agents/{}"),
+    ("POST", "/api/agents/{}/reset"),
+    ("PUT", "/api/agents/{}"),
+    ("GET", "/api/nope/{}"),
+]
+FIELDS = [
+    "channel",
+    "content",
+    "id",
+    "reply_to",
+    "correlation_id",
+    "delegation_depth",
+    "metadata",
+    "name",
+    "backend",
+    "mode",
+    "queue_mode",
+    "model",
+    "system_prompt",
+    "command",
+    "env",
+    "timeout_s",
+    "note",
+    "trigger",
+    "event",
+]
+NASTY = ["demo", "fz", "__proto__", "..", "a" * 80, "x y", "ü", "-", "0", "null", "%00"]
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.text(max_size=30)
+    | st.sampled_from(NASTY),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+shaped = st.dictionaries(st.sampled_from(FIELDS), json_values | st.sampled_from(NASTY), max_size=6)
+vault_note = st.fixed_dictionaries(
+    {
+        "note": st.fixed_dictionaries(
+            {},
+            optional={
+                "id": json_values,
+                "content": json_values,
+                "tags": json_values,
+                "metadata": st.dictionaries(
+                    st.sampled_from(
+                        ["agent", "channel", "reply_to", "delegation_depth", "direction"]
+                    ),
+                    json_values | st.sampled_from(NASTY),
+                    max_size=4,
+                ),
+            },
+        )
+    }
+)
+
+
+def defuse(body: Any) -> Any:
+    """Never let the fuzzer configure a real program to run: any command is a missing file."""
+    if isinstance(body, dict) and isinstance(body.get("command"), list) and body["command"]:
+        body = {**body, "command": ["/nonexistent/fuzz", *map(str, body["command"][1:])]}
+    return body
+
+
+bodies = st.one_of(
+    st.none(),
+    st.binary(max_size=64),
+    json_values.map(lambda v: json.dumps(v).encode()),
+    shaped.map(lambda d: json.dumps(defuse(d)).encode()),
+    vault_note.map(lambda d: json.dumps(d).encode()),
+)
+queries = st.dictionaries(
+    st.sampled_from(["limit", "after", "before", "tail", "channel"]),
+    st.text(max_size=8)
+    | st.sampled_from(["0", "1", "500", "501", "-1", "true", "99999999999999999999"]),
+    max_size=3,
+)
+
+
+@pytest.fixture(scope="module")
+def fuzzed(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[DaemonProcess, httpx.Client]]:
+    daemon = DaemonProcess(tmp_path_factory.mktemp("fuzz") / "data")
+    with httpx.Client(base_url=daemon.url, timeout=30) as client:
+        client.post("/api/agents", json={"name": "fz", "channel": "fz", "backend": "echo"})
+        yield daemon, client
+    assert daemon.stop() == 0
+
+
+@settings(
+    max_examples=600, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    route=st.sampled_from(ROUTES),
+    segment=st.sampled_from(NASTY) | st.text(min_size=1, max_size=12),
+    body=bodies,
+    query=queries,
+)
+def test_fuzz_every_route_never_5xx(
+    fuzzed: tuple[DaemonProcess, httpx.Client],
+    route: tuple[str, str],
+    segment: str,
+    body: bytes | None,
+    query: dict[str, str],
+) -> None:
+    _, client = fuzzed
+    method, template = route
+    path = template.format(quote(segment, safe=""))
+    response = client.request(
+        method, path, content=body, params=query, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code < 500, (method, path, body, response.text)
+    if path != "/metrics":
+        data = response.json()
+        if response.status_code >= 400:
+            assert data["ok"] is False and data["error"], data
+
+
+def test_after_the_fuzz_every_agent_still_serves_and_the_store_is_consistent(
+    fuzzed: tuple[DaemonProcess, httpx.Client],
+) -> None:
+    daemon, client = fuzzed
+    assert daemon.proc.poll() is None, "the daemon is alive: no channel task crashed it"
+    assert client.get("/health").status_code == 200
+    client.post("/api/agents", json={"name": "fz", "channel": "fz", "backend": "echo"})
+    agents = client.get("/api/agents").json()["agents"]
+    for agent in agents:
+        if agent["backend"] == "echo":
+            ack = client.post(
+                f"/api/channels/{agent['channel']}/messages", json={"content": "ping"}
+            ).json()
+            deadline = time.monotonic() + 30
+            while client.get(f"/api/messages/{ack['id']}").json()["state"] != "done":
+                assert time.monotonic() < deadline, f"agent {agent['name']} stopped serving"
+                time.sleep(0.02)
+    deadline = time.monotonic() + 60
+    db_path = daemon.data_dir / "skydeck.db"
+    while True:
+        with sqlite3.connect(db_path) as db:
+            working = db.execute(
+                "SELECT COUNT(*) FROM messages WHERE state IN ('queued','working')"
+            ).fetchone()[0]
+            doubled = db.execute(
+                "SELECT COUNT(*) FROM (SELECT in_reply_to FROM messages WHERE direction = 'out' "
+                "GROUP BY in_reply_to HAVING COUNT(*) > 1)"
+            ).fetchone()[0]
+            orphan_done = db.execute(
+                "SELECT COUNT(*) FROM messages m WHERE direction = 'in' AND state = 'done' "
+                "AND reply_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM messages r WHERE r.id = m.reply_id)"
+            ).fetchone()[0]
+        if working == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert (working, doubled, orphan_done) == (0, 0, 0)
