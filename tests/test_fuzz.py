@@ -186,7 +186,8 @@ def test_after_the_fuzz_every_agent_still_serves_and_the_store_is_consistent(
             ).fetchone()[0]
             orphan_done = db.execute(
                 "SELECT COUNT(*) FROM messages m WHERE direction = 'in' AND state = 'done' "
-                "AND reply_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM messages r WHERE r.id = m.reply_id)"
+                "AND reply_id IS NOT NULL "
+                "AND NOT EXISTS (SELECT 1 FROM messages r WHERE r.id = m.reply_id)"
             ).fetchone()[0]
         if working == 0 or time.monotonic() > deadline:
             break
