@@ -8,7 +8,7 @@ so none of them has to know how another keeps its data.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -47,6 +47,11 @@ def new_id() -> str:
     return str(uuid6.uuid7())
 
 
+def _as_json(record: Any, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A record's fields as a dict (shallow: the values are JSON-ready already)."""
+    return {f.name: getattr(record, f.name) for f in fields(record) if f.name not in exclude}
+
+
 def utc_now() -> str:
     """ISO 8601 UTC with milliseconds: sortable as text, readable by JS `Date`."""
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -69,19 +74,7 @@ class AgentSpec:
     created_at: str = field(default_factory=utc_now)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "channel": self.channel,
-            "backend": self.backend,
-            "mode": self.mode,
-            "queue_mode": self.queue_mode,
-            "model": self.model,
-            "system_prompt": self.system_prompt,
-            "command": self.command,
-            "env": self.env,
-            "timeout_s": self.timeout_s,
-            "created_at": self.created_at,
-        }
+        return _as_json(self)
 
 
 @dataclass(slots=True)
@@ -136,20 +129,8 @@ class Message:
         return 0
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "channel": self.channel,
-            "direction": self.direction,
-            "content": self.content,
-            "state": self.state,
-            "created_at": self.created_at,
-            "in_reply_to": self.in_reply_to,
-            "thread_id": self.thread_id,
-            "reply_id": self.reply_id,
-            "metadata": self.metadata,
-            "attempts": self.attempts,
-            "error": self.error,
-        }
+        """The API shape: everything but the internal row number and external id."""
+        return _as_json(self, exclude=("seq", "external_id"))
 
 
 @dataclass(slots=True)
@@ -180,21 +161,7 @@ class ThreadRecord:
     message_id: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "channel": self.channel,
-            "agent": self.agent,
-            "mode": self.mode,
-            "status": self.status,
-            "input": self.input,
-            "output": self.output,
-            "session": self.session,
-            "turn_count": self.turn_count,
-            "usage": self.usage,
-            "started_at": self.started_at,
-            "ended_at": self.ended_at,
-            "message_id": self.message_id,
-        }
+        return _as_json(self)
 
 
 @dataclass(frozen=True, slots=True)

@@ -123,40 +123,16 @@ class Page:
 
 
 def _row_to_message(row: sqlite3.Row) -> Message:
-    return Message(
-        seq=row["seq"],
-        id=row["id"],
-        channel=row["channel"],
-        direction=row["direction"],
-        content=row["content"],
-        state=row["state"],
-        created_at=row["created_at"],
-        metadata=json.loads(row["metadata"]),
-        external_id=row["external_id"],
-        in_reply_to=row["in_reply_to"],
-        thread_id=row["thread_id"],
-        reply_id=row["reply_id"],
-        attempts=row["attempts"],
-        error=row["error"],
-    )
+    values = dict(row)  # the columns are named as Message's fields
+    values["metadata"] = json.loads(values["metadata"])
+    return Message(**values)
 
 
 def _row_to_thread(row: sqlite3.Row) -> ThreadRecord:
-    return ThreadRecord(
-        id=row["id"],
-        channel=row["channel"],
-        agent=row["agent"],
-        mode=row["mode"],
-        status=row["status"],
-        input=row["input"],
-        output=row["output"],
-        session=row["session"],
-        turn_count=row["turn_count"],
-        usage=json.loads(row["usage"]) if row["usage"] else None,
-        started_at=row["started_at"],
-        ended_at=row["ended_at"],
-        message_id=row["message_id"],
-    )
+    values = dict(row)
+    del values["seq"]
+    values["usage"] = json.loads(values["usage"]) if values["usage"] else None
+    return ThreadRecord(**values)
 
 
 def _decode_cursor(cursor: str) -> int:
