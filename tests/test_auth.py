@@ -33,6 +33,12 @@ ROUTES = [
     ("GET", "/api/messages/some-id"),
     ("GET", "/api/threads"),
     ("GET", "/metrics"),
+    ("GET", "/api/jobs"),
+    ("POST", "/api/jobs"),
+    ("GET", "/api/jobs/demo"),
+    ("PATCH", "/api/jobs/demo"),
+    ("DELETE", "/api/jobs/demo"),
+    ("POST", "/api/jobs/demo/run"),
 ]
 
 

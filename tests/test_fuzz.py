@@ -36,6 +36,12 @@ ROUTES = [
     ("POST", "/api/agents/{}/reset"),
     ("PUT", "/api/agents/{}"),
     ("GET", "/api/nope/{}"),
+    ("GET", "/api/jobs"),
+    ("POST", "/api/jobs"),
+    ("GET", "/api/jobs/{}"),
+    ("PATCH", "/api/jobs/{}"),
+    ("DELETE", "/api/jobs/{}"),
+    ("POST", "/api/jobs/{}/run"),
 ]
 FIELDS = [
     "channel",

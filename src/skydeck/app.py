@@ -23,6 +23,7 @@ from .errors import BadRequest, NotFound, SkydeckError
 from .metrics import Metrics
 from .model import AgentSpec
 from .registry import Registry
+from .scheduler import Scheduler
 from .store import CursorError, Store
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ def create_app(
     store: Store,
     auth: Auth,
     metrics: Metrics | None = None,
+    scheduler: Scheduler | None = None,
     *,
     max_body: int = MAX_BODY_BYTES,
 ) -> QuartTrio:
@@ -270,5 +272,45 @@ def create_app(
         registry.reset(name)
         await store.flushed()
         return {"ok": True}
+
+    # -- jobs (cron) --------------------------------------------------------------
+
+    def jobs() -> Scheduler:
+        if scheduler is None:
+            raise NotFound("this daemon runs no scheduler")
+        return scheduler
+
+    @app.get("/api/jobs")
+    async def list_jobs() -> Json:
+        return {"jobs": [job.to_json() for job in jobs().jobs()]}
+
+    @app.post("/api/jobs")
+    async def create_job() -> Json:
+        job = jobs().create(validate.new_job(await json_body()))
+        await store.flushed()
+        return job.to_json(), 201
+
+    @app.get("/api/jobs/<name>")
+    async def get_job(name: str) -> Json:
+        return jobs().get(name).to_json()
+
+    @app.patch("/api/jobs/<name>")
+    async def patch_job(name: str) -> Json:
+        changes = validate.job_changes(await json_body(), jobs().get(name))
+        job = jobs().update(name, changes)
+        await store.flushed()
+        return job.to_json()
+
+    @app.delete("/api/jobs/<name>")
+    async def delete_job(name: str) -> Json:
+        jobs().remove(name)
+        await store.flushed()
+        return {"ok": True}
+
+    @app.post("/api/jobs/<name>/run")
+    async def run_job(name: str) -> Json:
+        accepted = jobs().run_now(name)
+        await store.flushed()
+        return {"ok": True, "id": accepted.id, "state": accepted.state}
 
     return app

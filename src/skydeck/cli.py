@@ -195,6 +195,38 @@ def cmd_agent(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def cmd_job(args: argparse.Namespace, client: Client) -> int:
+    if args.job_cmd == "add":
+        body = {
+            "name": args.name,
+            "channel": args.channel,
+            "schedule": args.schedule,
+            "content": args.content,
+            "timezone": args.timezone,
+        }
+        job = client.request("POST", "/api/jobs", body)
+        print(f"added job {job['name']}: next run {job['next_run_at']}")
+    elif args.job_cmd == "ls":
+        jobs = client.request("GET", "/api/jobs")["jobs"]
+        if args.json:
+            _print_json(jobs)
+        elif not jobs:
+            print("no jobs; add one with `skydeck job add NAME --channel CH --schedule ...`")
+        for job in [] if args.json else jobs:
+            state = "" if job["enabled"] else " (disabled)"
+            print(
+                f"{job['name']:<20} {job['channel']:<16} {job['schedule']:<16} "
+                f"next {job['next_run_at'] or '-'}  last {job['last_outcome'] or '-'}{state}"
+            )
+    elif args.job_cmd == "rm":
+        client.request("DELETE", f"/api/jobs/{args.name}")
+        print(f"removed job {args.name}")
+    elif args.job_cmd == "run":
+        ack = client.request("POST", f"/api/jobs/{args.name}/run")
+        print(f"{ack['state']} {ack['id']}")
+    return 0
+
+
 def cmd_send(args: argparse.Namespace, client: Client) -> int:
     path = f"/api/channels/{args.channel}/messages"
     if not args.wait:
@@ -285,6 +317,18 @@ def build_parser() -> argparse.ArgumentParser:
     for action in ("rm", "reset"):
         agent_cmds.add_parser(action, help=f"{action} an agent").add_argument("name")
 
+    job = commands.add_parser("job", help="manage cron jobs")
+    job_cmds = job.add_subparsers(dest="job_cmd", required=True, metavar="ACTION")
+    job_add = job_cmds.add_parser("add", help="create a job")
+    job_add.add_argument("name")
+    job_add.add_argument("--channel", required=True)
+    job_add.add_argument("--schedule", required=True, help='5-field cron, e.g. "*/5 * * * *"')
+    job_add.add_argument("--content", required=True, help="the message each run posts")
+    job_add.add_argument("--timezone", default="UTC", help="IANA zone (default UTC)")
+    job_cmds.add_parser("ls", help="list jobs").add_argument("--json", action="store_true")
+    for action in ("rm", "run"):
+        job_cmds.add_parser(action, help=f"{action} a job").add_argument("name")
+
     send = commands.add_parser("send", help="post a message to a channel")
     send.add_argument("channel")
     send.add_argument("text")
@@ -307,6 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_agent(args, client)
         if args.cmd == "send":
             return cmd_send(args, client)
+        if args.cmd == "job":
+            return cmd_job(args, client)
         return cmd_tail(args, client)
     except CliError as exc:
         print(f"skydeck: {exc}", file=sys.stderr)

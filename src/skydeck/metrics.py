@@ -62,6 +62,12 @@ class Metrics:
         self.outbound_retries = Counter(
             "skydeck_outbound_retries", "Outbound writes retried (R20)", registry=self.registry
         )
+        self.job_slots = Counter(
+            "skydeck_job_slots",
+            "Cron slots, by outcome (fired, skipped because the previous run was open)",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.registry.register(_QueueCollector(depths))
 
     def on_accepted(self, accepted: Accepted) -> None:

@@ -164,6 +164,32 @@ class ThreadRecord:
         return _as_json(self)
 
 
+@dataclass(slots=True)
+class Job:
+    """A cron job: post ``content`` to ``channel`` at every slot of ``schedule``.
+
+    ``last_slot`` is the scheduled time last fired or skipped (UTC, ISO 8601):
+    a slot at or before it never fires again. Times are UTC ISO strings.
+    """
+
+    name: str
+    channel: str
+    schedule: str
+    content: str
+    timezone: str = "UTC"
+    enabled: bool = True
+    created_at: str = field(default_factory=utc_now)
+    next_run_at: str | None = None
+    last_slot: str | None = None
+    last_run_at: str | None = None
+    last_outcome: str | None = None
+    last_message_id: str | None = None
+    skipped: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return _as_json(self)
+
+
 @dataclass(frozen=True, slots=True)
 class TurnSession:
     """The session a turn runs in: resume an existing one, or create `id` fresh."""

@@ -1,7 +1,8 @@
 """Wires the store, the registry and the HTTP app into one Trio nursery.
 
     Service.run
-    ├── Registry.serve         (a task per registered channel)
+    ├── Registry.serve         (a task per registered channel, the store flusher)
+    ├── Scheduler.run          (cron jobs: sleeps until the next due slot)
     └── hypercorn.trio.serve   (the HTTP app; its shutdown_trigger is ours)
 
 `stop` is the one way down (R29): stop accepting (posts get 503), start no
@@ -33,6 +34,7 @@ from .events import TurnEvents
 from .metrics import Metrics
 from .model import AgentSpec
 from .registry import DEFAULT_BUFFER_CAP, DEFAULT_MAX_TURNS, Registry
+from .scheduler import Scheduler, WallClock
 from .store import Store
 from .turn import TurnDeps
 
@@ -90,7 +92,7 @@ class Settings:
 
 
 class Service:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, clock: WallClock | None = None) -> None:
         settings.check()
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -118,11 +120,18 @@ class Service:
             self.store, self.deps, buffer_cap=settings.buffer_cap, max_turns=settings.max_turns
         )
         self.registry.on_accepted = self.metrics.on_accepted
+        self.scheduler = Scheduler(
+            self.store,
+            self.registry.submit,
+            clock,
+            on_fire=lambda outcome: self.metrics.job_slots.labels(outcome).inc(),
+        )
         self.app = create_app(
             self.registry,
             self.store,
             Auth(settings.token, settings.jwt_secret),
             self.metrics,
+            self.scheduler,
             max_body=settings.max_body,
         )
         self._stopped = trio.Event()
@@ -163,6 +172,13 @@ class Service:
 
                 await nursery.start(run_registry)
                 self._ensure_demo()
+                scheduler_scope = trio.CancelScope()
+
+                async def run_scheduler(task_status: TaskStatus[None]) -> None:
+                    with scheduler_scope:
+                        await self.scheduler.run(task_status=task_status)
+
+                await nursery.start(run_scheduler)
                 binds: list[str] = await nursery.start(
                     partial(
                         hypercorn_serve,
@@ -174,6 +190,7 @@ class Service:
                 log.info("skydeck listening", extra={"binds": ",".join(binds)})
                 task_status.started(binds)
                 await self._stopped.wait()
+                scheduler_scope.cancel()  # a slot due from now on fires at next start
                 # R29, in order: (stopping: 503s already) -> running turns get the
                 # grace period -> the rest is cancelled (replayed at next start) ->
                 # only then does the HTTP server stop listening.

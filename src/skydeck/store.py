@@ -24,7 +24,7 @@ import json
 import logging
 import sqlite3
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -36,6 +36,7 @@ from .model import (
     Accepted,
     AgentSpec,
     Inbound,
+    Job,
     Message,
     MessageState,
     ThreadRecord,
@@ -46,7 +47,7 @@ from .model import (
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS agents (
@@ -96,6 +97,10 @@ CREATE TABLE IF NOT EXISTS sessions (
     agent TEXT PRIMARY KEY,
     session_id TEXT,
     turn_count INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    name TEXT PRIMARY KEY,
+    spec TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
@@ -264,6 +269,28 @@ class Store:
     def list_agents(self) -> list[AgentSpec]:
         rows = self._db.execute("SELECT spec FROM agents ORDER BY name").fetchall()
         return [AgentSpec(**json.loads(row[0])) for row in rows]
+
+    # -- jobs ---------------------------------------------------------------------
+
+    def save_job(self, job: Job) -> None:
+        with self._tx(atomic=False) as db:
+            db.execute(
+                "INSERT OR REPLACE INTO jobs (name, spec) VALUES (?, ?)",
+                (job.name, json.dumps(job.to_json())),
+            )
+
+    def delete_job(self, name: str) -> bool:
+        with self._tx(atomic=False) as db:
+            return db.execute("DELETE FROM jobs WHERE name = ?", (name,)).rowcount > 0
+
+    def list_jobs(self) -> list[Job]:
+        rows = self._db.execute("SELECT spec FROM jobs ORDER BY name").fetchall()
+        return [Job(**json.loads(row[0])) for row in rows]
+
+    def atomic(self) -> AbstractContextManager[sqlite3.Connection]:
+        """Several writes that must land together (or not at all), e.g. a job's
+        fired slot and the message it posted."""
+        return self._tx()
 
     # -- sessions (R11, R17, R18, R27) --------------------------------------------
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from croniter import croniter
 
 from .errors import BadRequest
 from .model import (
@@ -17,6 +20,7 @@ from .model import (
     QUEUE_MODES,
     AgentSpec,
     Inbound,
+    Job,
     is_valid_name,
 )
 
@@ -231,4 +235,66 @@ def agent_changes(body: dict[str, Any], current: AgentSpec) -> dict[str, Any]:
     changes.pop("name", None)
     merged = AgentSpec(**{**current.to_json(), **changes})
     _check_command(merged)
+    return changes
+
+
+# -- jobs -----------------------------------------------------------------------
+
+_JOB_FIELDS = frozenset({"name", "channel", "schedule", "content", "timezone", "enabled"})
+
+
+def _job_fields(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
+    unknown = sorted(set(body) - _JOB_FIELDS)
+    if unknown:
+        raise BadRequest(f"unknown field {unknown[0]!r}", field=unknown[0])
+    out: dict[str, Any] = {}
+    for field in ("name", "channel"):
+        if field in body or not partial:
+            out[field] = name(body.get(field), field)
+    if "schedule" in body or not partial:
+        schedule = body.get("schedule")
+        if (
+            not isinstance(schedule, str)
+            or len(schedule.split()) != 5
+            or not croniter.is_valid(schedule)
+        ):
+            raise BadRequest(
+                "schedule must be a 5-field cron expression, e.g. '*/5 * * * *'",
+                field="schedule",
+            )
+        out["schedule"] = " ".join(schedule.split())
+    if "content" in body or not partial:
+        content = body.get("content")
+        if not isinstance(content, str) or not content:
+            raise BadRequest("content is required and must be a non-empty string", field="content")
+        out["content"] = content
+    if "timezone" in body:
+        out["timezone"] = timezone(body["timezone"])
+    if "enabled" in body:
+        if not isinstance(body["enabled"], bool):
+            raise BadRequest("enabled must be true or false", field="enabled")
+        out["enabled"] = body["enabled"]
+    return out
+
+
+def timezone(value: object) -> str:
+    """An IANA zone name that zoneinfo knows."""
+    if isinstance(value, str) and value and ".." not in value and not value.startswith("/"):
+        try:
+            ZoneInfo(value)
+            return value
+        except (ZoneInfoNotFoundError, ValueError):
+            pass
+    raise BadRequest("timezone must be an IANA zone name, e.g. Europe/Berlin", field="timezone")
+
+
+def new_job(body: dict[str, Any]) -> Job:
+    return Job(**_job_fields(body, partial=False))
+
+
+def job_changes(body: dict[str, Any], current: Job) -> dict[str, Any]:
+    changes = _job_fields(body, partial=True)
+    if "name" in changes and changes["name"] != current.name:
+        raise BadRequest("name cannot be changed; create a new job instead", field="name")
+    changes.pop("name", None)
     return changes

@@ -1,0 +1,243 @@
+"""Cron jobs -> inbound messages, correct by construction.
+
+One Trio task sleeps until the earliest due job (a heap, not a tick), or until
+a job changes. At a wake, each due job fires its *latest* slot that is due
+(so a daemon that was down fires a missed slot once, not a burst), by posting
+an inbound message through the normal durable path. The slot is recorded in
+the same transaction as that message, and the message's external id is
+``job:<name>:<slot>``, so a slot fires at most once, ever, across restarts.
+
+A job whose previous message (scheduled or run-now) is still buffered, queued
+or working skips the slot instead (recorded and counted): no pile-up.
+
+Slots come from croniter in the job's IANA timezone. Across DST transitions
+skydeck fires exactly what croniter yields (see docs/design.md, "Cron").
+Wall time comes from a `WallClock`, so tests can run a day of schedule in
+milliseconds under Trio's autojump clock.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, Protocol
+from zoneinfo import ZoneInfo
+
+import trio
+from croniter import croniter
+
+from .errors import Conflict, NotFound, SkydeckError
+from .model import Accepted, Inbound, Job
+from .store import Store
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
+
+log = logging.getLogger(__name__)
+
+OPEN_STATES = frozenset({"buffered", "queued", "working"})
+
+
+class WallClock(Protocol):
+    def now(self) -> datetime: ...
+
+
+class SystemClock:
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+
+class TrioWallClock:
+    """Wall time that follows Trio's clock: ``epoch`` + Trio seconds (tests, benchmarks)."""
+
+    def __init__(self, epoch: datetime) -> None:
+        self.epoch = epoch
+
+    def now(self) -> datetime:
+        return self.epoch + timedelta(seconds=trio.current_time())
+
+
+def iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def parse_iso(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def next_slot(job: Job, after: datetime) -> datetime:
+    """The first slot strictly after ``after``, in UTC."""
+    local = after.astimezone(ZoneInfo(job.timezone))
+    return croniter(job.schedule, local).get_next(datetime).astimezone(UTC)  # type: ignore[no-any-return]
+
+
+def latest_slot(job: Job, at: datetime) -> datetime:
+    """The last slot at or before ``at``, in UTC."""
+    local = at.astimezone(ZoneInfo(job.timezone))
+    if croniter.match(job.schedule, local):
+        return at.replace(second=0, microsecond=0).astimezone(UTC)
+    return croniter(job.schedule, local).get_prev(datetime).astimezone(UTC)  # type: ignore[no-any-return]
+
+
+class Scheduler:
+    def __init__(
+        self,
+        store: Store,
+        submit: Callable[[Inbound], Accepted],
+        clock: WallClock | None = None,
+        *,
+        on_fire: Callable[[str], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.submit = submit
+        self.clock = clock or SystemClock()
+        self.on_fire = on_fire
+        self.wakeups = 0
+        self._jobs: dict[str, Job] = {job.name: job for job in store.list_jobs()}
+        self._heap: list[tuple[datetime, str]] = []
+        self._changed = trio.Event()
+        now = self.clock.now()
+        for job in self._jobs.values():
+            if job.next_run_at is None:
+                job.next_run_at = iso(next_slot(job, now))
+                self.store.save_job(job)
+            self._push(job)
+
+    # -- the task -----------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Fire due jobs, then sleep until the next one is due or a job changes."""
+        task_status.started()
+        while True:
+            self.wakeups += 1
+            self._fire_due(self.clock.now())
+            self._changed = trio.Event()
+            delay = self._seconds_until_next()
+            with trio.move_on_after(delay):
+                await self._changed.wait()
+
+    def _seconds_until_next(self) -> float:
+        while self._heap:
+            due, name = self._heap[0]
+            job = self._jobs.get(name)
+            if job is None or not job.enabled or job.next_run_at != iso(due):
+                heapq.heappop(self._heap)  # stale entry: changed or removed since
+                continue
+            return max((due - self.clock.now()).total_seconds(), 0.0)
+        return float("inf")
+
+    def _fire_due(self, now: datetime) -> None:
+        while self._heap and self._heap[0][0] <= now:
+            due, name = heapq.heappop(self._heap)
+            job = self._jobs.get(name)
+            if job is None or not job.enabled or job.next_run_at != iso(due):
+                continue
+            slot = max(latest_slot(job, now), due)  # a missed burst fires once, the latest
+            try:
+                self._fire(job, slot, now)
+            except SkydeckError as exc:  # e.g. shutting down: the slot fires at next start
+                log.warning("job not fired", extra={"job": job.name, "reason": exc.message})
+                self._push(job)
+                return
+            job.next_run_at = iso(next_slot(job, now))
+            self.store.save_job(job)
+            self._push(job)
+
+    def _fire(self, job: Job, slot: datetime, now: datetime) -> None:
+        job.last_slot = iso(slot)
+        previous = self.store.get_message(job.last_message_id) if job.last_message_id else None
+        if previous is not None and previous.state in OPEN_STATES:
+            job.skipped += 1
+            job.last_outcome = "skipped: previous run still " + previous.state
+            log.warning(
+                "job slot skipped",
+                extra={"job": job.name, "slot": job.last_slot, "previous": previous.state},
+            )
+            self._count("skipped")
+            return
+        self._post(job, slot=job.last_slot, now=now)
+
+    def _post(self, job: Job, *, slot: str, now: datetime) -> Accepted:
+        inbound = Inbound(
+            channel=job.channel,
+            content=job.content,
+            external_id=f"job:{job.name}:{slot}",
+            metadata={"job": job.name, "slot": slot},
+        )
+        with self.store.atomic():  # the slot is fired together with its message, or not at all
+            accepted = self.submit(inbound)
+            job.last_run_at = iso(now)
+            job.last_message_id = accepted.id
+            job.last_outcome = f"posted ({accepted.state})"
+            self.store.save_job(job)
+        log.info("job fired", extra={"job": job.name, "slot": slot, "message_id": accepted.id})
+        self._count("fired")
+        return accepted
+
+    def _push(self, job: Job) -> None:
+        if job.enabled and job.next_run_at is not None:
+            heapq.heappush(self._heap, (parse_iso(job.next_run_at), job.name))
+
+    def _count(self, outcome: str) -> None:
+        if self.on_fire is not None:
+            self.on_fire(outcome)
+
+    # -- the API side -------------------------------------------------------------
+
+    def jobs(self) -> list[Job]:
+        return [self._view(job) for _, job in sorted(self._jobs.items())]
+
+    def get(self, name: str) -> Job:
+        job = self._jobs.get(name)
+        if job is None:
+            raise NotFound(f"no job named {name!r}", field="name")
+        return self._view(job)
+
+    def _view(self, job: Job) -> Job:
+        """The job with its last message's current state as the outcome."""
+        if job.last_message_id and (job.last_outcome or "").startswith("posted"):
+            message = self.store.get_message(job.last_message_id)
+            if message is not None:
+                return Job(**{**job.to_json(), "last_outcome": message.state})
+        return job
+
+    def create(self, job: Job) -> Job:
+        if job.name in self._jobs:
+            raise Conflict(f"a job named {job.name!r} already exists", field="name")
+        job.next_run_at = iso(next_slot(job, self.clock.now())) if job.enabled else None
+        self._jobs[job.name] = job
+        self.store.save_job(job)
+        self._changed_now(job)
+        return job
+
+    def update(self, name: str, changes: dict[str, Any]) -> Job:
+        job = self._jobs.get(name)
+        if job is None:
+            raise NotFound(f"no job named {name!r}", field="name")
+        for key, value in changes.items():
+            setattr(job, key, value)
+        now = self.clock.now()
+        job.next_run_at = iso(next_slot(job, now)) if job.enabled else None
+        self.store.save_job(job)
+        self._changed_now(job)
+        return self._view(job)
+
+    def remove(self, name: str) -> None:
+        if self._jobs.pop(name, None) is None:
+            raise NotFound(f"no job named {name!r}", field="name")
+        self.store.delete_job(name)
+        self._changed.set()
+
+    def run_now(self, name: str) -> Accepted:
+        """Fire at once, outside the schedule (counts as the job's previous run)."""
+        job = self._jobs.get(name)
+        if job is None:
+            raise NotFound(f"no job named {name!r}", field="name")
+        now = self.clock.now()
+        return self._post(job, slot=f"run-now:{now.isoformat()}", now=now)
+
+    def _changed_now(self, job: Job) -> None:
+        self._push(job)
+        self._changed.set()
