@@ -43,6 +43,8 @@ test: lint typecheck pytest
 bench: $(STAMP) $(CLAUDE)
 	$(BIN)/python bench/queue_throughput.py
 	$(BIN)/python bench/turn_overhead.py
+	$(BIN)/python bench/http_ingest.py
+	$(BIN)/python bench/scheduler.py
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache
