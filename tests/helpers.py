@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +25,18 @@ import trio
 
 from skydeck.backends.base import Backend, BackendError, Emit
 from skydeck.events import TurnEvents
-from skydeck.model import TERMINAL_STATES, AgentSpec, Inbound, Message, TurnResult, TurnSession
+from skydeck.model import (
+    TERMINAL_STATES,
+    AgentSpec,
+    Inbound,
+    Message,
+    ThreadRecord,
+    TurnResult,
+    TurnSession,
+)
 from skydeck.registry import Registry
 from skydeck.store import Store
-from skydeck.transports.base import DeliveryError, ReplySink
+from skydeck.transports.base import DeliveryError, Mirror
 from skydeck.turn import TurnDeps
 
 
@@ -88,19 +96,40 @@ class ScriptBackend:
 
 
 @dataclass
-class FlakySink:
-    """A reply sink that fails with the given statuses first (None = network error)."""
+class FlakyMirror:
+    """A mirror for every channel whose reply writes fail with the given statuses
+    first (None = a network error); threads, sessions and callbacks are recorded."""
 
     failures: list[int | None]
+    channels: set[str] | None = None  # None: every channel
     attempts: list[float] = field(default_factory=list)
     delivered: list[Message] = field(default_factory=list)
+    threads: list[tuple[str, str]] = field(default_factory=list)
+    deferred: list[Message] = field(default_factory=list)
+    callbacks: list[Inbound] = field(default_factory=list)
 
-    async def write_reply(self, reply: Message) -> None:
+    def serves(self, channel: str) -> bool:
+        return self.channels is None or channel in self.channels
+
+    async def write_reply(self, reply: Message, inbound: Message) -> str:
         self.attempts.append(trio.current_time())
         if self.failures:
             status = self.failures.pop(0)
             raise DeliveryError("vault write failed", status=status)
         self.delivered.append(reply)
+        return f"remote-{reply.id}"
+
+    async def write_thread(self, thread: ThreadRecord, phase: str, inbound: Message) -> None:
+        self.threads.append((phase, thread.status))
+
+    async def read_session(self, agent: AgentSpec) -> str | None:
+        return None
+
+    def queue_callback(self, callback: Inbound) -> None:
+        self.callbacks.append(callback)
+
+    def defer_reply(self, reply: Message, thread: ThreadRecord) -> None:
+        self.deferred.append(reply)
 
 
 def make_store(tmp_path: Path, name: str = "skydeck.db") -> Store:
@@ -112,7 +141,7 @@ async def running_registry(
     store: Store,
     backend: Backend | None = None,
     *,
-    sinks: Sequence[ReplySink] = (),
+    mirror: Mirror | None = None,
     agents: Iterable[AgentSpec] = (),
     buffer_cap: int = 1000,
     max_turns: int = 4,
@@ -126,7 +155,7 @@ async def running_registry(
         events=events,
         backends={"echo": backend or ScriptBackend(), **(backends or {})},
         submit=lambda inbound: registry.submit(inbound),
-        sinks=sinks,
+        mirror=mirror,
     )
     registry = Registry(store, deps, buffer_cap=buffer_cap, max_turns=max_turns)
     async with trio.open_nursery() as nursery:

@@ -8,7 +8,7 @@ import pytest
 import trio
 
 from helpers import (
-    FlakySink,
+    FlakyMirror,
     ScriptBackend,
     agent,
     make_store,
@@ -160,8 +160,8 @@ async def test_r20_transient_errors_retried_with_linear_backoff(
     tmp_path: Path, autojump_clock: trio.abc.Clock
 ) -> None:
     store = make_store(tmp_path)
-    sink = FlakySink(failures=[503, None])
-    async with running_registry(store, sinks=[sink], agents=[agent("a")]) as registry:
+    sink = FlakyMirror(failures=[503, None])
+    async with running_registry(store, mirror=sink, agents=[agent("a")]) as registry:
         (message,) = await settle(store, [post(registry, "a", "hi")])
     assert message.state == "done"
     assert len(sink.attempts) == 3
@@ -174,8 +174,8 @@ async def test_r20_permanent_4xx_is_not_retried(
     tmp_path: Path, autojump_clock: trio.abc.Clock
 ) -> None:
     store = make_store(tmp_path)
-    sink = FlakySink(failures=[400])
-    async with running_registry(store, sinks=[sink], agents=[agent("a")]) as registry:
+    sink = FlakyMirror(failures=[400])
+    async with running_registry(store, mirror=sink, agents=[agent("a")]) as registry:
         (message,) = await settle(store, [post(registry, "a", "hi")])
     assert len(sink.attempts) == 1
     assert message.state == "failed"
@@ -185,8 +185,8 @@ async def test_r21_undelivered_reply_rewrites_the_same_record_and_calls_back_err
     tmp_path: Path, autojump_clock: trio.abc.Clock
 ) -> None:
     store = make_store(tmp_path)
-    sink = FlakySink(failures=[500, 502, 503])
-    async with running_registry(store, sinks=[sink], agents=[agent("a")]) as registry:
+    sink = FlakyMirror(failures=[500, 502, 503], channels={"a"})
+    async with running_registry(store, mirror=sink, agents=[agent("a")]) as registry:
         with registry.events.subscribe("a") as events:
             (message,) = await settle(store, [post(registry, "a", "hi", reply_to="boss")])
             final = _drain(events)[-1]
@@ -210,6 +210,8 @@ async def test_r21_undelivered_reply_rewrites_the_same_record_and_calls_back_err
     callbacks = [m for m in store.list_messages("boss", limit=10).messages]
     assert [c.metadata["status"] for c in callbacks] == ["error"]
     assert "source_message" not in callbacks[0].metadata
+    assert [r.id for r in sink.deferred] == [message.reply_id], "the outbox keeps trying"
+    assert sink.threads[-1] == ("end", "error")
 
 
 async def test_r22_callback_metadata_exact(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:

@@ -519,6 +519,15 @@ class Store:
                 )
         return outbound
 
+    def set_remote_id(self, message: Message, remote_id: str) -> None:
+        """Where a mirror keeps this message (e.g. the vault note id), in its metadata."""
+        message.metadata["remote_id"] = remote_id
+        with self._tx(atomic=False) as db:
+            db.execute(
+                "UPDATE messages SET metadata = ? WHERE id = ?",
+                (json.dumps(message.metadata), message.id),
+            )
+
     def rewrite_thread(self, thread: ThreadRecord) -> None:
         """R21: rewrite the same turn's record; the turn count does not move."""
         with self._tx() as db:

@@ -8,10 +8,11 @@ channel task (R25).
 
 Order of a successful turn: session read (R11) -> thread record `working`
 (R12) -> backend (R13/R14) -> one transaction with the thread record `ok`, the
-reply and the inbound's terminal state (R17/R19) -> extra sinks with retry
-(R20, R21 on final failure) -> event `done` (R24) -> callback (R22).
+reply and the inbound's terminal state (R17/R19) -> the mirror (a vault), if
+the channel has one: reply with retry (R20, R21 on final failure), thread
+record -> event `done` (R24) -> callback (R22, R22a).
 A failed turn: thread record `error` + failure reply + state in one
-transaction (R16) -> event `error` -> sinks -> callback.
+transaction (R16) -> event `error` -> mirror -> callback.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from .model import (
     new_id,
 )
 from .store import Store
-from .transports.base import ReplySink, deliver_with_retry
+from .transports.base import DeliveryError, Mirror, with_retry
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ MAX_DELEGATION_DEPTH = 8
 REASON_LIMIT = 240
 
 RESTARTS_REASON = f"interrupted {MAX_ATTEMPTS} times by daemon restarts"
+#: A mirror's session read or thread write never holds a turn longer than this.
+MIRROR_TIMEOUT_S = 15.0
 
 
 def failure_reply_text(reason: str) -> str:
@@ -87,7 +90,7 @@ class TurnDeps:
     events: TurnEvents
     backends: Mapping[str, Backend]
     submit: Callable[[Inbound], Accepted]
-    sinks: Sequence[ReplySink] = ()
+    mirror: Mirror | None = None
     #: (outcome, seconds, messages): outcome is ok, error, timeout or cancelled.
     on_finished: Callable[[str, float, int], None] | None = None
     on_outbound_retry: Callable[[], None] | None = None
@@ -111,6 +114,8 @@ class Turn:
             input=self.prompt,
             message_id=self.messages[0].id,
         )
+        mirror = deps.mirror
+        self.mirror = mirror if mirror is not None and mirror.serves(self.channel) else None
         self._scope = trio.CancelScope()
         self._ended = False
         self._timed_out = False
@@ -144,7 +149,7 @@ class Turn:
             self._guard("thread record", self.deps.store.end_thread, self.thread, "error", reason)
             self.deps.store.set_state(self.messages, "cancelled", reason)
             self._publish("error", {"error": reason})
-            self._callbacks("error", None)
+            self._callbacks("error", None, None)
             self._finished("cancelled")
         self._scope.cancel()
 
@@ -155,9 +160,10 @@ class Turn:
             self.deps.store.start_turn([], self.thread)
             await self._fail(RESTARTS_REASON, echoed_session=None)
             return
-        session = self._session()
+        session = await self._session()
         self.deps.store.start_turn(self.messages, self.thread)
         await self.deps.store.flushed()  # the attempt counts even if we crash mid-turn (R28)
+        await self._mirror_thread("start")
         backend = self.deps.backends.get(self.agent.backend)
         try:
             if backend is None:
@@ -175,10 +181,23 @@ class Turn:
         else:
             await self._succeed(result)
 
-    def _session(self) -> TurnSession:
-        """R11: resume the stored session (single-threaded), else a fresh uuid."""
+    async def _session(self) -> TurnSession:
+        """R11: resume the stored session (single-threaded), else a fresh uuid.
+
+        The local store is the system of record; a mirrored channel with no local
+        session yet (say, moved over from parachute-agent) resumes the one its
+        thread note holds.
+        """
         if self.agent.mode == "single-threaded":
             stored = self.deps.store.get_session(self.agent.name)
+            if not stored and self.mirror is not None:
+                try:
+                    with trio.move_on_after(MIRROR_TIMEOUT_S):
+                        stored = await self.mirror.read_session(self.agent)
+                except Exception:  # R25 (upstream bug 13: this must never stall the channel)
+                    log.exception(
+                        "reading the mirrored session failed", extra={"channel": self.channel}
+                    )
             if stored:
                 return TurnSession(id=stored, resume=True)
         return TurnSession(id=str(uuid.uuid4()), resume=False)
@@ -188,26 +207,38 @@ class Turn:
         thread.status, thread.output = "ok", result.reply
         thread.usage, thread.session = result.usage, result.session_id
         reply = await self._end("done", result.reply, error=None, persist_session=True)
-        error = await self._sink(reply) if reply is not None else None
-        if error is None:
-            self._settle("done")
-            self._publish("done", {"reply": result.reply})
-            self._callbacks("ok", reply.id if reply else None)
-            self._finished("ok")
+        try:
+            remote_id = await self._mirror_reply(reply)
+        except DeliveryError as error:
+            await self._undelivered(reply, error)
             return
-        # R21: produced but not delivered. Same turn, same record: no second count.
+        await self._mirror_thread("end")
+        self._settle("done")
+        self._publish("done", {"reply": result.reply})
+        self._callbacks("ok", reply, remote_id)
+        self._finished("ok")
+
+    async def _undelivered(self, reply: Message | None, error: DeliveryError) -> None:
+        """R21: produced but not delivered. Same turn, same record: no second count."""
         log.error(
-            "reply produced but not delivered", extra={"channel": self.channel, "error": error}
+            "reply produced but not delivered",
+            extra={"channel": self.channel, "error": str(error)},
         )
+        thread = self.thread
         thread.status = "error"
         thread.output = (
             f"reply produced but NOT delivered (outbound write failed: {error}). "
-            f"Undelivered reply text: {result.reply}"
+            f"Undelivered reply text: {reply.content if reply else ''}"
         )
         self._guard("thread record", self.deps.store.rewrite_thread, thread)
         self.deps.store.set_state(self.messages, "failed", f"outbound write failed: {error}")
+        await self._mirror_thread("end")
+        if error.transient and reply is not None and self.mirror is not None:
+            # The reply is safe in the local store; the outbox keeps trying to
+            # deliver it, and turns the records to ok when it lands.
+            self._guard("outbox", self.mirror.defer_reply, reply, thread)
         self._publish("error", {"error": f"reply produced but not saved: {error}"})
-        self._callbacks("error", None)
+        self._callbacks("error", None, None)
         self._finished("error")
 
     async def _fail(self, reason: str, *, echoed_session: str | None) -> None:
@@ -222,12 +253,15 @@ class Turn:
             persist_session=echoed_session is not None,
         )
         self._publish("error", {"error": reason})
-        if reply is not None:
-            error = await self._sink(reply)
-            if error is not None:
-                log.error("failure reply not delivered", extra={"channel": self.channel})
+        try:
+            await self._mirror_reply(reply)
+        except DeliveryError as error:
+            log.error(
+                "failure reply not delivered", extra={"channel": self.channel, "error": str(error)}
+            )
+        await self._mirror_thread("end")
         self._settle("failed", reason)
-        self._callbacks("error", None)
+        self._callbacks("error", None, None)
         self._finished("timeout" if self._timed_out else "error")
 
     async def _end(
@@ -239,12 +273,12 @@ class Turn:
         persist_session: bool,
     ) -> Message | None:
         self._ended = True
-        # With extra sinks the messages stay `working` until the reply has landed
+        # A mirrored channel's messages stay `working` until the reply has landed
         # there too (`_settle`): `done` means delivered everywhere.
         outbound = self.deps.store.end_turn(
             self.messages,
             self.thread,
-            state="working" if self.deps.sinks else state,
+            state="working" if self.mirror is not None else state,
             reply=reply,
             error=error,
             persist_session=persist_session,
@@ -254,19 +288,44 @@ class Turn:
         return outbound
 
     def _settle(self, state: Literal["done", "failed"], error: str | None = None) -> None:
-        if self.deps.sinks:
+        if self.mirror is not None:
             self.deps.store.set_state(self.messages, state, error)
 
-    async def _sink(self, reply: Message) -> str | None:
-        """R20: every extra sink gets the reply; the first final error is returned."""
-        for sink in self.deps.sinks:
-            error = await deliver_with_retry(sink, reply, on_retry=self.deps.on_outbound_retry)
-            if error is not None:
-                return error
-        return None
+    async def _mirror_reply(self, reply: Message | None) -> str | None:
+        """R20: write the reply to the mirror (if any); its id there, or raise."""
+        if self.mirror is None or reply is None:
+            return None
+        mirror = self.mirror
+        remote_id = await with_retry(
+            lambda: mirror.write_reply(reply, self.messages[0]),
+            channel=self.channel,
+            on_retry=self.deps.on_outbound_retry,
+        )
+        self._guard("remote id", self.deps.store.set_remote_id, reply, remote_id)
+        return remote_id
 
-    def _callbacks(self, status: Literal["ok", "error"], source_message: str | None) -> None:
-        """R22/R23: tell each requesting channel that this turn ended."""
+    async def _mirror_thread(self, phase: Literal["start", "end"]) -> None:
+        """The thread record, mirrored best-effort (R25): never retried, never fatal."""
+        if self.mirror is None:
+            return
+        try:
+            with trio.move_on_after(MIRROR_TIMEOUT_S):
+                await self.mirror.write_thread(self.thread, phase, self.messages[0])
+        except Exception as exc:
+            log.warning(
+                "thread record not mirrored",
+                extra={"channel": self.channel, "phase": phase, "error": describe(exc)},
+            )
+
+    def _callbacks(
+        self, status: Literal["ok", "error"], reply: Message | None, remote_id: str | None
+    ) -> None:
+        """R22/R23: tell each requesting channel that this turn ended.
+
+        A sender served by the mirror gets the callback only there (R22a), with
+        the mirror's id of the reply; a local sender gets it locally.
+        """
+        mirror = self.deps.mirror
         for message in self.messages:
             reply_to = message.reply_to
             if reply_to is None:
@@ -284,6 +343,8 @@ class Turn:
                 "source_channel": self.channel,
                 "source_thread": self.thread.id,
             }
+            remote = mirror is not None and mirror.serves(reply_to)
+            source_message = remote_id if remote else (reply.id if reply else None)
             if source_message is not None:
                 metadata["source_message"] = source_message
             if "correlation_id" in message.metadata:
@@ -292,7 +353,10 @@ class Turn:
             inbound = Inbound(
                 channel=reply_to, content=callback_text(self.channel, status), metadata=metadata
             )
-            self._guard("callback", self.deps.submit, inbound)
+            if remote and mirror is not None:
+                self._guard("callback", mirror.queue_callback, inbound)
+            else:
+                self._guard("callback", self.deps.submit, inbound)
 
     # -- side effects that must never break the turn (R25) ------------------------
 

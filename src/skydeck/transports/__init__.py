@@ -1,5 +1,5 @@
-"""Where replies go beyond the local store (Parachute Vault, later Telegram)."""
+"""Where records go beyond the local store (Parachute Vault, later Telegram)."""
 
-from .base import DeliveryError, ReplySink, deliver_with_retry
+from .base import DeliveryError, Mirror, with_retry
 
-__all__ = ["DeliveryError", "ReplySink", "deliver_with_retry"]
+__all__ = ["DeliveryError", "Mirror", "with_retry"]

@@ -1,25 +1,28 @@
 """The outbound seam and its retry policy (R20).
 
-The local store always keeps a reply first; a `ReplySink` is an extra place it
-must also land (a vault note, a chat message). Sinks raise `DeliveryError`
-with the HTTP status when there was one, which is what decides whether a retry
-can help.
+The local store always keeps every record first. A `Mirror` is a second place
+some channels' records must also land (a Parachute Vault; later a chat
+service): replies, thread records and callbacks. Writes raise
+`DeliveryError` with the HTTP status when there was one, which is what decides
+whether a retry can help.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from typing import Literal, Protocol, TypeVar
 
 import trio
 
-from ..model import Message
+from ..model import AgentSpec, Inbound, Message, ThreadRecord
 
 log = logging.getLogger(__name__)
 
 OUTBOUND_MAX_RETRIES = 2
 OUTBOUND_BACKOFF_S = 0.25
+
+T = TypeVar("T")
 
 
 class DeliveryError(Exception):
@@ -33,32 +36,56 @@ class DeliveryError(Exception):
         return self.status is None or 500 <= self.status <= 599
 
 
-class ReplySink(Protocol):
-    async def write_reply(self, reply: Message) -> None: ...
+class Mirror(Protocol):
+    """Where a channel's records go besides the local store."""
+
+    def serves(self, channel: str) -> bool: ...
+
+    async def write_reply(self, reply: Message, inbound: Message) -> str:
+        """Write the reply; return its id over there."""
+        ...
+
+    async def write_thread(
+        self, thread: ThreadRecord, phase: Literal["start", "end"], inbound: Message
+    ) -> None: ...
+
+    async def read_session(self, agent: AgentSpec) -> str | None: ...
+
+    def queue_callback(self, callback: Inbound) -> None:
+        """R22a: a callback for a sender served there; written from a durable outbox."""
+        ...
+
+    def defer_reply(self, reply: Message, thread: ThreadRecord) -> None:
+        """Keep retrying a reply that could not be written now (durable outbox)."""
+        ...
 
 
-async def deliver_with_retry(
-    sink: ReplySink, reply: Message, *, on_retry: Callable[[], None] | None = None
-) -> str | None:
-    """Write ``reply`` to ``sink``: 3 attempts at most, 250 ms × attempt apart.
+async def with_retry(
+    write: Callable[[], Awaitable[T]],
+    *,
+    channel: str,
+    on_retry: Callable[[], None] | None = None,
+) -> T:
+    """R20: 3 attempts at most, 250 ms x attempt apart; the last error is raised.
 
-    Returns None when delivered, else the last error as text.
+    Any exception that is not a `DeliveryError` counts as transient without a
+    status (a network library's error, a bug in a mirror): it is retried and
+    then raised as a `DeliveryError`, so the caller has one thing to handle.
     """
     attempt = 0
     while True:
         attempt += 1
         try:
-            await sink.write_reply(reply)
-            return None
+            return await write()
         except DeliveryError as exc:
-            error, transient = str(exc), exc.transient
-        except Exception as exc:  # a sink bug must not kill the turn (R25)
-            error, transient = f"{type(exc).__name__}: {exc}", True
-        if not transient or attempt > OUTBOUND_MAX_RETRIES:
-            return error
+            error = exc
+        except Exception as exc:  # R25: a mirror's failure must not kill the turn
+            error = DeliveryError(f"{type(exc).__name__}: {exc}")
+        if not error.transient or attempt > OUTBOUND_MAX_RETRIES:
+            raise error
         log.warning(
             "outbound write failed, retrying",
-            extra={"channel": reply.channel, "attempt": attempt, "error": error},
+            extra={"channel": channel, "attempt": attempt, "error": str(error)},
         )
         if on_retry is not None:
             on_retry()
