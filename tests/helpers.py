@@ -131,6 +131,9 @@ class FlakyMirror:
     def defer_reply(self, reply: Message, thread: ThreadRecord) -> None:
         self.deferred.append(reply)
 
+    def clear_session(self, agent: AgentSpec) -> None:
+        pass
+
 
 def make_store(tmp_path: Path, name: str = "skydeck.db") -> Store:
     return Store(tmp_path / name)

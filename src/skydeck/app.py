@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import trio
@@ -66,6 +66,7 @@ def create_app(
     metrics: Metrics | None = None,
     scheduler: Scheduler | None = None,
     *,
+    health_extra: Callable[[], dict[str, Any]] | None = None,
     max_body: int = MAX_BODY_BYTES,
 ) -> QuartTrio:
     app = QuartTrio("skydeck")
@@ -151,7 +152,8 @@ def create_app(
                     "queued": queued,
                 }
             )
-        return {"status": "ok", "agents": agents, "buffered": store.count_buffered()}
+        extra = health_extra() if health_extra is not None else {}
+        return {"status": "ok", "agents": agents, "buffered": store.count_buffered(), **extra}
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -107,6 +107,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         token=args.token or os.environ.get("SKYDECK_TOKEN") or None,
         jwt_secret=os.environ.get("SKYDECK_JWT_SECRET") or None,
         grace_s=float(args.grace if args.grace is not None else 30),
+        vault_url=args.vault_url or os.environ.get("SKYDECK_VAULT_URL") or None,
+        vault_token=args.vault_token or os.environ.get("SKYDECK_VAULT_TOKEN") or None,
+        vault_poll_s=float(args.vault_poll or os.environ.get("SKYDECK_VAULT_POLL_S") or 60),
         demo=args.demo,
         insecure=args.insecure,
         max_turns=int(args.max_turns or os.environ.get("SKYDECK_MAX_TURNS") or 4),
@@ -293,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--insecure", action="store_true", help="allow a public bind, no token")
     serve.add_argument("--max-turns", type=int, help="concurrent turns across channels (4)")
     serve.add_argument("--grace", type=float, help="seconds running turns get at shutdown (30)")
+    serve.add_argument("--vault-url", help="Parachute Vault URL (env SKYDECK_VAULT_URL)")
+    serve.add_argument("--vault-token", help="vault token (env SKYDECK_VAULT_TOKEN)")
+    serve.add_argument("--vault-poll", type=float, help="definition poll seconds (60)")
 
     agent = commands.add_parser("agent", help="manage agents")
     agent_cmds = agent.add_subparsers(dest="agent_cmd", required=True, metavar="ACTION")

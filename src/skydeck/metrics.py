@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -69,6 +69,12 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_QueueCollector(depths))
+
+    def watch_outbox(self, pending: Callable[[], int]) -> None:
+        gauge = Gauge(
+            "skydeck_vault_outbox", "Vault writes waiting to be retried", registry=self.registry
+        )
+        gauge.set_function(pending)
 
     def on_accepted(self, accepted: Accepted) -> None:
         self.accepted.labels(accepted.state).inc()

@@ -72,6 +72,8 @@ class AgentSpec:
     env: dict[str, str] = field(default_factory=dict)
     timeout_s: int = DEFAULT_TIMEOUT_S
     created_at: str = field(default_factory=utc_now)
+    #: Where the definition lives: None for the HTTP API, "vault:<note id>" for a vault note.
+    source: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return _as_json(self)
@@ -185,6 +187,7 @@ class Job:
     last_outcome: str | None = None
     last_message_id: str | None = None
     skipped: int = 0
+    source: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return _as_json(self)

@@ -157,8 +157,11 @@ class Registry:
 
     def reset(self, name: str) -> None:
         """R27: the next turn of a single-threaded agent starts a fresh conversation."""
-        self.get(name)
+        agent = self.get(name)
         self.store.clear_session(name)
+        mirror = self.deps.mirror
+        if mirror is not None and mirror.serves(agent.channel):
+            mirror.clear_session(agent)
 
     def _check_channel_free(self, channel: str) -> None:
         holder = self._by_channel.get(channel)

@@ -3,6 +3,7 @@
     Service.run
     ├── Registry.serve         (a task per registered channel, the store flusher)
     ├── Scheduler.run          (cron jobs: sleeps until the next due slot)
+    ├── VaultMirror.run_outbox, VaultSync.run   (with --vault-url)
     └── hypercorn.trio.serve   (the HTTP app; its shutdown_trigger is ours)
 
 `stop` is the one way down (R29): stop accepting (posts get 503), start no
@@ -19,7 +20,7 @@ import os
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -30,12 +31,14 @@ from .auth import Auth
 from .backends import CommandBackend, EchoBackend
 from .backends.base import Backend
 from .backends.claude import ClaudeBackend, find_claude, has_credentials
+from .definitions import VaultSync
 from .events import TurnEvents
 from .metrics import Metrics
 from .model import AgentSpec
 from .registry import DEFAULT_BUFFER_CAP, DEFAULT_MAX_TURNS, Registry
 from .scheduler import Scheduler, WallClock
 from .store import Store
+from .transports.vault import VaultClient, VaultMirror
 from .turn import TurnDeps
 
 if TYPE_CHECKING:
@@ -80,6 +83,9 @@ class Settings:
     max_body: int = MAX_BODY_BYTES
     jwt_secret: str | None = None
     grace_s: float = DEFAULT_GRACE_S
+    vault_url: str | None = None
+    vault_token: str | None = None
+    vault_poll_s: float = 60.0
 
     def check(self) -> None:
         secured = bool(self.token or self.jwt_secret)
@@ -120,18 +126,35 @@ class Service:
             self.store, self.deps, buffer_cap=settings.buffer_cap, max_turns=settings.max_turns
         )
         self.registry.on_accepted = self.metrics.on_accepted
+        self.vault: VaultMirror | None = None
+        if settings.vault_url:
+            self.vault = VaultMirror(
+                VaultClient(settings.vault_url, settings.vault_token), self.store
+            )
+            self.deps.mirror = self.vault
+            self.metrics.watch_outbox(self.vault.pending)
         self.scheduler = Scheduler(
             self.store,
             self.registry.submit,
             clock,
             on_fire=lambda outcome: self.metrics.job_slots.labels(outcome).inc(),
         )
+        self.sync: VaultSync | None = None
+        if self.vault is not None:
+            self.sync = VaultSync(
+                self.vault.client,
+                self.registry,
+                self.vault,
+                self.scheduler,
+                poll_s=settings.vault_poll_s,
+            )
         self.app = create_app(
             self.registry,
             self.store,
             Auth(settings.token, settings.jwt_secret),
             self.metrics,
             self.scheduler,
+            health_extra=self._health_extra,
             max_body=settings.max_body,
         )
         self._stopped = trio.Event()
@@ -179,6 +202,9 @@ class Service:
                         await self.scheduler.run(task_status=task_status)
 
                 await nursery.start(run_scheduler)
+                if self.vault is not None and self.sync is not None:
+                    await nursery.start(self.vault.run_outbox)
+                    nursery.start_soon(self.sync.run)
                 binds: list[str] = await nursery.start(
                     partial(
                         hypercorn_serve,
@@ -199,6 +225,18 @@ class Service:
                 self._http_done.set()
         finally:
             self.store.close()
+
+    def _health_extra(self) -> dict[str, Any]:
+        if self.vault is None or self.sync is None:
+            return {}
+        return {
+            "vault": {
+                "url": self.vault.client.base_url,
+                "outbox": self.vault.pending(),
+                "definitions": len(self.vault.definitions),
+                "problems": self.sync.health(),
+            }
+        }
 
     @property
     def stopping(self) -> bool:

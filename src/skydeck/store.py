@@ -47,7 +47,7 @@ from .model import (
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS agents (
@@ -101,6 +101,13 @@ CREATE TABLE IF NOT EXISTS sessions (
 CREATE TABLE IF NOT EXISTS jobs (
     name TEXT PRIMARY KEY,
     spec TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT
 );
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
@@ -291,6 +298,35 @@ class Store:
         """Several writes that must land together (or not at all), e.g. a job's
         fired slot and the message it posted."""
         return self._tx()
+
+    # -- outbox: mirror writes that must not be lost -------------------------------
+
+    def outbox_add(self, kind: str, payload: dict[str, Any]) -> int:
+        with self._tx(atomic=False) as db:
+            cursor = db.execute(
+                "INSERT INTO outbox (kind, payload) VALUES (?, ?)", (kind, json.dumps(payload))
+            )
+        return cast(int, cursor.lastrowid)
+
+    def outbox_items(self) -> list[tuple[int, str, dict[str, Any], int]]:
+        rows = self._db.execute(
+            "SELECT seq, kind, payload, attempts FROM outbox ORDER BY seq"
+        ).fetchall()
+        return [(row[0], row[1], json.loads(row[2]), row[3]) for row in rows]
+
+    def outbox_failed(self, seq: int, error: str) -> None:
+        with self._tx(atomic=False) as db:
+            db.execute(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = ? WHERE seq = ?",
+                (error, seq),
+            )
+
+    def outbox_done(self, seq: int) -> None:
+        with self._tx(atomic=False) as db:
+            db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+
+    def outbox_count(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
 
     # -- sessions (R11, R17, R18, R27) --------------------------------------------
 
@@ -625,6 +661,13 @@ class Store:
             f"SELECT * FROM threads {where} ORDER BY seq DESC LIMIT ?", (*args, limit)
         ).fetchall()
         return [_row_to_thread(row) for row in reversed(rows)]
+
+    def inbound_of_thread(self, thread_id: str) -> list[Message]:
+        rows = self._db.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE thread_id = ? AND direction = 'in'",
+            (thread_id,),
+        ).fetchall()
+        return [_row_to_message(row) for row in rows]
 
     def get_thread(self, thread_id: str) -> ThreadRecord | None:
         row = self._db.execute("SELECT * FROM threads WHERE id = ?", (thread_id,)).fetchone()

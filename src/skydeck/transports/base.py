@@ -59,6 +59,10 @@ class Mirror(Protocol):
         """Keep retrying a reply that could not be written now (durable outbox)."""
         ...
 
+    def clear_session(self, agent: AgentSpec) -> None:
+        """R27 there too (durable outbox)."""
+        ...
+
 
 async def with_retry(
     write: Callable[[], Awaitable[T]],
