@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from fake_vault import TOKEN, FakeVault
 from helpers import ScriptBackend, make_store, running_registry
 from skydeck.definitions import VaultSync
 from skydeck.model import AgentSpec
+from skydeck.scheduler import Scheduler, TrioWallClock
 from skydeck.service import Service, Settings
 from skydeck.transports.vault import VaultClient, VaultMirror
 
@@ -358,4 +360,51 @@ async def test_invalid_definition_is_reported_and_the_good_version_keeps_running
                 "the good version keeps running"
             )
             assert "mode" in {p["name"]: p["error"] for p in sync.health()}["steady"]
+            nursery.cancel_scope.cancel()
+
+
+async def test_job_notes_become_cron_jobs_and_converge(
+    tmp_path: Path, autojump_clock: trio.abc.Clock, vault: FakeVault
+) -> None:
+    client = in_process_client(vault)
+    store = make_store(tmp_path)
+    meta = {
+        "jobId": "report",
+        "agent": "alpha",
+        "cron": "0 9 * * *",
+        "tz": "Europe/Berlin",
+        "enabled": "true",
+    }
+    note = vault.add("send the daily report", ["#agent/job"], meta, "Channels/alpha/jobs/report")
+    vault.add(
+        "x",
+        ["#agent/job"],
+        {"jobId": "bad", "agent": "alpha", "cron": "* * *"},
+        "Channels/alpha/jobs/bad",
+    )
+    async with running_registry(store) as registry:
+        scheduler = Scheduler(
+            store, registry.submit, TrioWallClock(datetime(2026, 1, 1, tzinfo=UTC))
+        )
+        sync = VaultSync(client, registry, VaultMirror(client, store), scheduler, poll_s=60)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sync.run)
+            job = scheduler.get("report")
+            assert (job.channel, job.schedule, job.timezone, job.content) == (
+                "alpha",
+                "0 9 * * *",
+                "Europe/Berlin",
+                "send the daily report",
+            )
+            assert job.next_run_at == "2026-01-01T08:00:00Z"
+            assert any("job: schedule" in p["error"] for p in sync.health()), sync.health()
+            vault.notes[note["id"]]["metadata"]["cron"] = "30 9 * * *"
+            await trio.sleep(61)
+            assert scheduler.get("report").next_run_at == "2026-01-01T08:30:00Z"
+            vault.notes[note["id"]]["metadata"]["enabled"] = "false"
+            await trio.sleep(60)
+            assert scheduler.get("report").enabled is False
+            del vault.notes[note["id"]]
+            await trio.sleep(60)
+            assert [j.name for j in scheduler.jobs()] == []
             nursery.cancel_scope.cancel()
