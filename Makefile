@@ -8,6 +8,8 @@ STAMP  := $(VENV)/.installed
 # The pinned Claude Code CLI (shared/spec/claude-cli.md §1), installed project-locally.
 CLAUDE_VERSION := 2.1.197
 CLAUDE := .tools/claude/node_modules/.bin/claude
+# Debian's Chromium for the browser tests (Playwright drives it; it downloads no browser).
+CHROMIUM := /usr/bin/chromium
 
 .PHONY: run test lint typecheck pytest bench claude clean
 
@@ -24,6 +26,10 @@ $(CLAUDE):
 
 claude: $(CLAUDE)
 
+$(CHROMIUM):
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
 run: $(STAMP)
 	$(BIN)/skydeck serve
 
@@ -35,7 +41,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 # pytest exits 5 when it collected no test: make treats that as a failure, so an empty run never passes.
-pytest: $(STAMP) $(CLAUDE)
+pytest: $(STAMP) $(CLAUDE) $(CHROMIUM)
 	$(BIN)/python -m pytest -q
 
 test: lint typecheck pytest

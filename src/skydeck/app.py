@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import trio
-from quart import Response, request
+from quart import Response, request, send_from_directory
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -29,6 +30,7 @@ from .store import CursorError, Store
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1024 * 1024
+WEB_DIR = Path(__file__).parent / "web"
 KEEPALIVE_S = 15.0
 DEFAULT_PAGE = 100
 MAX_PAGE = 500
@@ -69,7 +71,7 @@ def create_app(
     health_extra: Callable[[], dict[str, Any]] | None = None,
     max_body: int = MAX_BODY_BYTES,
 ) -> QuartTrio:
-    app = QuartTrio("skydeck")
+    app = QuartTrio("skydeck", static_folder=str(WEB_DIR), static_url_path="/web")
     app.config["MAX_CONTENT_LENGTH"] = max_body
     app.json.sort_keys = False  # type: ignore[attr-defined]
 
@@ -133,6 +135,11 @@ def create_app(
     # -- routes -------------------------------------------------------------------
 
     @app.get("/")
+    async def web_ui() -> Response:
+        """The web UI (static files in skydeck/web, no build step)."""
+        return await send_from_directory(WEB_DIR, "index.html")
+
+    @app.get("/api")
     async def index() -> Json:
         return {"name": "skydeck", "version": __version__, "api": "/api", "health": "/health"}
 

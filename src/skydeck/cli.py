@@ -95,6 +95,18 @@ def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, ensure_ascii=False))
 
 
+def _first(flag: Any, env: str | None, env2: str | None, default: Any, kind: Any) -> Any:
+    """The flag if given (0 is a value: `--port 0` picks a free port), else the
+    environment, else the default."""
+    for value in (flag, env or None, env2 or None):
+        if value is not None:
+            try:
+                return kind(value)
+            except ValueError:
+                raise CliError(f"not a number: {value!r}", code=2) from None
+    return default
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from . import logs
     from .service import ConfigError, Service, Settings, default_data_dir
@@ -102,17 +114,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logs.configure(os.environ.get("SKYDECK_LOG_LEVEL", "INFO"))
     settings = Settings(
         host=args.host or os.environ.get("SKYDECK_HOST") or "127.0.0.1",
-        port=int(args.port or os.environ.get("SKYDECK_PORT") or os.environ.get("PORT") or 1941),
+        port=_first(args.port, os.environ.get("SKYDECK_PORT"), os.environ.get("PORT"), 1941, int),
         data_dir=Path(args.data_dir or os.environ.get("SKYDECK_DATA_DIR") or default_data_dir()),
         token=args.token or os.environ.get("SKYDECK_TOKEN") or None,
         jwt_secret=os.environ.get("SKYDECK_JWT_SECRET") or None,
         grace_s=float(args.grace if args.grace is not None else 30),
         vault_url=args.vault_url or os.environ.get("SKYDECK_VAULT_URL") or None,
         vault_token=args.vault_token or os.environ.get("SKYDECK_VAULT_TOKEN") or None,
-        vault_poll_s=float(args.vault_poll or os.environ.get("SKYDECK_VAULT_POLL_S") or 60),
+        vault_poll_s=_first(
+            args.vault_poll, os.environ.get("SKYDECK_VAULT_POLL_S"), None, 60, float
+        ),
         demo=args.demo,
         insecure=args.insecure,
-        max_turns=int(args.max_turns or os.environ.get("SKYDECK_MAX_TURNS") or 4),
+        max_turns=_first(args.max_turns, os.environ.get("SKYDECK_MAX_TURNS"), None, 4, int),
     )
     try:
         service = Service(settings)
