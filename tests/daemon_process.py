@@ -27,7 +27,8 @@ class DaemonProcess:
             [SKYDECK, "serve", "--port", "0", "--data-dir", str(data_dir), *extra],
             stdout=subprocess.PIPE,
             stderr=self.log,
-            env={**clean_env(), "SKYDECK_LOG_LEVEL": "WARNING"},
+            # TEST_DAEMON_LOG=INFO keeps the daemon's full log next to the test's data dir.
+            env={**clean_env(), "SKYDECK_LOG_LEVEL": os.environ.get("TEST_DAEMON_LOG", "WARNING")},
         )
         self.url = self._read_url()
 

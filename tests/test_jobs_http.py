@@ -22,6 +22,7 @@ JOB = {"name": "nightly", "channel": "demo", "schedule": "0 3 * * *", "content":
         ({"schedule": "* * * * * *"}, "schedule"),  # croniter takes 6 fields; the API does not
         ({"schedule": "61 * * * *"}, "schedule"),
         ({"schedule": "every day"}, "schedule"),
+        ({"schedule": "0 0 31 2 *"}, "schedule"),  # valid to croniter, but never fires
         ({"schedule": 5}, "schedule"),
         ({"timezone": "Mars/Olympus"}, "timezone"),
         ({"timezone": "../../etc/passwd"}, "timezone"),

@@ -7,10 +7,11 @@ fuzz): the HTTP layer only reads bytes and calls these.
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 
 from .errors import BadRequest
 from .model import (
@@ -166,14 +167,30 @@ def _choice(value: object, field: str, choices: tuple[str, ...]) -> str:
     return value
 
 
-def _agent_fields(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
-    unknown = sorted(set(body) - _AGENT_FIELDS)
+def _known_fields(
+    body: dict[str, Any], allowed: frozenset[str], *, partial: bool
+) -> dict[str, Any]:
+    """Reject unknown fields; parse the `name` and `channel` every resource has (R1)."""
+    unknown = sorted(set(body) - allowed)
     if unknown:
         raise BadRequest(f"unknown field {unknown[0]!r}", field=unknown[0])
     out: dict[str, Any] = {}
     for field in ("name", "channel"):
         if field in body or not partial:
             out[field] = name(body.get(field), field)
+    return out
+
+
+def _unrenamed(changes: dict[str, Any], current_name: str, what: str) -> dict[str, Any]:
+    """A PATCH may repeat the name but not change it: it is the identity."""
+    if "name" in changes and changes["name"] != current_name:
+        raise BadRequest(f"name cannot be changed; create a new {what} instead", field="name")
+    changes.pop("name", None)
+    return changes
+
+
+def _agent_fields(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
+    out = _known_fields(body, _AGENT_FIELDS, partial=partial)
     if "backend" in body:
         out["backend"] = _choice(body["backend"], "backend", BACKENDS)
     if "mode" in body:
@@ -229,10 +246,7 @@ def new_agent(body: dict[str, Any]) -> AgentSpec:
 
 def agent_changes(body: dict[str, Any], current: AgentSpec) -> dict[str, Any]:
     """A PATCH body. Renaming is not a change an agent can take (its identity)."""
-    changes = _agent_fields(body, partial=True)
-    if "name" in changes and changes["name"] != current.name:
-        raise BadRequest("name cannot be changed; create a new agent instead", field="name")
-    changes.pop("name", None)
+    changes = _unrenamed(_agent_fields(body, partial=True), current.name, "agent")
     merged = AgentSpec(**{**current.to_json(), **changes})
     _check_command(merged)
     return changes
@@ -244,13 +258,7 @@ _JOB_FIELDS = frozenset({"name", "channel", "schedule", "content", "timezone", "
 
 
 def _job_fields(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
-    unknown = sorted(set(body) - _JOB_FIELDS)
-    if unknown:
-        raise BadRequest(f"unknown field {unknown[0]!r}", field=unknown[0])
-    out: dict[str, Any] = {}
-    for field in ("name", "channel"):
-        if field in body or not partial:
-            out[field] = name(body.get(field), field)
+    out = _known_fields(body, _JOB_FIELDS, partial=partial)
     if "schedule" in body or not partial:
         schedule = body.get("schedule")
         if (
@@ -262,6 +270,10 @@ def _job_fields(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
                 "schedule must be a 5-field cron expression, e.g. '*/5 * * * *'",
                 field="schedule",
             )
+        try:  # croniter accepts dates that never come, e.g. 31 February
+            croniter(schedule, datetime.now(UTC)).get_next(datetime)
+        except CroniterBadDateError:
+            raise BadRequest("schedule never fires (no such date)", field="schedule") from None
         out["schedule"] = " ".join(schedule.split())
     if "content" in body or not partial:
         content = body.get("content")
@@ -293,8 +305,4 @@ def new_job(body: dict[str, Any]) -> Job:
 
 
 def job_changes(body: dict[str, Any], current: Job) -> dict[str, Any]:
-    changes = _job_fields(body, partial=True)
-    if "name" in changes and changes["name"] != current.name:
-        raise BadRequest("name cannot be changed; create a new job instead", field="name")
-    changes.pop("name", None)
-    return changes
+    return _unrenamed(_job_fields(body, partial=True), current.name, "job")
