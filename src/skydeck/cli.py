@@ -13,7 +13,7 @@ import os
 import shlex
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -93,6 +93,22 @@ class Client:
 
 def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def _list(
+    items: list[dict[str, Any]],
+    as_json: bool,
+    empty_hint: str,
+    line: Callable[[dict[str, Any]], str],
+) -> None:
+    """A `ls` command: raw JSON, a hint when there is nothing, or one line per item."""
+    if as_json:
+        _print_json(items)
+    elif not items:
+        print(empty_hint)
+    else:
+        for item in items:
+            print(line(item))
 
 
 def _first(flag: Any, env: str | None, env2: str | None, default: Any, kind: Any) -> Any:
@@ -188,14 +204,17 @@ def cmd_agent(args: argparse.Namespace, client: Client) -> int:
         agent = client.request("POST", "/api/agents", body)
         print(f"added agent {agent['name']} on channel {agent['channel']} ({agent['backend']})")
     elif args.agent_cmd == "ls":
-        agents = client.request("GET", "/api/agents")["agents"]
-        if args.json:
-            _print_json(agents)
-        elif not agents:
-            print("no agents; add one with `skydeck agent add NAME --channel CH`")
-        for agent in [] if args.json else agents:
+
+        def agent_line(agent: dict[str, Any]) -> str:
             status = agent["status"] + (f" {agent['queued']}" if agent["queued"] else "")
-            print(f"{agent['name']:<20} {agent['channel']:<20} {agent['backend']:<8} {status}")
+            return f"{agent['name']:<20} {agent['channel']:<20} {agent['backend']:<8} {status}"
+
+        _list(
+            client.request("GET", "/api/agents")["agents"],
+            args.json,
+            "no agents; add one with `skydeck agent add NAME --channel CH`",
+            agent_line,
+        )
     elif args.agent_cmd == "show":
         agent = client.request("GET", f"/api/agents/{args.name}")
         if args.json:
@@ -224,17 +243,20 @@ def cmd_job(args: argparse.Namespace, client: Client) -> int:
         job = client.request("POST", "/api/jobs", body)
         print(f"added job {job['name']}: next run {job['next_run_at']}")
     elif args.job_cmd == "ls":
-        jobs = client.request("GET", "/api/jobs")["jobs"]
-        if args.json:
-            _print_json(jobs)
-        elif not jobs:
-            print("no jobs; add one with `skydeck job add NAME --channel CH --schedule ...`")
-        for job in [] if args.json else jobs:
+
+        def job_line(job: dict[str, Any]) -> str:
             state = "" if job["enabled"] else " (disabled)"
-            print(
+            return (
                 f"{job['name']:<20} {job['channel']:<16} {job['schedule']:<16} "
                 f"next {job['next_run_at'] or '-'}  last {job['last_outcome'] or '-'}{state}"
             )
+
+        _list(
+            client.request("GET", "/api/jobs")["jobs"],
+            args.json,
+            "no jobs; add one with `skydeck job add NAME --channel CH --schedule ...`",
+            job_line,
+        )
     elif args.job_cmd == "rm":
         client.request("DELETE", f"/api/jobs/{args.name}")
         print(f"removed job {args.name}")
