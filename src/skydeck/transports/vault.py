@@ -145,14 +145,16 @@ class VaultMirror:
         }
         if reply.thread_id:
             metadata["thread"] = reply.thread_id
+        proposed = str(uuid.uuid4())
         note = await self.client.create_note(
             content=reply.content,
-            path=f"channel/{safe(reply.channel)}/{uuid.uuid4()}",
+            path=f"channel/{safe(reply.channel)}/{proposed}",
             tags=[TAG_MESSAGE, TAG_OUTBOUND],
             metadata=metadata,
         )
         note_id = note.get("id")
-        return note_id if isinstance(note_id, str) and note_id else metadata["in_reply_to"]
+        # §1: the id comes from the answer; a vault that returns none leaves the path's uuid.
+        return note_id if isinstance(note_id, str) and note_id else proposed
 
     # -- thread notes -------------------------------------------------------------
 
