@@ -20,7 +20,7 @@ def clean_env() -> dict[str, str]:
 
 
 class DaemonProcess:
-    def __init__(self, data_dir: Path, *extra: str) -> None:
+    def __init__(self, data_dir: Path, *extra: str, env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
         self.log = open(data_dir.parent / f"{data_dir.name}-daemon.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
@@ -28,7 +28,11 @@ class DaemonProcess:
             stdout=subprocess.PIPE,
             stderr=self.log,
             # TEST_DAEMON_LOG=INFO keeps the daemon's full log next to the test's data dir.
-            env={**clean_env(), "SKYDECK_LOG_LEVEL": os.environ.get("TEST_DAEMON_LOG", "WARNING")},
+            env={
+                **clean_env(),
+                "SKYDECK_LOG_LEVEL": os.environ.get("TEST_DAEMON_LOG", "WARNING"),
+                **(env or {}),
+            },
         )
         self.url = self._read_url()
 

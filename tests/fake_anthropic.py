@@ -183,3 +183,33 @@ class FakeAnthropic:
             yield sse("message_stop", {})
 
         return Response(stream(), content_type="text/event-stream")
+
+
+def main() -> None:
+    """Serve the fake in its own process: `python fake_anthropic.py '<steps as JSON>'`.
+
+    Prints `API: <url>/api` once listening (the browser tests start it this way)."""
+    import sys
+
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    fake = FakeAnthropic()
+    for step in json.loads(sys.argv[1] if len(sys.argv) > 1 else "[]"):
+        if "tool" in step:
+            step["tool"] = tuple(step["tool"])
+        fake.script(Step(**step))
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(serve, fake.app(), config)
+            print(f"  API:    {binds[0]}/api", flush=True)
+
+    trio.run(run)
+
+
+if __name__ == "__main__":
+    main()

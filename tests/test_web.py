@@ -3,6 +3,8 @@ a real daemon process on loopback (echo and command backends)."""
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -227,3 +229,48 @@ def test_with_a_token_the_ui_asks_once_then_works(browser: Browser, tmp_path: Pa
     finally:
         context.close()
         assert daemon.stop() == 0
+
+
+def test_tool_uses_show_as_they_happen_with_the_real_claude_cli(page: Page, tmp_path: Path) -> None:
+    """The claude backend (real CLI) against the fake Anthropic API: the tool use
+    appears in the chat before the final reply."""
+    steps = [
+        {"tool": ["Bash", {"command": "echo hi", "description": "say hi"}]},
+        {"text": "The command printed hi."},
+    ]
+    fake = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "fake_anthropic.py"), json.dumps(steps)],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert fake.stdout is not None
+        api_url = fake.stdout.readline().decode().split()[-1].removesuffix("/api")
+        daemon = DaemonProcess(
+            tmp_path / "data",
+            env={"ANTHROPIC_BASE_URL": api_url, "ANTHROPIC_API_KEY": "sk-ant-fake"},
+        )
+        try:
+            httpx.post(
+                f"{daemon.url}/api/agents",
+                json={
+                    "name": "coder",
+                    "channel": "coder",
+                    "backend": "claude",
+                },
+            ).raise_for_status()
+            page.goto(daemon.url + "/#/chat/coder")
+            page.get_by_role("textbox", name="Message").fill("run echo hi")
+            page.get_by_role("button", name="Send").click()
+            tool = page.locator(".tool")
+            expect(tool).to_contain_text('Bash {"command":"echo hi"', timeout=30000)
+            expect(page.locator(".bubble.out").last).to_have_text(
+                "The command printed hi.", timeout=30000
+            )
+            order = page.eval_on_selector_all(".log > *", "nodes => nodes.map(n => n.className)")
+            assert order.index("tool") < len(order) - 1, "the tool shows before the reply"
+            shot(page, tmp_path, "chat-tool")
+        finally:
+            assert daemon.stop() == 0
+    finally:
+        fake.terminate()
+        fake.wait(10)

@@ -306,7 +306,7 @@ async function chatScreen(channel) {
     }
     if (event.kind === "tool") {
       const node = replyBubble(event.message_id);
-      stickToBottom(() => node.before(el("div", { class: "tool" }, `🔧 ${event.name} ${JSON.stringify(event.input)}`)));
+      stickToBottom(() => node.before(el("div", { class: "tool" }, `Tool: ${event.name} ${JSON.stringify(event.input)}`)));
       return;
     }
     const node = replyBubble(event.message_id);
@@ -316,7 +316,7 @@ async function chatScreen(channel) {
       if (event.reply) node.textContent = event.reply; else node.remove();
     } else {
       node.classList.add("error");
-      node.textContent = `⚠️ The turn failed: ${event.error}`;
+      node.textContent = `The turn failed: ${event.error}`;
     }
     pending.delete(event.message_id);
     finished.add(event.message_id);
