@@ -28,6 +28,7 @@ BACKENDS: tuple[Backend, ...] = ("claude", "command", "echo")
 MODES: tuple[Mode, ...] = ("single-threaded", "multi-threaded")
 QUEUE_MODES: tuple[QueueMode, ...] = ("followup", "collect", "interrupt")
 TERMINAL_STATES: frozenset[str] = frozenset({"done", "failed", "cancelled", "dropped"})
+OPEN_STATES: frozenset[str] = frozenset({"buffered", "queued", "working"})
 
 DEFAULT_TIMEOUT_S = 900
 

@@ -139,13 +139,14 @@ class Registry:
         """PATCH: other fields apply from the next turn; a new channel moves the agent (R3)."""
         current = self.get(name)
         updated = replace(current, **changes)
-        if updated.channel != current.channel:
+        moved = updated.channel != current.channel
+        if moved:
             self._check_channel_free(updated.channel)
-            self.store.save_agent(updated)
+        self.store.save_agent(updated)
+        if moved:
             self._deregister(name)
             self._register(updated)
         else:
-            self.store.save_agent(updated)
             self._by_name[name].agent = updated
         return updated
 

@@ -29,15 +29,13 @@ import trio
 from croniter import croniter
 
 from .errors import Conflict, NotFound, SkydeckError
-from .model import Accepted, Inbound, Job
+from .model import OPEN_STATES, Accepted, Inbound, Job
 from .store import Store
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
 log = logging.getLogger(__name__)
-
-OPEN_STATES = frozenset({"buffered", "queued", "working"})
 
 
 class WallClock(Protocol):

@@ -120,8 +120,6 @@ _MESSAGE_COLUMNS = (
     "in_reply_to, thread_id, reply_id, attempts, error"
 )
 
-OPEN_STATES = ("buffered", "queued", "working")
-
 
 class CursorError(ValueError):
     """A paging cursor that this store did not hand out."""
@@ -639,14 +637,6 @@ class Store:
             next=str(last) if newer else None,
             prev=str(first) if older else None,
         )
-
-    def open_messages(self, channel: str) -> list[Message]:
-        rows = self._db.execute(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE channel = ? "
-            "AND state IN ('buffered', 'queued', 'working') ORDER BY seq",
-            (channel,),
-        ).fetchall()
-        return [_row_to_message(row) for row in rows]
 
     def count_buffered(self) -> int:
         (count,) = self._db.execute(
