@@ -24,6 +24,8 @@ from skydeck.store import Store
 from skydeck.turn import failure_reply_text
 
 DAEMON_SECRET = "daemon-secret-7f3a"
+# Turn timeouts in the stall tests leave the CLI (0.5 s to start, more on a busy
+# box) ample time to reach the fake API before the turn is cut.
 API_KEY = "sk-ant-fake-key"
 
 
@@ -118,10 +120,10 @@ async def test_r18_resume_not_found_falls_back_once_and_heals(rig: Rig) -> None:
 
 
 async def test_r18_session_persisted_only_when_echoed(rig: Rig) -> None:
-    rig.add("stall", timeout_s=4)
+    rig.add("stall", timeout_s=8)
     rig.api.script(Step(stall=True))
     timed_out = await rig.turn("stall", "this will hang")
-    assert timed_out.error == "turn timed out after 4 s"
+    assert timed_out.error == "turn timed out after 8 s"
     assert rig.store.get_session("stall") is None, "nothing echoed back to us: nothing kept"
     await rig.turn("stall", "second try")
     first_id, second_id = (h["x-claude-code-session-id"] for h in rig.api.headers)
@@ -152,7 +154,7 @@ async def test_r33_401_is_not_retried_and_the_reason_is_readable(rig: Rig) -> No
 
 
 async def test_r14_stall_times_out_and_kills_the_process_group(rig: Rig) -> None:
-    rig.add("hung", timeout_s=3)
+    rig.add("hung", timeout_s=8)
     rig.api.script(Step(stall=True))
     message_id = post(rig.registry, "hung", "wait forever")
     with trio.fail_after(30):
@@ -160,7 +162,7 @@ async def test_r14_stall_times_out_and_kills_the_process_group(rig: Rig) -> None
             await trio.sleep(0.05)
     assert claude_processes(rig.workspaces / "hung"), "the CLI runs while the API stalls"
     (message,) = await settle(rig.store, [message_id], 30)
-    assert (message.state, message.error) == ("failed", "turn timed out after 3 s")
+    assert (message.state, message.error) == ("failed", "turn timed out after 8 s")
     assert claude_processes(rig.workspaces / "hung") == [], "no orphan left"
 
 
