@@ -49,12 +49,19 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
 @pytest.fixture
 def page(browser: Browser) -> Iterator[Page]:
     context = browser.new_context(viewport=PHONE)
+    # The daemon's Content-Security-Policy (issue 11, D1) must never block the UI itself.
+    context.add_init_script(
+        "window.__csp = []; document.addEventListener('securitypolicyviolation',"
+        " (e) => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));"
+    )
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
     yield page
+    violations = page.evaluate("window.__csp || []") if not page.is_closed() else []
     context.close()
     assert errors == [], f"JavaScript errors: {errors}"
+    assert violations == [], f"CSP violations: {violations}"
 
 
 def shot(page: Page, tmp_path: Path, name: str) -> None:

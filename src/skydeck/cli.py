@@ -123,6 +123,10 @@ def _first(flag: Any, env: str | None, env2: str | None, default: Any, kind: Any
     return default
 
 
+def _csv(raw: str | None) -> tuple[str, ...]:
+    return tuple(item.strip() for item in (raw or "").split(",") if item.strip())
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from . import logs
     from .service import ConfigError, Service, Settings, default_data_dir
@@ -143,6 +147,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         demo=args.demo,
         insecure=args.insecure,
         max_turns=_first(args.max_turns, os.environ.get("SKYDECK_MAX_TURNS"), None, 4, int),
+        public_url=args.public_url or os.environ.get("SKYDECK_PUBLIC_URL") or None,
+        allowed_hosts=_csv(os.environ.get("SKYDECK_ALLOWED_HOSTS")),
+        allowed_origins=_csv(os.environ.get("SKYDECK_ALLOWED_ORIGINS")),
+        keepalive_s=_first(None, os.environ.get("SKYDECK_KEEPALIVE_S"), None, 5.0, float),
+        body_timeout_s=_first(None, os.environ.get("SKYDECK_BODY_TIMEOUT_S"), None, 30.0, float),
     )
     try:
         service = Service(settings)
@@ -330,6 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--token", dest="serve_token", help="bearer token (env SKYDECK_TOKEN)")
     serve.add_argument("--demo", action=argparse.BooleanOptionalAction, default=True)
     serve.add_argument("--insecure", action="store_true", help="allow a public bind, no token")
+    serve.add_argument(
+        "--public-url",
+        help="the URL users reach the daemon at behind a proxy; its host and origin are allowed "
+        "(env SKYDECK_PUBLIC_URL)",
+    )
     serve.add_argument("--max-turns", type=int, help="concurrent turns across channels (4)")
     serve.add_argument("--grace", type=float, help="seconds running turns get at shutdown (30)")
     serve.add_argument("--vault-url", help="Parachute Vault URL (env SKYDECK_VAULT_URL)")

@@ -14,7 +14,6 @@ then let Hypercorn stop listening.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 from dataclasses import dataclass, field
@@ -26,13 +25,14 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from .app import MAX_BODY_BYTES, create_app
+from .app import BODY_TIMEOUT_S, MAX_BODY_BYTES, create_app, shielded_sends
 from .auth import Auth
 from .backends import CommandBackend, EchoBackend
 from .backends.base import Backend
 from .backends.claude import ClaudeBackend, find_claude, has_credentials
 from .definitions import VaultSync
 from .events import TurnEvents
+from .guard import OriginPolicy, is_loopback
 from .metrics import Metrics
 from .model import AgentSpec
 from .registry import DEFAULT_BUFFER_CAP, DEFAULT_MAX_TURNS, Registry
@@ -50,20 +50,13 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 1941
 DB_NAME = "skydeck.db"
 DEFAULT_GRACE_S = 30.0
+#: An idle keep-alive connection (or one that never sends its headers) closes after this.
+KEEPALIVE_S = 5.0
 
 
 def default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "skydeck"
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class ConfigError(Exception):
@@ -86,6 +79,21 @@ class Settings:
     vault_url: str | None = None
     vault_token: str | None = None
     vault_poll_s: float = 60.0
+    #: The URL users reach the daemon at, when that is not the bind address (a proxy).
+    public_url: str | None = None
+    #: Host headers and browser origins allowed beyond loopback and same-origin.
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+    keepalive_s: float = KEEPALIVE_S
+    body_timeout_s: float = BODY_TIMEOUT_S
+
+    def origin_policy(self) -> OriginPolicy:
+        return OriginPolicy.build(
+            bind_host=self.host,
+            public_url=self.public_url,
+            hosts=self.allowed_hosts,
+            origins=self.allowed_origins,
+        )
 
     def check(self) -> None:
         secured = bool(self.token or self.jwt_secret)
@@ -156,6 +164,8 @@ class Service:
             self.scheduler,
             health_extra=self._health_extra,
             max_body=settings.max_body,
+            body_timeout_s=settings.body_timeout_s,
+            origins=settings.origin_policy(),
         )
         self._stopped = trio.Event()
         self._http_done = trio.Event()
@@ -185,6 +195,7 @@ class Service:
         config.accesslog = None
         config.errorlog = logging.getLogger("hypercorn.error")
         config.graceful_timeout = 5
+        config.keep_alive_timeout = self.settings.keepalive_s
         try:
             async with trio.open_nursery() as nursery:
                 registry_scope = trio.CancelScope()
@@ -208,7 +219,7 @@ class Service:
                 binds: list[str] = await nursery.start(
                     partial(
                         hypercorn_serve,
-                        self.app,
+                        shielded_sends(self.app),
                         config,
                         shutdown_trigger=self._http_done.wait,
                     )

@@ -247,7 +247,7 @@ async function chatScreen(channel) {
   const input = el("textarea", { id: "composer", name: "content", rows: 2, placeholder: `Message ${channel}` });
   const send = el("button", { type: "submit" }, "Send");
   const composer = el("form", { class: "composer" },
-    el("label", { for: "composer", class: "visually-hidden", style: "position:absolute;left:-9999px" }, "Message"),
+    el("label", { for: "composer", class: "visually-hidden" }, "Message"),
     input, send);
   const pending = new Map(); // message id -> the reply bubble being streamed
   const finished = new Set(); // message ids whose turn already ended
