@@ -5,6 +5,7 @@ a consistent store afterwards."""
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -66,13 +67,22 @@ FIELDS = [
 ]
 NASTY = ["demo", "fz", "__proto__", "..", "a" * 80, "x y", "ü", "-", "0", "null", "%00"]
 
+#: Values Python's `json` writes but strict JSON (RFC 8259) has no place for (issue 11, D6):
+#: NaN/Infinity, integers past 64 bits, lone surrogates (json.dumps escapes them as \\udXXX).
+unrepresentable = (
+    st.sampled_from([math.nan, math.inf, -math.inf])
+    | st.integers(min_value=2**63)
+    | st.integers(max_value=-(2**63) - 1)
+    | st.text(alphabet=st.characters(categories=["Cs"]), min_size=1, max_size=3)
+)
 json_values = st.recursive(
     st.none()
     | st.booleans()
     | st.integers()
     | st.floats(allow_nan=False)
     | st.text(max_size=30)
-    | st.sampled_from(NASTY),
+    | st.sampled_from(NASTY)
+    | unrepresentable,
     lambda inner: (
         st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
     ),
@@ -110,6 +120,7 @@ def defuse(body: Any) -> Any:
 bodies = st.one_of(
     st.none(),
     st.binary(max_size=64),
+    st.just(b'{"content": "x", "metadata": {"n": ' + b"7" * 5000 + b"}}"),
     json_values.map(lambda v: json.dumps(v).encode()),
     shaped.map(lambda d: json.dumps(defuse(d)).encode()),
     vault_note.map(lambda d: json.dumps(d).encode()),
@@ -141,6 +152,7 @@ def fuzzed(
     segment=st.sampled_from(NASTY) | st.text(min_size=1, max_size=12),
     body=bodies,
     query=queries,
+    content_type=st.sampled_from(["application/json"] * 8 + ["text/plain", None]),
 )
 def test_fuzz_every_route_never_5xx(
     fuzzed: tuple[DaemonProcess, httpx.Client],
@@ -148,18 +160,29 @@ def test_fuzz_every_route_never_5xx(
     segment: str,
     body: bytes | None,
     query: dict[str, str],
+    content_type: str | None,
 ) -> None:
     _, client = fuzzed
     method, template = route
     path = template.format(quote(segment, safe=""))
-    response = client.request(
-        method, path, content=body, params=query, headers={"Content-Type": "application/json"}
-    )
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = client.request(method, path, content=body, params=query, headers=headers)
     assert response.status_code < 500, (method, path, body, response.text)
     if path not in ("/metrics", "/"):
-        data = response.json()
+        data = strict_json(response.content)
         if response.status_code >= 400:
             assert data["ok"] is False and data["error"], data
+
+
+def strict_json(raw: bytes) -> Any:
+    """What a browser's JSON.parse accepts: no NaN/Infinity, valid Unicode throughout."""
+
+    def refuse(constant: str) -> Any:
+        raise AssertionError(f"{constant} in a response body")
+
+    value = json.loads(raw.decode("utf-8"), parse_constant=refuse)
+    json.dumps(value, allow_nan=False).encode("utf-8")  # raises on a lone surrogate
+    return value
 
 
 def test_after_the_fuzz_every_agent_still_serves_and_the_store_is_consistent(
@@ -199,3 +222,9 @@ def test_after_the_fuzz_every_agent_still_serves_and_the_store_is_consistent(
             break
         time.sleep(0.1)
     assert (working, doubled, orphan_done) == (0, 0, 0)
+    with sqlite3.connect(db_path) as db:
+        channels = [row[0] for row in db.execute("SELECT DISTINCT channel FROM messages")]
+    for channel in channels:  # D6: every stored transcript still reads as strict JSON
+        page = client.get(f"/api/channels/{quote(channel, safe='')}/messages?limit=500")
+        assert page.status_code == 200
+        strict_json(page.content)

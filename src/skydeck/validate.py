@@ -7,6 +7,9 @@ fuzz): the HTTP layer only reads bytes and calls these.
 from __future__ import annotations
 
 import json
+import math
+import re
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -33,12 +36,113 @@ _PLAIN_FIELDS = frozenset(
 )
 
 
-def json_object(raw: bytes) -> dict[str, Any]:
-    """Parse a request body that must be one JSON object."""
+#: Integers a body may hold: what SQLite and every JSON parser with int64 keep exactly.
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+#: Python's own ceiling for int <-> str (sys.get_int_max_str_digits), applied to every number.
+MAX_NUMBER_DIGITS = 4300
+#: A JSON escape of a UTF-16 surrogate: the only way a lone one can get into a parsed string.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+@dataclass(frozen=True, slots=True)
+class _Unrepresentable:
+    """Stands in for a number that has no strict RFC 8259 meaning here."""
+
+    why: str
+
+
+def _parse_int(text: str) -> int | _Unrepresentable:
+    if len(text.lstrip("-")) > MAX_NUMBER_DIGITS:
+        return _Unrepresentable(f"has more than {MAX_NUMBER_DIGITS} digits")
+    value = int(text)
+    if not INT_MIN <= value <= INT_MAX:
+        return _Unrepresentable("is an integer outside the signed 64-bit range")
+    return value
+
+
+def _parse_float(text: str) -> float | _Unrepresentable:
+    if sum(c.isdigit() for c in text) > MAX_NUMBER_DIGITS:
+        return _Unrepresentable(f"has more than {MAX_NUMBER_DIGITS} digits")
+    value = float(text)
+    if not math.isfinite(value):
+        return _Unrepresentable("is a number too large to represent")
+    return value
+
+
+def _parse_constant(text: str) -> _Unrepresentable:
+    return _Unrepresentable(f"is {text}, which is not JSON (RFC 8259 has no NaN or Infinity)")
+
+
+def _has_lone_surrogate(text: str) -> bool:
     try:
-        value = json.loads(raw)
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _field_path(path: list[str | int]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    # A key with a lone surrogate must not break the error body that names it.
+    return out.encode("utf-8", "backslashreplace").decode("utf-8") or "body"
+
+
+def _find_unrepresentable(value: Any) -> tuple[str, str] | None:
+    """The first value (depth first) that strict JSON cannot carry: (field, why)."""
+    stack: list[tuple[Any, list[str | int]]] = [(value, [])]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, _Unrepresentable):
+            return _field_path(path), item.why
+        if isinstance(item, str) and _has_lone_surrogate(item):
+            return _field_path(path), "holds a lone UTF-16 surrogate (not valid Unicode)"
+        if isinstance(item, dict):
+            for key, child in reversed(item.items()):
+                if _has_lone_surrogate(key):
+                    return _field_path([*path, key]), "is a key with a lone UTF-16 surrogate"
+                stack.append((child, [*path, key]))
+        elif isinstance(item, list):
+            stack.extend((child, [*path, i]) for i, child in reversed(list(enumerate(item))))
+    return None
+
+
+def json_value(raw: bytes) -> Any:
+    """Parse strict RFC 8259 JSON: no NaN/Infinity, numbers that round-trip, valid Unicode.
+
+    Python's `json` accepts ``NaN`` and ``1e999`` and lone ``\\ud800`` escapes;
+    stored, they would make every later transcript page invalid JSON for a
+    browser. Numbers are checked by the parser's hooks; strings only when the
+    raw bytes hold a surrogate escape at all (one C-speed regex scan).
+    """
+    flagged = False
+
+    def flag(result: Any) -> Any:
+        nonlocal flagged
+        flagged = flagged or isinstance(result, _Unrepresentable)
+        return result
+
+    try:
+        value = json.loads(
+            raw,
+            parse_int=lambda text: flag(_parse_int(text)),
+            parse_float=lambda text: flag(_parse_float(text)),
+            parse_constant=lambda text: flag(_parse_constant(text)),
+        )
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise BadRequest("request body is not valid JSON") from None
+    if flagged or _SURROGATE_ESCAPE.search(raw):
+        found = _find_unrepresentable(value)
+        if found is not None:
+            field, why = found
+            raise BadRequest(f"{field} {why}", field=field)
+    return value
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """Parse a request body that must be one strict JSON object."""
+    value = json_value(raw)
     if not isinstance(value, dict):
         raise BadRequest("request body must be a JSON object")
     return value
