@@ -104,7 +104,7 @@ def create_app(
         await request.get_data(cache=True)
         if request.path.startswith("/api/") or request.path == "/metrics":
             scope = scope_for(request.method, request.path)
-            auth.check(request.headers.get("Authorization"), scope)
+            await auth.check(request.headers.get("Authorization"), scope)
 
     @app.errorhandler(SkydeckError)
     async def skydeck_error(error: SkydeckError) -> Json:

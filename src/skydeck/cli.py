@@ -134,6 +134,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         data_dir=Path(args.data_dir or os.environ.get("SKYDECK_DATA_DIR") or default_data_dir()),
         token=args.token or os.environ.get("SKYDECK_TOKEN") or None,
         jwt_secret=os.environ.get("SKYDECK_JWT_SECRET") or None,
+        jwks_url=os.environ.get("SKYDECK_JWKS_URL") or None,
+        jwt_issuer=os.environ.get("SKYDECK_JWT_ISSUER") or None,
         grace_s=float(args.grace if args.grace is not None else 30),
         vault_url=args.vault_url or os.environ.get("SKYDECK_VAULT_URL") or None,
         vault_token=args.vault_token or os.environ.get("SKYDECK_VAULT_TOKEN") or None,
