@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from werkzeug.exceptions import HTTPException
 
 from . import __version__, validate
 from .auth import Auth, Forbidden, Unauthorized, scope_for
+from .backends.claude import ClaudeBackend
 from .errors import BadRequest, NotFound, SkydeckError
 from .metrics import Metrics
 from .model import AgentSpec
@@ -147,7 +149,21 @@ def create_app(
 
     @app.get("/api")
     async def index() -> Json:
-        return {"name": "skydeck", "version": __version__, "api": "/api", "health": "/health"}
+        # Which backends can run a turn here, so a client can warn before it makes
+        # an agent whose every turn would fail: claude needs its CLI (an agent on it
+        # is still allowed, the CLI may be installed later); echo and command always run.
+        backends = {
+            name: not isinstance(backend, ClaudeBackend)
+            or (backend.executable is not None and shutil.which(backend.executable) is not None)
+            for name, backend in sorted(registry.deps.backends.items())
+        }
+        return {
+            "name": "skydeck",
+            "version": __version__,
+            "api": "/api",
+            "health": "/health",
+            "backends": backends,
+        }
 
     @app.get("/health")
     async def health() -> Json:
