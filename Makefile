@@ -4,7 +4,12 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+# Two stamps: RUN_STAMP = skydeck and what `skydeck serve` needs; STAMP = that plus
+# the dev extra (tests, lint, types). Installing the dev extra satisfies both, so
+# `make run` after `make test` installs nothing, and `make test` after `make run`
+# adds the dev extra.
+RUN_STAMP := $(VENV)/.installed-run
+STAMP     := $(VENV)/.installed
 # The pinned Claude Code CLI (shared/spec/claude-cli.md §1), installed project-locally.
 CLAUDE_VERSION := 2.1.197
 CLAUDE := .tools/claude/node_modules/.bin/claude
@@ -13,11 +18,17 @@ CHROMIUM := /usr/bin/chromium
 
 .PHONY: run test lint typecheck pytest bench claude clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+
+$(RUN_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e .
 	touch $@
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $@ $(RUN_STAMP)
 
 $(CLAUDE):
 	npm install --no-save --no-package-lock --no-audit --no-fund --loglevel=error \
@@ -30,7 +41,7 @@ $(CHROMIUM):
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/skydeck serve
 
 lint: $(STAMP)

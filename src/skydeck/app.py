@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from werkzeug.exceptions import HTTPException
 
 from . import __version__, validate
 from .auth import Auth, Forbidden, Unauthorized, scope_for
+from .backends.claude import ClaudeBackend
 from .errors import BadRequest, NotFound, SkydeckError
 from .guard import NOT_JSON, SECURITY_HEADERS, OriginPolicy, Refusal, is_json
 from .metrics import Metrics
@@ -172,7 +174,7 @@ def create_app(
             raise Refused(refusal)
         if request.path.startswith("/api/") or request.path == "/metrics":
             scope = scope_for(request.method, request.path)
-            auth.check(request.headers.get("Authorization"), scope)
+            await auth.check(request.headers.get("Authorization"), scope)
 
     @app.after_request
     async def security_headers(response: Response) -> Response:
@@ -225,7 +227,21 @@ def create_app(
 
     @app.get("/api")
     async def index() -> Json:
-        return {"name": "skydeck", "version": __version__, "api": "/api", "health": "/health"}
+        # Which backends can run a turn here, so a client can warn before it makes
+        # an agent whose every turn would fail: claude needs its CLI (an agent on it
+        # is still allowed, the CLI may be installed later); echo and command always run.
+        backends = {
+            name: not isinstance(backend, ClaudeBackend)
+            or (backend.executable is not None and shutil.which(backend.executable) is not None)
+            for name, backend in sorted(registry.deps.backends.items())
+        }
+        return {
+            "name": "skydeck",
+            "version": __version__,
+            "api": "/api",
+            "health": "/health",
+            "backends": backends,
+        }
 
     @app.get("/health")
     async def health() -> Json:

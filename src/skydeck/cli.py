@@ -138,6 +138,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         data_dir=Path(args.data_dir or os.environ.get("SKYDECK_DATA_DIR") or default_data_dir()),
         token=args.token or os.environ.get("SKYDECK_TOKEN") or None,
         jwt_secret=os.environ.get("SKYDECK_JWT_SECRET") or None,
+        jwks_url=os.environ.get("SKYDECK_JWKS_URL") or None,
+        jwt_issuer=os.environ.get("SKYDECK_JWT_ISSUER") or None,
         grace_s=float(args.grace if args.grace is not None else 30),
         vault_url=args.vault_url or os.environ.get("SKYDECK_VAULT_URL") or None,
         vault_token=args.vault_token or os.environ.get("SKYDECK_VAULT_TOKEN") or None,
@@ -212,6 +214,7 @@ def cmd_agent(args: argparse.Namespace, client: Client) -> int:
             body["env"] = dict(item.split("=", 1) for item in args.env)
         agent = client.request("POST", "/api/agents", body)
         print(f"added agent {agent['name']} on channel {agent['channel']} ({agent['backend']})")
+        _warn_if_unavailable(client, agent)
     elif args.agent_cmd == "ls":
 
         def agent_line(agent: dict[str, Any]) -> str:
@@ -238,6 +241,27 @@ def cmd_agent(args: argparse.Namespace, client: Client) -> int:
         client.request("POST", f"/api/agents/{args.name}/reset")
         print(f"reset the session of agent {args.name}")
     return 0
+
+
+def _warn_if_unavailable(client: Client, agent: dict[str, Any]) -> None:
+    """One stderr line when the daemon says it cannot run the new agent's backend.
+
+    The agent is created all the same (claude is the default, and its CLI may
+    be installed later); the hint names the backends that do run. `GET /api`
+    reports them; a daemon that does not is taken to run everything.
+    """
+    try:
+        backends = client.request("GET", "/api").get("backends", {})
+    except CliError:
+        return  # only a hint: the agent exists, do not fail the command over it
+    if backends.get(agent["backend"], True):
+        return
+    available = ", ".join(name for name, runs in backends.items() if runs)
+    print(
+        f"skydeck: warning: the daemon cannot run the {agent['backend']} backend, so the turns "
+        f"of agent {agent['name']} fail until it can; it runs {available} (choose with --backend)",
+        file=sys.stderr,
+    )
 
 
 def cmd_job(args: argparse.Namespace, client: Client) -> int:
@@ -279,7 +303,12 @@ def cmd_send(args: argparse.Namespace, client: Client) -> int:
     path = f"/api/channels/{args.channel}/messages"
     if not args.wait:
         ack = client.request("POST", path, {"content": args.text})
-        print(f"{ack['state']} {ack['id']}")
+        print(f"{ack['state']} {ack['id']}")  # stdout stays `<state> <id>` for scripts
+        if ack["state"] == "buffered":
+            print(
+                f"no agent serves channel {args.channel} yet; it runs when one registers",
+                file=sys.stderr,
+            )
         return 0
     events = client.events(args.channel)
     next(events)  # subscribed: no event of our turn can be missed from here on
@@ -324,74 +353,247 @@ def cmd_tail(args: argparse.Namespace, client: Client) -> int:
 
 # -- parsing ------------------------------------------------------------------------
 
+DESCRIPTION = """\
+skydeck runs AI coding agents behind chat channels.
+
+"skydeck serve" starts the daemon; every other command talks to a running
+daemon over HTTP (--url)."""
+
+EXAMPLES = """\
+examples:
+  skydeck serve
+  skydeck agent add shout --channel shout --backend command --command "tr a-z A-Z"
+  skydeck send shout "make this loud" --wait
+
+"skydeck COMMAND --help" explains a command and shows an example."""
+
+
+def _command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    help: str,
+    *examples: str,
+) -> argparse.ArgumentParser:
+    """A subcommand: ``help`` for its line in the parent's list, ``examples`` under its own help."""
+    return commands.add_parser(
+        name,
+        help=help,
+        description=help[0].upper() + help[1:] + ".",
+        epilog="example:\n" + "\n".join(f"  {example}" for example in examples),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def _actions(
+    parser: argparse.ArgumentParser, title: str
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+    return parser.add_subparsers(dest=title, required=True, metavar="ACTION", title="actions")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="skydeck", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="skydeck",
+        description=DESCRIPTION,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"skydeck {__version__}")
-    parser.add_argument("--url", default=os.environ.get("SKYDECK_URL", DEFAULT_URL))
-    parser.add_argument("--token", default=os.environ.get("SKYDECK_TOKEN"))
-    commands = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("SKYDECK_URL", DEFAULT_URL),
+        help=f"the daemon to talk to (default {DEFAULT_URL}, env SKYDECK_URL)",
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("SKYDECK_TOKEN"),
+        help="bearer token, when the daemon needs one (env SKYDECK_TOKEN)",
+    )
+    commands = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND", title="commands")
 
-    serve = commands.add_parser("serve", help="run the daemon")
+    serve = _command(
+        commands,
+        "serve",
+        "run the daemon (HTTP API, web UI and the agents)",
+        "skydeck serve --port 8080 --data-dir ./skydeck-data",
+        "SKYDECK_TOKEN=s3cret skydeck serve --host 0.0.0.0",
+    )
+    serve.epilog = (
+        f"{serve.epilog}\n\n"
+        "set in the environment only: SKYDECK_JWT_SECRET (HS256 JWTs), SKYDECK_JWKS_URL and\n"
+        "SKYDECK_JWT_ISSUER (Parachute hub tokens), SKYDECK_CLAUDE_BIN, SKYDECK_LOG_LEVEL"
+    )
     serve.add_argument("--host", help="bind address (default 127.0.0.1, env SKYDECK_HOST)")
     serve.add_argument("--port", type=int, help="port (default 1941, env SKYDECK_PORT or PORT)")
-    serve.add_argument("--data-dir", help="where the SQLite store lives (env SKYDECK_DATA_DIR)")
-    serve.add_argument("--token", dest="serve_token", help="bearer token (env SKYDECK_TOKEN)")
-    serve.add_argument("--demo", action=argparse.BooleanOptionalAction, default=True)
-    serve.add_argument("--insecure", action="store_true", help="allow a public bind, no token")
+    serve.add_argument(
+        "--data-dir", metavar="DIR", help="where the SQLite store lives (env SKYDECK_DATA_DIR)"
+    )
+    serve.add_argument(
+        "--token",
+        metavar="TOKEN",
+        dest="serve_token",
+        help="bearer token clients must send (env SKYDECK_TOKEN)",
+    )
+    serve.add_argument(
+        "--demo",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on first start, create a demo agent on channel demo (default; --no-demo: none)",
+    )
+    serve.add_argument(
+        "--insecure", action="store_true", help="allow a non-loopback bind without any token"
+    )
     serve.add_argument(
         "--public-url",
-        help="the URL users reach the daemon at behind a proxy; its host and origin are allowed "
-        "(env SKYDECK_PUBLIC_URL)",
+        metavar="URL",
+        help="the URL users reach the daemon at behind a proxy; its host and origin are "
+        "allowed (env SKYDECK_PUBLIC_URL)",
     )
-    serve.add_argument("--max-turns", type=int, help="concurrent turns across channels (4)")
-    serve.add_argument("--grace", type=float, help="seconds running turns get at shutdown (30)")
-    serve.add_argument("--vault-url", help="Parachute Vault URL (env SKYDECK_VAULT_URL)")
-    serve.add_argument("--vault-token", help="vault token (env SKYDECK_VAULT_TOKEN)")
-    serve.add_argument("--vault-poll", type=float, help="definition poll seconds (60)")
+    serve.add_argument(
+        "--max-turns",
+        metavar="N",
+        type=int,
+        help="turns running at once across channels (default 4)",
+    )
+    serve.add_argument(
+        "--grace",
+        metavar="SECONDS",
+        type=float,
+        help="seconds running turns get at shutdown (default 30)",
+    )
+    serve.add_argument(
+        "--vault-url", metavar="URL", help="Parachute Vault URL (env SKYDECK_VAULT_URL)"
+    )
+    serve.add_argument(
+        "--vault-token", metavar="TOKEN", help="vault token (env SKYDECK_VAULT_TOKEN)"
+    )
+    serve.add_argument(
+        "--vault-poll",
+        metavar="SECONDS",
+        type=float,
+        help="seconds between vault definition polls (default 60)",
+    )
 
-    agent = commands.add_parser("agent", help="manage agents")
-    agent_cmds = agent.add_subparsers(dest="agent_cmd", required=True, metavar="ACTION")
-    add = agent_cmds.add_parser("add", help="create an agent")
-    add.add_argument("name")
-    add.add_argument("--channel", required=True)
-    add.add_argument("--backend", choices=BACKENDS)
-    add.add_argument("--mode", choices=MODES)
-    add.add_argument("--queue-mode", choices=QUEUE_MODES)
-    add.add_argument("--model")
+    agent = _command(
+        commands,
+        "agent",
+        "add, list, show, remove or reset agents",
+        "skydeck agent add shout --channel shout --backend command --command 'tr a-z A-Z'",
+        "skydeck agent ls",
+    )
+    agent_cmds = _actions(agent, "agent_cmd")
+    add = _command(
+        agent_cmds,
+        "add",
+        "create an agent that serves a channel",
+        "skydeck agent add shout --channel shout --backend command --command 'tr a-z A-Z'",
+        "skydeck agent add reviewer --channel review --model sonnet --system-prompt-file review.md",
+    )
+    add.add_argument("name", help="agent name: letters, digits, '.', '_' or '-'")
+    add.add_argument(
+        "--channel", metavar="CH", required=True, help="the channel it serves (one agent each)"
+    )
+    add.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        help="what runs a turn: claude (default; the Claude Code CLI), command or echo",
+    )
+    add.add_argument(
+        "--mode",
+        choices=MODES,
+        help="single-threaded (default: one conversation, resumed) or multi-threaded",
+    )
+    add.add_argument(
+        "--queue-mode",
+        choices=QUEUE_MODES,
+        help="messages during a turn: followup (default), collect or interrupt",
+    )
+    add.add_argument("--model", help="the claude model, e.g. sonnet")
     prompt = add.add_mutually_exclusive_group()
-    prompt.add_argument("--system-prompt")
-    prompt.add_argument("--system-prompt-file")
-    add.add_argument("--command", help='the program, split like a shell: "prog arg ..."')
-    add.add_argument("--timeout", type=int, help="turn timeout in seconds (default 900)")
-    add.add_argument("--env", action="append", metavar="KEY=VALUE", help="repeatable")
-    for action in ("ls", "show"):
-        sub = agent_cmds.add_parser(action, help=f"{action} agents")
-        if action == "show":
-            sub.add_argument("name")
-        sub.add_argument("--json", action="store_true", help="raw JSON")
-    for action in ("rm", "reset"):
-        agent_cmds.add_parser(action, help=f"{action} an agent").add_argument("name")
+    prompt.add_argument("--system-prompt", metavar="TEXT", help="system prompt text")
+    prompt.add_argument(
+        "--system-prompt-file", metavar="FILE", help="read the system prompt from this file"
+    )
+    add.add_argument(
+        "--command",
+        metavar="'PROG ARG...'",
+        help='command backend: the program, split like a shell: "prog arg ..."',
+    )
+    add.add_argument(
+        "--timeout", metavar="SECONDS", type=int, help="turn timeout in seconds (default 900)"
+    )
+    add.add_argument(
+        "--env",
+        action="append",
+        metavar="KEY=VALUE",
+        help="environment variable for the backend (repeatable)",
+    )
+    agent_ls = _command(agent_cmds, "ls", "list agents with their status", "skydeck agent ls")
+    agent_ls.add_argument("--json", action="store_true", help="print raw JSON")
+    show = _command(agent_cmds, "show", "show one agent's settings", "skydeck agent show shout")
+    show.add_argument("name", help="agent name")
+    show.add_argument("--json", action="store_true", help="print raw JSON")
+    rm = _command(
+        agent_cmds,
+        "rm",
+        "remove an agent (its channel's waiting messages are kept, buffered)",
+        "skydeck agent rm shout",
+    )
+    rm.add_argument("name", help="agent name")
+    reset = _command(
+        agent_cmds,
+        "reset",
+        "forget an agent's session: its next turn starts a new conversation",
+        "skydeck agent reset shout",
+    )
+    reset.add_argument("name", help="agent name")
 
-    job = commands.add_parser("job", help="manage cron jobs")
-    job_cmds = job.add_subparsers(dest="job_cmd", required=True, metavar="ACTION")
-    job_add = job_cmds.add_parser("add", help="create a job")
-    job_add.add_argument("name")
-    job_add.add_argument("--channel", required=True)
-    job_add.add_argument("--schedule", required=True, help='5-field cron, e.g. "*/5 * * * *"')
-    job_add.add_argument("--content", required=True, help="the message each run posts")
-    job_add.add_argument("--timezone", default="UTC", help="IANA zone (default UTC)")
-    job_cmds.add_parser("ls", help="list jobs").add_argument("--json", action="store_true")
-    for action in ("rm", "run"):
-        job_cmds.add_parser(action, help=f"{action} a job").add_argument("name")
+    standup = (
+        'skydeck job add standup --channel demo --schedule "0 9 * * 1-5" '
+        "--content standup --timezone Europe/Berlin"
+    )
+    job = _command(commands, "job", "add, list, run or remove cron jobs", standup, "skydeck job ls")
+    job_cmds = _actions(job, "job_cmd")
+    job_add = _command(job_cmds, "add", "create a job that posts a message on a schedule", standup)
+    job_add.add_argument("name", help="job name: letters, digits, '.', '_' or '-'")
+    job_add.add_argument(
+        "--channel", metavar="CH", required=True, help="the channel each run posts to"
+    )
+    job_add.add_argument(
+        "--schedule", metavar="CRON", required=True, help='5-field cron, e.g. "*/5 * * * *"'
+    )
+    job_add.add_argument(
+        "--content", metavar="TEXT", required=True, help="the message each run posts"
+    )
+    job_add.add_argument(
+        "--timezone", metavar="ZONE", default="UTC", help="IANA zone (default UTC)"
+    )
+    job_ls = _command(job_cmds, "ls", "list jobs with their next and last run", "skydeck job ls")
+    job_ls.add_argument("--json", action="store_true", help="print raw JSON")
+    job_rm = _command(job_cmds, "rm", "remove a job", "skydeck job rm standup")
+    job_rm.add_argument("name", help="job name")
+    job_run = _command(
+        job_cmds, "run", "post a job's message now, outside its schedule", "skydeck job run standup"
+    )
+    job_run.add_argument("name", help="job name")
 
-    send = commands.add_parser("send", help="post a message to a channel")
-    send.add_argument("channel")
-    send.add_argument("text")
+    send = _command(
+        commands,
+        "send",
+        "post a message to a channel",
+        'skydeck send shout "make this loud" --wait',
+        'skydeck send demo "hello"',
+    )
+    send.add_argument("channel", help="the channel to post to")
+    send.add_argument("text", help="the message")
     send.add_argument("--wait", action="store_true", help="wait for the turn, print the reply")
 
-    tail = commands.add_parser("tail", help="print a channel's turn events as they come")
-    tail.add_argument("channel")
+    tail = _command(
+        commands,
+        "tail",
+        "print a channel's turn events as they come (JSON lines)",
+        "skydeck tail shout",
+    )
+    tail.add_argument("channel", help="the channel to follow")
     return parser
 
 

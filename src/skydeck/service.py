@@ -26,7 +26,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from .app import BODY_TIMEOUT_S, MAX_BODY_BYTES, create_app, shielded_sends
-from .auth import Auth
+from .auth import JWKS_REFRESH_S, JWKS_TTL_S, Auth, HubKeys
 from .backends import CommandBackend, EchoBackend
 from .backends.base import Backend
 from .backends.claude import ClaudeBackend, find_claude, has_credentials
@@ -79,6 +79,12 @@ class Settings:
     vault_url: str | None = None
     vault_token: str | None = None
     vault_poll_s: float = 60.0
+    #: Parachute hub tokens: the hub's JWKS and the `iss` its tokens carry
+    #: (default: the JWKS URL's origin).
+    jwks_url: str | None = None
+    jwt_issuer: str | None = None
+    jwks_ttl_s: float = JWKS_TTL_S
+    jwks_refresh_s: float = JWKS_REFRESH_S
     #: The URL users reach the daemon at, when that is not the bind address (a proxy).
     public_url: str | None = None
     #: Host headers and browser origins allowed beyond loopback and same-origin.
@@ -96,12 +102,12 @@ class Settings:
         )
 
     def check(self) -> None:
-        secured = bool(self.token or self.jwt_secret)
+        secured = bool(self.token or self.jwt_secret or self.jwks_url)
         if not is_loopback(self.host) and not secured and not self.insecure:
             raise ConfigError(
                 f"refusing to listen on {self.host} without a token: anyone who can reach it "
-                "could run agents. Set SKYDECK_TOKEN (or --token) or SKYDECK_JWT_SECRET, "
-                "or pass --insecure."
+                "could run agents. Set SKYDECK_TOKEN (or --token), SKYDECK_JWT_SECRET or "
+                "SKYDECK_JWKS_URL, or pass --insecure."
             )
 
 
@@ -159,7 +165,7 @@ class Service:
         self.app = create_app(
             self.registry,
             self.store,
-            Auth(settings.token, settings.jwt_secret),
+            Auth(settings.token, settings.jwt_secret, self._hub_keys()),
             self.metrics,
             self.scheduler,
             health_extra=self._health_extra,
@@ -170,6 +176,12 @@ class Service:
         self._stopped = trio.Event()
         self._http_done = trio.Event()
         self.demo_note: str | None = None
+
+    def _hub_keys(self) -> HubKeys | None:
+        s = self.settings
+        if not s.jwks_url:
+            return None
+        return HubKeys(s.jwks_url, s.jwt_issuer, ttl_s=s.jwks_ttl_s, refresh_s=s.jwks_refresh_s)
 
     def _ensure_demo(self) -> None:
         """First start with an empty store: a demo agent on channel `demo`.
