@@ -88,11 +88,11 @@ async def test_r11_new_session_then_resume_carries_history(rig: Rig) -> None:
     assert reply_of(rig.store, second).content == "second answer"
     history = FakeAnthropic.texts(rig.api.requests[1])
     assert any("kumquat" in t for t in history) and "first answer" in history
-    threads = rig.store.list_threads("solo")
+    (thread,) = rig.store.list_threads("solo")  # R4: one record for the conversation
     sessions = {h["x-claude-code-session-id"] for h in rig.api.headers}
-    assert len(sessions) == 1 and threads[0].session in sessions, "R17: the echoed id"
-    assert threads[1].session == threads[0].session
-    assert threads[1].usage is not None and threads[1].usage["output_tokens"] == 7
+    assert len(sessions) == 1 and thread.session in sessions, "R17: the echoed id"
+    assert thread.turn_count == 2
+    assert thread.usage is not None and thread.usage["output_tokens"] == 14, "7 + 7, cumulative"
 
 
 async def test_r4_multi_threaded_turns_carry_no_history(rig: Rig) -> None:

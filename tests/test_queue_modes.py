@@ -54,8 +54,10 @@ async def test_r9_interrupt_cancels_the_running_turn_for_the_newest(
     assert (old.state, old.error) == ("cancelled", "interrupted by a newer message")
     assert new.state == "done"
     assert (running, "error", "interrupted by a newer message") in kinds
-    (cancelled_thread, done_thread) = store.list_threads("i")
-    assert cancelled_thread.status == "error" and done_thread.status == "ok"
+    # One conversation record (R4): the cancelled turn is not counted, the newest shows.
+    (thread,) = store.list_threads("i")
+    assert (thread.status, thread.turn_count, thread.input) == ("ok", 1, "urgent")
+    assert old.thread_id == new.thread_id == thread.id
 
 
 async def test_r9_followup_is_the_default_and_runs_every_message(

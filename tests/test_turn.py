@@ -97,8 +97,9 @@ async def test_r11_r17_r18_sessions_resume_only_what_was_echoed(
     assert two.resume and two.id == one.id
     assert failed.resume and three.resume and three.id == one.id, "R18: failure kept the session"
     assert not four.resume and four.id != one.id, "R27: reset starts fresh"
-    threads = store.list_threads("a")
-    assert [t.turn_count for t in threads] == [1, 2, 3, 4, 1]
+    (thread,) = store.list_threads("a")
+    assert thread.turn_count == 5, "R17/R27: every ended turn counts, a reset keeps counting"
+    assert thread.session == four.id
 
 
 async def test_r18_a_turn_that_echoes_no_session_keeps_the_previous_one(
@@ -318,3 +319,88 @@ def _drain(events: trio.MemoryReceiveChannel[TurnEvent]) -> list[TurnEvent]:
             out.append(events.receive_nowait())
         except (trio.WouldBlock, trio.EndOfChannel):
             return out
+
+
+async def test_r4_r17_single_threaded_conversation_is_one_upserted_record(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """Issue 12 §1: one record per single-threaded conversation, one per multi-threaded turn."""
+    store = make_store(tmp_path)
+    agents = [agent("s"), agent("m", mode="multi-threaded")]
+    async with running_registry(store, agents=agents) as registry:
+        ids = []
+        for text in ("one", "two", "three"):
+            ids.append(post(registry, "s", text))
+            await settle(store, [ids[-1]])
+            if text == "one":
+                (first,) = store.list_threads("s")
+            await trio.sleep(1)  # distinct timestamps
+        for text in ("one", "two", "three"):
+            await settle(store, [post(registry, "m", text)])
+    (conversation,) = store.list_threads("s")
+    assert conversation.turn_count == 3
+    assert conversation.started_at == first.started_at, "set once, preserved"
+    assert conversation.ended_at is not None and conversation.ended_at > first.ended_at  # type: ignore[operator]
+    assert (conversation.status, conversation.input, conversation.output) == (
+        "ok",
+        "three",
+        "re: three",
+    ), "the latest turn shows"
+    assert conversation.usage == {"output_tokens": 3}, "usage is cumulative"
+    messages = [store.get_message(i) for i in ids]
+    assert {m.thread_id for m in messages if m} == {conversation.id}
+    replies = [reply_of(store, m) for m in messages if m]
+    assert {r.thread_id for r in replies} == {conversation.id}
+    multi = store.list_threads("m")
+    assert [(t.turn_count, t.input) for t in multi] == [(1, "one"), (1, "two"), (1, "three")]
+    assert len({t.id for t in multi}) == 3
+
+
+async def test_r27_reset_keeps_the_record_and_clears_its_session(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    store = make_store(tmp_path)
+    async with running_registry(store, agents=[agent("s")]) as registry:
+        await settle(store, [post(registry, "s", "one")])
+        (before,) = store.list_threads("s")
+        assert before.session is not None
+        registry.reset("s")
+        (cleared,) = store.list_threads("s")
+        assert (cleared.id, cleared.session, cleared.turn_count) == (before.id, None, 1)
+        await settle(store, [post(registry, "s", "two")])
+    (after,) = store.list_threads("s")
+    assert (after.id, after.turn_count) == (before.id, 2)
+    assert after.session is not None and after.session != before.session
+
+
+def test_schema_4_migrates_a_version_3_store_and_keeps_old_records(tmp_path: Path) -> None:
+    """Issue 12 §1: stores written by the per-turn-record skydeck open and stay readable."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(
+            """
+            CREATE TABLE threads (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,
+                channel TEXT NOT NULL, agent TEXT NOT NULL, mode TEXT NOT NULL,
+                status TEXT NOT NULL, input TEXT NOT NULL, output TEXT NOT NULL DEFAULT '',
+                session TEXT, turn_count INTEGER NOT NULL DEFAULT 0, usage TEXT,
+                started_at TEXT NOT NULL, ended_at TEXT, message_id TEXT);
+            CREATE TABLE sessions (agent TEXT PRIMARY KEY, session_id TEXT,
+                turn_count INTEGER NOT NULL DEFAULT 0);
+            INSERT INTO threads (id, channel, agent, mode, status, input, output, session,
+                turn_count, started_at, ended_at)
+                VALUES ('t-old', 'a', 'a', 'single-threaded', 'ok', 'hi', 'yo', 's-1', 7,
+                '2026-01-01T00:00:00.000Z', '2026-01-01T00:00:01.000Z');
+            INSERT INTO sessions VALUES ('a', 's-1', 7);
+            PRAGMA user_version = 3;
+            """
+        )
+    store = make_store(tmp_path, "old.db")
+    (old,) = store.list_threads("a")
+    assert (old.id, old.turn_count, old.output) == ("t-old", 7, "yo")
+    assert store.get_session("a") == "s-1", "the conversation still resumes"
+    assert store.conversation("a") is None, "old per-turn records are not adopted"
+    columns = [row[1] for row in store._db.execute("PRAGMA table_info(sessions)")]
+    assert columns == ["agent", "session_id", "thread_id"]
+    store.close()

@@ -197,6 +197,25 @@ async def test_single_threaded_second_turn_resumes_the_session_from_the_thread_n
     assert [(c.session.id, c.session.resume) for c in backend.calls][1] == (session, True)
 
 
+async def test_r17_single_threaded_thread_note_started_once_counts_every_turn(rig: Rig) -> None:
+    """Issue 12 §1 / parachute-vault.md §4: one upserted note, started_at set once."""
+    started = []
+    thread_ids = set()
+    for i in range(3):
+        ack = await rig.deliver(trigger(f"n-{i}", "worker", f"turn {i}"))
+        thread_ids.add((await rig.settle(ack["id"]))["thread_id"])
+        note = rig.vault.by_path("Threads/worker/worker")
+        assert note is not None
+        started.append(note["metadata"]["started_at"])
+        turn_counts = note["metadata"]["turn_count"]
+        await trio.sleep(0.01)
+    assert len(set(started)) == 1, started
+    assert turn_counts == "3"
+    assert len(thread_ids) == 1
+    (local,) = rig.service.store.list_threads("worker")
+    assert (local.id, local.started_at, local.turn_count) == (thread_ids.pop(), started[0], 3)
+
+
 async def test_503_burst_then_success_is_retried_with_exact_attempts(rig: Rig) -> None:
     rig.vault.fail("POST", "/notes", 503, 503)
     ack = await rig.deliver(trigger("n-1", "worker", "retry me"))

@@ -47,7 +47,7 @@ from .model import (
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS agents (
@@ -96,7 +96,7 @@ CREATE INDEX IF NOT EXISTS threads_channel ON threads (channel, seq);
 CREATE TABLE IF NOT EXISTS sessions (
     agent TEXT PRIMARY KEY,
     session_id TEXT,
-    turn_count INTEGER NOT NULL DEFAULT 0
+    thread_id TEXT
 );
 CREATE TABLE IF NOT EXISTS jobs (
     name TEXT PRIMARY KEY,
@@ -114,6 +114,16 @@ CREATE TABLE IF NOT EXISTS meta (
     value TEXT NOT NULL
 );
 """
+
+#: Upgrades of a store made by an older skydeck: version -> statements reaching it.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    # 4: a single-threaded agent's conversation is one thread record (sessions.thread_id);
+    # its turn count lives on that record. Old per-turn records stay as they are.
+    4: (
+        "ALTER TABLE sessions ADD COLUMN thread_id TEXT",
+        "ALTER TABLE sessions DROP COLUMN turn_count",
+    ),
+}
 
 _MESSAGE_COLUMNS = (
     "seq, id, channel, direction, content, state, created_at, metadata, external_id, "
@@ -241,6 +251,10 @@ class Store:
                 f"({SCHEMA_VERSION}); upgrade skydeck"
             )
         with self._tx() as db:
+            if version > 0:
+                for target in range(version + 1, SCHEMA_VERSION + 1):
+                    for statement in _MIGRATIONS.get(target, ()):
+                        db.execute(statement)
             # Statement by statement: executescript() would COMMIT behind our back.
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
@@ -335,8 +349,23 @@ class Store:
         return None if row is None else cast("str | None", row[0])
 
     def clear_session(self, agent: str) -> None:
+        """R27: forget the session; the conversation's thread record keeps counting."""
         with self._tx() as db:
-            db.execute("DELETE FROM sessions WHERE agent = ?", (agent,))
+            db.execute(
+                "UPDATE threads SET session = NULL WHERE id = "
+                "(SELECT thread_id FROM sessions WHERE agent = ?)",
+                (agent,),
+            )
+            db.execute("UPDATE sessions SET session_id = NULL WHERE agent = ?", (agent,))
+
+    def conversation(self, agent: str) -> ThreadRecord | None:
+        """A single-threaded agent's one thread record (R4), if it has had a turn."""
+        row = self._db.execute(
+            "SELECT threads.* FROM sessions JOIN threads ON threads.id = sessions.thread_id "
+            "WHERE sessions.agent = ?",
+            (agent,),
+        ).fetchone()
+        return None if row is None else _row_to_thread(row)
 
     # -- inbound ------------------------------------------------------------------
 
@@ -462,8 +491,18 @@ class Store:
     # -- the turn (R12, R16, R17, R21, R26, R28) ----------------------------------
 
     def start_turn(self, messages: Sequence[Message], thread: ThreadRecord) -> None:
-        """Mark the turn's messages `working` (one more attempt) and write the start record."""
+        """Mark the turn's messages `working` (one more attempt) and write the start record.
+
+        A single-threaded agent's record is its conversation's: the first turn
+        links it to the agent, later turns upsert it.
+        """
         with self._tx() as db:
+            if thread.mode == "single-threaded":
+                db.execute(
+                    "INSERT INTO sessions (agent, thread_id) VALUES (?, ?) "
+                    "ON CONFLICT (agent) DO UPDATE SET thread_id = excluded.thread_id",
+                    (thread.agent, thread.id),
+                )
             for message in messages:
                 db.execute(
                     "UPDATE messages SET state = 'working', attempts = attempts + 1, "
@@ -480,9 +519,10 @@ class Store:
             "INSERT INTO threads (id, channel, agent, mode, status, input, output, session, "
             "turn_count, usage, started_at, ended_at, message_id) "
             "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET "
-            "status = excluded.status, output = excluded.output, session = excluded.session, "
-            "turn_count = excluded.turn_count, usage = excluded.usage, "
-            "ended_at = excluded.ended_at",
+            "status = excluded.status, input = excluded.input, output = excluded.output, "
+            "session = excluded.session, turn_count = excluded.turn_count, "
+            "usage = excluded.usage, ended_at = excluded.ended_at, "
+            "message_id = excluded.message_id",
             (
                 thread.id,
                 thread.channel,
@@ -518,17 +558,12 @@ class Store:
         backend echoed (single-threaded agents only).
         """
         with self._tx() as db:
-            if thread.mode == "single-threaded":
-                session = thread.session if persist_session and thread.session else None
-                (thread.turn_count,) = db.execute(
-                    "INSERT INTO sessions (agent, session_id, turn_count) VALUES (?, ?, 1) "
-                    "ON CONFLICT (agent) DO UPDATE SET turn_count = sessions.turn_count + 1, "
-                    "session_id = COALESCE(excluded.session_id, sessions.session_id) "
-                    "RETURNING turn_count",
-                    (thread.agent, session),
-                ).fetchone()
-            else:
-                thread.turn_count = 1
+            if thread.mode == "single-threaded" and persist_session and thread.session:
+                db.execute(
+                    "UPDATE sessions SET session_id = ? WHERE agent = ?",
+                    (thread.session, thread.agent),
+                )
+            thread.turn_count += 1
             thread.ended_at = utc_now()
             self._write_thread(db, thread)
             outbound = None
@@ -652,10 +687,11 @@ class Store:
         ).fetchall()
         return [_row_to_thread(row) for row in reversed(rows)]
 
-    def inbound_of_thread(self, thread_id: str) -> list[Message]:
+    def answered_by(self, reply_id: str) -> list[Message]:
+        """The inbound messages a reply answers (all of a `collect` turn's)."""
         rows = self._db.execute(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE thread_id = ? AND direction = 'in'",
-            (thread_id,),
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE reply_id = ? AND direction = 'in'",
+            (reply_id,),
         ).fetchall()
         return [_row_to_message(row) for row in rows]
 

@@ -21,7 +21,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import trio
@@ -74,6 +74,28 @@ def callback_text(channel: str, status: Literal["ok", "error"]) -> str:
     )
 
 
+def add_usage(total: dict[str, Any] | None, turn: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A conversation's usage: numbers summed across turns (nested counters too);
+    anything else (a model name, a tier) shows the latest turn's value."""
+    if not total or turn is None:
+        return turn or total
+    out = dict(total)
+    for key, value in turn.items():
+        before = out.get(key)
+        if isinstance(value, dict) and isinstance(before, dict):
+            out[key] = add_usage(before, value)
+        elif (
+            isinstance(value, int | float)
+            and isinstance(before, int | float)
+            and not isinstance(value, bool)
+            and not isinstance(before, bool)
+        ):
+            out[key] = before + value
+        else:
+            out[key] = value
+    return out
+
+
 def describe(exc: BaseException) -> str:
     """R15: an exception as a readable reason (a lone exception in a group is unwrapped)."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
@@ -105,7 +127,23 @@ class Turn:
         self.messages = list(messages)
         self.channel = agent.channel
         self.prompt = "\n\n".join(message.content for message in self.messages)
-        self.thread = ThreadRecord(
+        self.thread = self._thread_record()
+        mirror = deps.mirror
+        self.mirror = mirror if mirror is not None and mirror.serves(self.channel) else None
+        self._scope = trio.CancelScope()
+        self._ended = False
+        self._timed_out = False
+        self._started = time.monotonic()
+
+    def _thread_record(self) -> ThreadRecord:
+        """R4/R12: a multi-threaded turn gets a record of its own; a single-threaded
+        agent's turns all write its one conversation record (started once,
+        counted per ended turn, showing the latest turn)."""
+        agent = self.agent
+        previous = (
+            self.deps.store.conversation(agent.name) if agent.mode == "single-threaded" else None
+        )
+        fresh = ThreadRecord(
             id=new_id(),
             channel=self.channel,
             agent=agent.name,
@@ -114,12 +152,17 @@ class Turn:
             input=self.prompt,
             message_id=self.messages[0].id,
         )
-        mirror = deps.mirror
-        self.mirror = mirror if mirror is not None and mirror.serves(self.channel) else None
-        self._scope = trio.CancelScope()
-        self._ended = False
-        self._timed_out = False
-        self._started = time.monotonic()
+        if previous is None:
+            return fresh
+        return replace(
+            previous,
+            channel=self.channel,
+            status="working",
+            input=self.prompt,
+            output="",
+            ended_at=None,
+            message_id=fresh.message_id,
+        )
 
     # -- control ------------------------------------------------------------------
 
@@ -205,7 +248,8 @@ class Turn:
     async def _succeed(self, result: TurnResult) -> None:
         thread = self.thread
         thread.status, thread.output = "ok", result.reply
-        thread.usage, thread.session = result.usage, result.session_id
+        thread.usage = add_usage(thread.usage, result.usage)
+        thread.session = result.session_id or thread.session
         reply = await self._end("done", result.reply, error=None, persist_session=True)
         try:
             remote_id = await self._mirror_reply(reply)
@@ -245,7 +289,8 @@ class Turn:
         """R16: record, tell live viewers, post the failure reply, call back."""
         log.warning("turn failed", extra={"channel": self.channel, "reason": reason})
         thread = self.thread
-        thread.status, thread.output, thread.session = "error", reason, echoed_session
+        thread.status, thread.output = "error", reason
+        thread.session = echoed_session or thread.session
         reply = await self._end(
             "failed",
             failure_reply_text(reason),

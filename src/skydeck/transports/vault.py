@@ -304,13 +304,16 @@ class VaultMirror:
             return
         remote_id = await self.write_reply(reply, inbound)
         self.store.set_remote_id(reply, remote_id)
-        thread.status, thread.output = "ok", reply.content
-        self.store.rewrite_thread(thread)
-        self.store.set_state(self.store.inbound_of_thread(thread.id), "done")
-        try:
-            await self.write_thread(thread, "end", inbound)
-        except DeliveryError as exc:
-            log.warning("thread note not updated after redelivery", extra={"error": str(exc)})
+        self.store.set_state(self.store.answered_by(reply.id), "done")
+        # A single-threaded conversation's record may show a later turn by now:
+        # only a record still showing this turn is flipped back to ok.
+        if thread.message_id == inbound.id:
+            thread.status, thread.output = "ok", reply.content
+            self.store.rewrite_thread(thread)
+            try:
+                await self.write_thread(thread, "end", inbound)
+            except DeliveryError as exc:
+                log.warning("thread note not updated after redelivery", extra={"error": str(exc)})
         log.info("undelivered reply delivered from the outbox", extra={"channel": reply.channel})
 
     def pending(self) -> int:
