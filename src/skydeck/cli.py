@@ -129,7 +129,7 @@ def _csv(raw: str | None) -> tuple[str, ...]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from . import logs
-    from .service import ConfigError, Service, Settings, default_data_dir
+    from .service import KEEPALIVE_S, ConfigError, Service, Settings, default_data_dir
 
     logs.configure(os.environ.get("SKYDECK_LOG_LEVEL", "INFO"))
     settings = Settings(
@@ -152,7 +152,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         public_url=args.public_url or os.environ.get("SKYDECK_PUBLIC_URL") or None,
         allowed_hosts=_csv(os.environ.get("SKYDECK_ALLOWED_HOSTS")),
         allowed_origins=_csv(os.environ.get("SKYDECK_ALLOWED_ORIGINS")),
-        keepalive_s=_first(None, os.environ.get("SKYDECK_KEEPALIVE_S"), None, 5.0, float),
+        keepalive_s=_first(None, os.environ.get("SKYDECK_KEEPALIVE_S"), None, KEEPALIVE_S, float),
         body_timeout_s=_first(None, os.environ.get("SKYDECK_BODY_TIMEOUT_S"), None, 30.0, float),
     )
     try:

@@ -51,7 +51,9 @@ DEFAULT_PORT = 1941
 DB_NAME = "skydeck.db"
 DEFAULT_GRACE_S = 30.0
 #: An idle keep-alive connection (or one that never sends its headers) closes after this.
-KEEPALIVE_S = 5.0
+#: Longer than httpx's (the CLI's) 5 s pool expiry, so a client drops an idle connection
+#: before the server does, and never sends a request into a socket closing under it.
+KEEPALIVE_S = 10.0
 
 
 def default_data_dir() -> Path:
