@@ -199,6 +199,8 @@ def cmd_agent(args: argparse.Namespace, client: Client) -> int:
             body["command"] = shlex.split(args.command)
         if args.timeout is not None:
             body["timeout_s"] = args.timeout
+        if args.max_reply_bytes is not None:
+            body["max_reply_bytes"] = args.max_reply_bytes
         if args.env:
             body["env"] = dict(item.split("=", 1) for item in args.env)
         agent = client.request("POST", "/api/agents", body)
@@ -350,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--system-prompt-file")
     add.add_argument("--command", help='the program, split like a shell: "prog arg ..."')
     add.add_argument("--timeout", type=int, help="turn timeout in seconds (default 900)")
+    add.add_argument(
+        "--max-reply-bytes", type=int, help="longer replies are cut (default 1048576 = 1 MiB)"
+    )
     add.add_argument("--env", action="append", metavar="KEY=VALUE", help="repeatable")
     for action in ("ls", "show"):
         sub = agent_cmds.add_parser(action, help=f"{action} agents")
