@@ -13,8 +13,8 @@ runs processes and decides what a failure means:
   readable reason.
 
 Stopping a turn (timeout, deregister, interrupt, shutdown) is cancellation:
-the process group is terminated by `open_group_process`, and nothing is
-retried, because no return code is ever looked at.
+the process tree is stopped by `open_group_process`, and nothing is retried,
+because no return code is ever looked at.
 """
 
 from __future__ import annotations
