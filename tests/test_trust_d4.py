@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 from daemon_process import DaemonProcess, cli
+from skydeck.backends.output import LineSplitter, Overlong, cut_reply, human_size
 
 MB = 1_000_000
 MIB = 1024 * 1024
@@ -220,3 +221,22 @@ def test_trust_d4_claude_stream_overlong_line_and_long_answer(rig: Rig) -> None:
     assert len(seen.reply.encode()) <= MIB
     assert seen.peak_growth < RSS_BUDGET, f"daemon grew by {seen.peak_growth / MB:.0f} MB"
     assert seen.worst_health_s < 1.0, f"/health took {seen.worst_health_s:.2f} s"
+
+
+def test_trust_d4_line_splitter_and_cut_rules() -> None:
+    splitter = LineSplitter(max_line=4)
+    assert splitter.feed(b"ab") == []
+    assert splitter.feed(b"cd\nabcde") == [b"abcd"], "exactly at the limit is a line"
+    assert splitter.feed(b"fgh\n\nx") == [Overlong(8), b""], "dropped as it came in"
+    assert splitter.feed(b"yz") == [] and splitter.end() == [b"xyz"]
+    assert splitter.feed(b"toolong") == [] and splitter.end() == [Overlong(7)]
+
+    assert [human_size(n) for n in (MIB, 3 * MIB, 65536, 1536, 1000)] == [
+        "1 MiB",
+        "3 MiB",
+        "64 KiB",
+        "1536 bytes",
+        "1000 bytes",
+    ]
+    assert cut_reply("short", 1000) == "short"
+    assert cut_reply("short", 1000, cut=True) == "short\n\n[reply cut at 1000 bytes]"

@@ -87,8 +87,8 @@ class Reaper:
                 self._terminate()
                 break
         self._kill_all()
-        assert self.status is not None
-        return self.status
+        # Not reaped by the deadline (stuck in the kernel): report it as killed.
+        return signal.SIGKILL if self.status is None else self.status
 
     def _drain_wake(self) -> None:
         try:
