@@ -30,7 +30,6 @@ from hypercorn.trio import serve
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from fake_anthropic import FakeAnthropic
 from skydeck.backends.claude import ClaudeBackend, find_claude
-from skydeck.backends.process import run_in_group
 from skydeck.model import AgentSpec, TurnSession
 from skydeck.service import Service, Settings
 
@@ -43,7 +42,16 @@ def percentile(values: list[float], pct: float) -> float:
 async def bare_turn(backend: ClaudeBackend, agent: AgentSpec, home: Path) -> float:
     argv = backend.argv(agent, "say hi", TurnSession(id=str(uuid.uuid4()), resume=False))
     start = time.perf_counter()
-    done = await run_in_group(argv, stdin=b"", env=backend.env(agent, home), cwd=home)
+    done = await trio.run_process(
+        argv,
+        stdin=b"",
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        env=backend.env(agent, home),
+        cwd=home,
+        start_new_session=True,
+    )
     elapsed = time.perf_counter() - start
     assert done.returncode == 0 and b'"is_error":false' in done.stdout, done.stderr[-500:]
     return elapsed

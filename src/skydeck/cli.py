@@ -210,6 +210,8 @@ def cmd_agent(args: argparse.Namespace, client: Client) -> int:
             body["command"] = shlex.split(args.command)
         if args.timeout is not None:
             body["timeout_s"] = args.timeout
+        if args.max_reply_bytes is not None:
+            body["max_reply_bytes"] = args.max_reply_bytes
         if args.env:
             body["env"] = dict(item.split("=", 1) for item in args.env)
         agent = client.request("POST", "/api/agents", body)
@@ -520,6 +522,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add.add_argument(
         "--timeout", metavar="SECONDS", type=int, help="turn timeout in seconds (default 900)"
+    )
+    add.add_argument(
+        "--max-reply-bytes",
+        metavar="BYTES",
+        type=int,
+        help="longer replies are cut (default 1048576 = 1 MiB)",
     )
     add.add_argument(
         "--env",

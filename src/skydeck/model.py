@@ -31,6 +31,8 @@ TERMINAL_STATES: frozenset[str] = frozenset({"done", "failed", "cancelled", "dro
 OPEN_STATES: frozenset[str] = frozenset({"buffered", "queued", "working"})
 
 DEFAULT_TIMEOUT_S = 900
+#: The longest reply a backend may give, in UTF-8 bytes; the rest is cut (1 MiB).
+DEFAULT_MAX_REPLY_BYTES = 1024 * 1024
 
 
 def is_valid_name(value: str) -> bool:
@@ -72,12 +74,30 @@ class AgentSpec:
     command: list[str] | None = None
     env: dict[str, str] = field(default_factory=dict)
     timeout_s: int = DEFAULT_TIMEOUT_S
+    max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES
     created_at: str = field(default_factory=utc_now)
     #: Where the definition lives: None for the HTTP API, "vault:<note id>" for a vault note.
     source: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return _as_json(self)
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessRecord:
+    """A process skydeck started and has not reaped yet (`procs.ProcessRegistry`).
+
+    ``start_time`` is field 22 of ``/proc/<pid>/stat`` (clock ticks after boot)
+    and ``boot_id`` the kernel's boot id: together with the pid they name one
+    process for ever, so a recycled pid is never mistaken for it.
+    """
+
+    pid: int
+    start_time: int
+    boot_id: str
+    agent: str
+    channel: str
+    started_at: str = field(default_factory=utc_now)
 
 
 @dataclass(slots=True)

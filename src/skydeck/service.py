@@ -35,6 +35,7 @@ from .events import TurnEvents
 from .guard import OriginPolicy, is_loopback
 from .metrics import Metrics
 from .model import AgentSpec
+from .procs import ProcessRegistry
 from .registry import DEFAULT_BUFFER_CAP, DEFAULT_MAX_TURNS, Registry
 from .scheduler import Scheduler, WallClock
 from .store import Store
@@ -123,11 +124,15 @@ class Service:
         workspaces = settings.data_dir / "workspaces"
         self.claude_bin = find_claude()
         self.metrics = Metrics(lambda: self.registry.depths())
+        self.processes = ProcessRegistry(self.store)
         backends: dict[str, Backend] = {
             "echo": EchoBackend(),
-            "command": CommandBackend(workspaces),
+            "command": CommandBackend(workspaces, self.processes),
             "claude": ClaudeBackend(
-                self.claude_bin, workspaces, on_retry=self.metrics.backend_retries.inc
+                self.claude_bin,
+                workspaces,
+                on_retry=self.metrics.backend_retries.inc,
+                processes=self.processes,
             ),
         }
         self.deps = TurnDeps(
@@ -211,6 +216,8 @@ class Service:
         config.graceful_timeout = 5
         config.keep_alive_timeout = self.settings.keepalive_s
         try:
+            # Before any message replays: a killed daemon's turns may still be running.
+            await self.processes.kill_leftovers()
             async with trio.open_nursery() as nursery:
                 registry_scope = trio.CancelScope()
 

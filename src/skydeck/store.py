@@ -39,6 +39,7 @@ from .model import (
     Job,
     Message,
     MessageState,
+    ProcessRecord,
     ThreadRecord,
     ThreadStatus,
     new_id,
@@ -47,6 +48,8 @@ from .model import (
 
 log = logging.getLogger(__name__)
 
+#: 4: a single-threaded conversation's thread record (`sessions.thread_id`, a
+#: migration) and `processes` (created IF NOT EXISTS, like every table).
 SCHEMA_VERSION = 4
 
 _SCHEMA = """
@@ -108,6 +111,15 @@ CREATE TABLE IF NOT EXISTS outbox (
     payload TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     last_error TEXT
+);
+CREATE TABLE IF NOT EXISTS processes (
+    boot_id TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    start_time INTEGER NOT NULL,
+    agent TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    started_at TEXT NOT NULL,
+    PRIMARY KEY (boot_id, pid, start_time)
 );
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
@@ -339,6 +351,41 @@ class Store:
 
     def outbox_count(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    # -- processes that may outlive a crash (procs.ProcessRegistry) -------------------
+
+    def add_process(self, record: ProcessRecord) -> None:
+        with self._tx(atomic=False) as db:
+            db.execute(
+                "INSERT OR REPLACE INTO processes "
+                "(boot_id, pid, start_time, agent, channel, started_at) VALUES (?,?,?,?,?,?)",
+                (
+                    record.boot_id,
+                    record.pid,
+                    record.start_time,
+                    record.agent,
+                    record.channel,
+                    record.started_at,
+                ),
+            )
+
+    def remove_process(self, record: ProcessRecord) -> None:
+        with self._tx(atomic=False) as db:
+            db.execute(
+                "DELETE FROM processes WHERE boot_id = ? AND pid = ? AND start_time = ?",
+                (record.boot_id, record.pid, record.start_time),
+            )
+
+    def list_processes(self) -> list[ProcessRecord]:
+        rows = self._db.execute(
+            "SELECT pid, start_time, boot_id, agent, channel, started_at FROM processes "
+            "ORDER BY started_at"
+        ).fetchall()
+        return [ProcessRecord(**dict(row)) for row in rows]
+
+    def clear_processes(self) -> None:
+        with self._tx(atomic=False) as db:
+            db.execute("DELETE FROM processes")
 
     # -- sessions (R11, R17, R18, R27) --------------------------------------------
 

@@ -30,6 +30,10 @@ from .model import (
 
 OUTBOUND_TAGS = frozenset({"#agent/message/outbound", "agent/message/outbound"})
 MAX_TIMEOUT_S = 86_400
+#: ``max_reply_bytes``: room for the cut marker at the low end; the top keeps a
+#: reply small enough to store, page and render without stalling anything.
+MIN_REPLY_BYTES = 1000
+MAX_REPLY_BYTES = 64 * 1024 * 1024
 
 _PLAIN_FIELDS = frozenset(
     {"channel", "content", "id", "reply_to", "correlation_id", "delegation_depth", "metadata"}
@@ -260,6 +264,7 @@ _AGENT_FIELDS = frozenset(
         "command",
         "env",
         "timeout_s",
+        "max_reply_bytes",
     }
 )
 
@@ -332,6 +337,18 @@ def _agent_fields(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
                 f"timeout_s must be an integer from 1 to {MAX_TIMEOUT_S}", field="timeout_s"
             )
         out["timeout_s"] = timeout
+    if "max_reply_bytes" in body:
+        cap = body["max_reply_bytes"]
+        if (
+            not isinstance(cap, int)
+            or isinstance(cap, bool)
+            or not MIN_REPLY_BYTES <= cap <= MAX_REPLY_BYTES
+        ):
+            raise BadRequest(
+                f"max_reply_bytes must be an integer from {MIN_REPLY_BYTES} to {MAX_REPLY_BYTES}",
+                field="max_reply_bytes",
+            )
+        out["max_reply_bytes"] = cap
     return out
 
 

@@ -13,8 +13,8 @@ runs processes and decides what a failure means:
   readable reason.
 
 Stopping a turn (timeout, deregister, interrupt, shutdown) is cancellation:
-the process group is terminated by `open_group_process`, and nothing is
-retried, because no return code is ever looked at.
+the process tree is stopped by `open_group_process`, and nothing is retried,
+because no return code is ever looked at.
 """
 
 from __future__ import annotations
@@ -25,19 +25,24 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import trio
 
 from ..model import AgentSpec, TurnResult, TurnSession
+from ..procs import ProcessRegistry
 from .base import BackendError, Emit
 from .claude_stream import StreamOutcome, StreamParser
+from .output import Overlong, TailBuffer
 from .process import (
+    STDERR_TAIL,
     describe_exit,
     iter_lines,
     minimal_env,
     open_group_process,
-    read_all,
+    pump,
+    run_until_exit,
     workspace_for,
 )
 
@@ -52,7 +57,6 @@ CREDENTIAL_KEYS = (
     "CLAUDE_CODE_OAUTH_TOKEN",
     "ANTHROPIC_BASE_URL",
 )
-STDERR_TAIL = 2000
 #: Where `make test` / `make run` install the pinned CLI, relative to the checkout.
 LOCAL_INSTALL = Path(".tools/claude/node_modules/.bin/claude")
 
@@ -94,9 +98,11 @@ class ClaudeBackend:
         *,
         retry_delays: Sequence[float] = RETRY_DELAYS_S,
         on_retry: Callable[[], None] | None = None,
+        processes: ProcessRegistry | None = None,
     ) -> None:
         self.executable = executable
         self.workspaces = workspaces
+        self.processes = processes
         self.retry_delays = tuple(retry_delays)
         self.on_retry = on_retry
 
@@ -176,23 +182,35 @@ class ClaudeBackend:
         self, agent: AgentSpec, prompt: str, session: TurnSession, emit: Emit
     ) -> TurnResult:
         home = workspace_for(self.workspaces, agent)
-        parser = StreamParser()
-        stderr = bytearray()
+        parser = StreamParser(max_reply_bytes=agent.max_reply_bytes)
+        stderr = TailBuffer.for_chars(STDERR_TAIL)
+
+        async def read_stream(stdout: trio.abc.ReceiveStream) -> None:
+            async for line in iter_lines(stdout):
+                events = (
+                    parser.overlong(line.size) if isinstance(line, Overlong) else parser.feed(line)
+                )
+                for kind, data in events:
+                    emit(kind, data)
+
         async with open_group_process(
-            self.argv(agent, prompt, session), env=self.env(agent, home), cwd=home
+            self.argv(agent, prompt, session),
+            env=self.env(agent, home),
+            cwd=home,
+            processes=self.processes,
+            owner=agent,
         ) as process:
             assert process.stdin is not None and process.stdout is not None
             await process.stdin.aclose()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(read_all, process.stderr, stderr)
-                async for line in iter_lines(process.stdout):
-                    for kind, data in parser.feed(line):
-                        emit(kind, data)
-            returncode = await process.wait()
-        return self._judge(parser.outcome, returncode, bytes(stderr), session)
+            returncode = await run_until_exit(
+                process,
+                partial(read_stream, process.stdout),
+                partial(pump, process.stderr, stderr.add),
+            )
+        return self._judge(parser.outcome, returncode, stderr.tail(STDERR_TAIL), session)
 
     def _judge(
-        self, outcome: StreamOutcome, returncode: int, stderr: bytes, session: TurnSession
+        self, outcome: StreamOutcome, returncode: int, stderr: str, session: TurnSession
     ) -> TurnResult:
         if outcome.ok:
             return TurnResult(
@@ -208,8 +226,7 @@ class ClaudeBackend:
             raise BackendError(outcome.error_text, session_id=outcome.session_id)
         if returncode < 0:
             raise _Retry(f"claude was {describe_exit(returncode)}", outcome)
-        tail = stderr.decode(errors="replace")[-STDERR_TAIL:].strip()
         raise BackendError(
-            tail or f"claude {describe_exit(returncode)} without a result",
+            stderr.strip() or f"claude {describe_exit(returncode)} without a result",
             session_id=outcome.session_id,
         )

@@ -14,7 +14,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..model import DEFAULT_MAX_REPLY_BYTES
 from .base import EventKind
+from .output import MAX_LINE_BYTES, cut_reply, human_size
 
 log = logging.getLogger(__name__)
 
@@ -23,12 +25,39 @@ RESUME_NOT_FOUND = "No conversation found with session ID"
 
 @dataclass(slots=True)
 class StreamOutcome:
-    """What the stream said about the turn, once it ended."""
+    """What the stream said about the turn, once it ended.
+
+    The answer's text is kept up to ``max_reply_bytes`` (`keep_text`): a
+    model that writes without end costs the cap, not its output.
+    """
 
     session_id: str | None = None
     result: dict[str, Any] | None = None
     final_text: list[str] = field(default_factory=list)
     skipped_lines: int = 0
+    max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES
+    text_bytes: int = 0
+    cut: bool = False
+
+    def keep_text(self, text: str) -> str | None:
+        """Add a text block to the answer: what of it was kept, None once the cap is full."""
+        if self.cut:
+            return None
+        room = self.max_reply_bytes - self.text_bytes
+        encoded = text.encode()
+        if len(encoded) > room:
+            self.cut = True
+            encoded = encoded[:room]
+            text = encoded.decode(errors="ignore")
+        self.final_text.append(text)
+        self.text_bytes += len(encoded)
+        return text
+
+    def clear_text(self) -> None:
+        """A tool result came: the answer is only what follows it."""
+        self.final_text.clear()
+        self.text_bytes = 0
+        self.cut = False
 
     @property
     def ok(self) -> bool:
@@ -40,11 +69,12 @@ class StreamOutcome:
         """The full final answer: the text blocks after the last tool result.
 
         ``result.result`` holds only the last text block, so it is the fallback.
+        Either way at most ``max_reply_bytes``, marker included.
         """
         if self.final_text:
-            return "\n\n".join(self.final_text)
+            return cut_reply("\n\n".join(self.final_text), self.max_reply_bytes, cut=self.cut)
         text = (self.result or {}).get("result")
-        return text if isinstance(text, str) else ""
+        return cut_reply(text, self.max_reply_bytes) if isinstance(text, str) else ""
 
     @property
     def api_status(self) -> int | None:
@@ -93,8 +123,8 @@ class StreamOutcome:
 
 
 class StreamParser:
-    def __init__(self) -> None:
-        self.outcome = StreamOutcome()
+    def __init__(self, *, max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES) -> None:
+        self.outcome = StreamOutcome(max_reply_bytes=max_reply_bytes)
 
     def feed(self, line: bytes | str) -> list[tuple[EventKind, dict[str, Any]]]:
         """One stdout line -> the live events it carries. Bad lines are logged and skipped."""
@@ -124,6 +154,10 @@ class StreamParser:
                 self.outcome.session_id = session
         return []
 
+    def overlong(self, size: int) -> list[tuple[EventKind, dict[str, Any]]]:
+        """A line over `output.MAX_LINE_BYTES`, dropped unread: a bad line like any other."""
+        return self._skip(f"longer than {human_size(MAX_LINE_BYTES)} ({size} bytes)", "")
+
     def _skip(self, why: str, text: str) -> list[tuple[EventKind, dict[str, Any]]]:
         self.outcome.skipped_lines += 1
         log.warning("skipped a claude output line", extra={"why": why, "line": text[:200]})
@@ -142,8 +176,9 @@ class StreamParser:
             return events  # a sub-agent's chatter is not this turn's answer
         for block in self._blocks(message):
             if block.get("type") == "text" and isinstance(block.get("text"), str):
-                self.outcome.final_text.append(block["text"])
-                events.append(("text", {"text": block["text"]}))
+                kept = self.outcome.keep_text(block["text"])
+                if kept is not None:
+                    events.append(("text", {"text": kept}))
             elif block.get("type") == "tool_use":
                 name = block.get("name")
                 events.append(
@@ -159,4 +194,4 @@ class StreamParser:
 
     def _user(self, message: dict[str, Any]) -> None:
         if any(block.get("type") == "tool_result" for block in self._blocks(message)):
-            self.outcome.final_text.clear()
+            self.outcome.clear_text()

@@ -1,29 +1,46 @@
-"""Child processes for backends: argv lists, a minimal environment, and a
-process group that is torn down as a whole.
+"""Child processes for backends: argv lists, a minimal environment, and a turn
+that ends when its program ends, taking every process it started with it.
 
-Why a process group: an agent's program may start helpers of its own (a shell,
-an MCP server, a language server). Killing only the direct child would leave
-them running with nobody to reap them. Each turn's process starts a new
-session (so it leads its own group); on cancellation the whole group gets
-SIGTERM, then SIGKILL after a short grace, and after a normal exit any member
-still alive is swept the same way: a turn leaves nothing running behind it.
+Why the reaper (`procs.under_reaper`, `reaper.py`): an agent's program may
+start helpers of its own (a shell, an MCP server, a language server), and a
+helper may leave the process group with ``setsid`` and hold stdout open. So a
+turn does not end at stdout's EOF but when the program exits (`run_until_exit`,
+plus `EXIT_GRACE_S` to read what is already in the pipes), and the reaper then
+kills every process left in the tree, whatever session it made. A turn that is
+stopped (timeout, deregister, shutdown) closes the reaper's control pipe: the
+tree gets SIGTERM, then SIGKILL; a reaper that does not finish in
+`KILL_GRACE_S` has its tree SIGKILLed from here.
+
+What a backend keeps of the output is bounded (`output.py`): the head of
+stdout, the tail of stderr, lines of at most `output.MAX_LINE_BYTES`.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import signal
 import subprocess
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
 from ..model import AgentSpec
+from ..procs import Launch, ProcessRegistry, kill_tree, under_reaper
+from .output import LineSplitter, Overlong
 
+log = logging.getLogger(__name__)
+
+#: How long a stopped turn's reaper gets to clean up before we SIGKILL its tree.
 KILL_GRACE_S = 3.0
+#: After the program exits: time to read what it left in the pipes.
+EXIT_GRACE_S = 0.5
+CHUNK = 65536
+#: Characters of stderr quoted when a program fails.
+STDERR_TAIL = 2000
 
 #: Variables every child gets from the daemon's environment when they are set.
 BASE_ENV_KEYS = ("PATH", "LANG", "LC_ALL", "TZ")
@@ -59,71 +76,121 @@ def workspace_for(root: Path, agent: AgentSpec) -> Path:
     return path
 
 
-def kill_group(pgid: int, sig: signal.Signals = signal.SIGKILL) -> None:
-    with suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
+def check_executable(program: str, *, path: str | None, cwd: Path) -> None:
+    """Raise what exec would for a missing or non-executable program.
 
-
-async def terminate_group(process: trio.Process) -> None:
-    """`trio.run_process`'s ``deliver_cancel``: SIGTERM the group, then SIGKILL it."""
-    kill_group(process.pid, signal.SIGTERM)
-    with trio.move_on_after(KILL_GRACE_S):
-        await process.wait()
-    kill_group(process.pid, signal.SIGKILL)
+    The reaper runs the program, so its exec errors would only show up as an
+    exit status; checking first keeps "command not found: X" a clear failure.
+    """
+    if "/" in program:
+        candidates = [cwd / program]
+    else:
+        candidates = [cwd / d / program for d in (path or os.defpath).split(os.pathsep)]
+    denied = False
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return
+        denied = denied or candidate.exists()
+    if denied:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), program)
+    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
 
 
 @asynccontextmanager
 async def open_group_process(
-    argv: list[str], *, env: Mapping[str, str], cwd: Path
+    argv: list[str],
+    *,
+    env: Mapping[str, str],
+    cwd: Path,
+    processes: ProcessRegistry | None = None,
+    owner: AgentSpec | None = None,
 ) -> AsyncIterator[trio.Process]:
-    """Start ``argv`` (pipes on stdin/stdout/stderr) leading a new process group.
+    """Start ``argv`` under the reaper (pipes on stdin/stdout/stderr), leading a new
+    process group; with ``processes``, recorded (and committed) before this yields.
 
-    On leaving the block, for any reason, the group is terminated if the
-    process still runs and swept with SIGKILL either way. The cleanup is
-    shielded: it is bounded by `KILL_GRACE_S` and must finish even when the
-    turn is being cancelled, or orphans would be left behind.
+    On leaving the block, for any reason, a reaper that still runs is told to stop
+    (its control pipe closes) and given `KILL_GRACE_S`; after that its tree is
+    SIGKILLed from here. The cleanup is shielded: it must finish even when the turn
+    is being cancelled, or processes would be left behind.
     """
-    process = await trio.lowlevel.open_process(
-        argv,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-        env=dict(env),
-        cwd=str(cwd),
-    )
+    check_executable(argv[0], path=env.get("PATH"), cwd=cwd)
+    control, keep = os.pipe()  # the reaper reads `control`; only we hold `keep`
     try:
+        launch = under_reaper(Launch(list(argv)), control)
+        process = await trio.lowlevel.open_process(
+            launch.argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            env=dict(env),
+            cwd=str(cwd),
+            pass_fds=launch.pass_fds,
+        )
+    except BaseException:
+        os.close(keep)
+        raise
+    finally:
+        os.close(control)
+    try:
+        if processes is not None and owner is not None:
+            await processes.track(process.pid, owner)
         yield process
     finally:
         with trio.CancelScope(shield=True):
-            if process.returncode is None:
-                await terminate_group(process)
-            kill_group(process.pid)
-            await process.wait()
+            await _stop(process, keep)
+            if processes is not None:
+                processes.untrack(process.pid)
 
 
-async def iter_lines(stream: trio.abc.ReceiveStream) -> AsyncIterator[bytes]:
-    """Lines as they arrive (without the newline); a last unterminated line too."""
-    buffer = bytearray()
-    while chunk := await stream.receive_some(65536):
-        buffer += chunk
-        start = 0
-        while (end := buffer.find(b"\n", start)) >= 0:
-            yield bytes(buffer[start:end])
-            start = end + 1
-        del buffer[:start]
-    if buffer:
-        yield bytes(buffer)
+async def _stop(process: trio.Process, control: int) -> None:
+    os.close(control)  # EOF: a reaper still running terminates its tree
+    with trio.move_on_after(KILL_GRACE_S):
+        await process.wait()
+    if process.returncode is None:  # not reaped yet, so its pid is still its own
+        log.warning("reaper did not stop in time; killing its tree", extra={"pid": process.pid})
+        kill_tree(process.pid)
+    await process.wait()
 
 
-async def read_all(stream: trio.abc.ReceiveStream | None, into: bytearray) -> None:
+async def run_until_exit(
+    process: trio.Process,
+    *pipes: Callable[[], Awaitable[None]],
+    grace: float = EXIT_GRACE_S,
+) -> int:
+    """Run the ``pipes`` tasks (stdin writer, stdout/stderr readers) until the process
+    exits and they had ``grace`` more seconds to finish; its exit status.
+
+    The end of a turn is its program's exit, not stdout's EOF: a helper that
+    still holds the pipe cannot keep the turn (or the channel) waiting.
+    """
+    finished = trio.Event()
+
+    async def run_pipes() -> None:
+        async with trio.open_nursery() as nursery:
+            for pipe in pipes:
+                nursery.start_soon(pipe)
+        finished.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_pipes)
+        returncode = await process.wait()
+        with trio.move_on_after(grace):
+            await finished.wait()
+        nursery.cancel_scope.cancel()
+    return returncode
+
+
+async def pump(stream: trio.abc.ReceiveStream | None, sink: Callable[[bytes], None]) -> None:
+    """Everything from ``stream`` into ``sink``, chunk by chunk, as it arrives."""
     if stream is None:
         return
-    while chunk := await stream.receive_some(65536):
-        into += chunk
+    while chunk := await stream.receive_some(CHUNK):
+        sink(chunk)
 
 
-async def _feed(stream: trio.abc.SendStream | None, data: bytes) -> None:
+async def feed(stream: trio.abc.SendStream | None, data: bytes) -> None:
+    """Write ``data`` and close, ignoring a reader that is gone."""
     if stream is None:
         return
     with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
@@ -131,25 +198,15 @@ async def _feed(stream: trio.abc.SendStream | None, data: bytes) -> None:
     await stream.aclose()
 
 
-@dataclass(slots=True)
-class Completed:
-    returncode: int
-    stdout: bytes
-    stderr: bytes
-
-
-async def run_in_group(
-    argv: list[str], *, stdin: bytes, env: Mapping[str, str], cwd: Path
-) -> Completed:
-    """Run ``argv`` to completion in its own process group; output captured."""
-    stdout, stderr = bytearray(), bytearray()
-    async with open_group_process(argv, env=env, cwd=cwd) as process:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_feed, process.stdin, stdin)
-            nursery.start_soon(read_all, process.stdout, stdout)
-            nursery.start_soon(read_all, process.stderr, stderr)
-        returncode = await process.wait()
-    return Completed(returncode=returncode, stdout=bytes(stdout), stderr=bytes(stderr))
+async def iter_lines(stream: trio.abc.ReceiveStream) -> AsyncIterator[bytes | Overlong]:
+    """Lines as they arrive (without the newline), a last unterminated line too;
+    a line over `output.MAX_LINE_BYTES` comes as `Overlong`, never held in memory."""
+    splitter = LineSplitter()
+    while chunk := await stream.receive_some(CHUNK):
+        for line in splitter.feed(chunk):
+            yield line
+    for line in splitter.end():
+        yield line
 
 
 def describe_exit(returncode: int) -> str:

@@ -175,6 +175,7 @@ async function agentForm(name) {
     field("model", "Model", el("input", { id: "model", name: "model", value: agent.model ?? "" })),
     field("system_prompt", "System prompt", el("textarea", { id: "system_prompt", name: "system_prompt", rows: 3 }, agent.system_prompt ?? "")),
     field("timeout_s", "Turn timeout (seconds)", el("input", { id: "timeout_s", name: "timeout_s", inputmode: "numeric", value: agent.timeout_s ?? 900 })),
+    field("max_reply_bytes", "Reply cap (bytes)", el("input", { id: "max_reply_bytes", name: "max_reply_bytes", inputmode: "numeric", value: agent.max_reply_bytes ?? 1048576 }), "Longer replies are cut, with a note saying where."),
     el("p", { class: "form-error", id: "form-error", role: "alert" }),
     el("div", { class: "row" },
       el("button", { type: "submit" }, name ? "Save" : "Create agent"),
@@ -195,6 +196,8 @@ async function agentForm(name) {
     if (command) body.command = splitArgs(command);
     const timeout = String(data.get("timeout_s") || "").trim();
     body.timeout_s = /^\d+$/.test(timeout) ? Number(timeout) : timeout;
+    const cap = String(data.get("max_reply_bytes") || "").trim();
+    body.max_reply_bytes = /^\d+$/.test(cap) ? Number(cap) : cap;
     body.model = String(data.get("model") || "").trim() || null;
     body.system_prompt = String(data.get("system_prompt") || "") || null;
     try {
