@@ -125,6 +125,7 @@ def _first(flag: Any, env: str | None, env2: str | None, default: Any, kind: Any
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from . import logs
+    from .errors import unwrap
     from .service import ConfigError, Service, Settings, default_data_dir
 
     logs.configure(os.environ.get("SKYDECK_LOG_LEVEL", "INFO"))
@@ -181,7 +182,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 )
                 service.stop()
 
-    trio.run(main)
+    try:
+        trio.run(main)
+    except BaseException as raised:
+        failure = unwrap(raised)
+        if isinstance(failure, ConfigError):  # the start failed: one line, no traceback (D8)
+            raise CliError(str(failure), code=2) from None
+        raise
     return 0
 
 
