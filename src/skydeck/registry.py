@@ -272,7 +272,7 @@ class Registry:
             task.turn.cancel(REMOVED_REASON)
         task.scope.cancel()
         task.send.close()
-        released = self.store.release_open(task.agent.channel)
+        released = self.store.release_open(task.agent.channel, buffer_cap=self.buffer_cap)
         log.info(
             "agent deregistered",
             extra={"agent": name, "channel": task.agent.channel, "released": released},

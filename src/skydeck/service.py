@@ -180,6 +180,7 @@ class Service:
         workspaces = settings.data_dir / "workspaces"
         self.claude_bin = find_claude()
         self.metrics = Metrics(lambda: self.registry.depths())
+        self.store.on_dropped = self.metrics.dropped.inc
         backends: dict[str, Backend] = {
             "echo": EchoBackend(),
             "command": CommandBackend(workspaces),

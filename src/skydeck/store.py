@@ -37,7 +37,7 @@ import json
 import logging
 import math
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,6 +208,8 @@ class Store:
 
     def __init__(self, path: str | Path, *, durability: Literal["normal", "full"] = "normal"):
         self.path = str(path)
+        #: Called with the number of buffered messages marked `dropped` (R7), for metrics.
+        self.on_dropped: Callable[[int], None] | None = None
         #: Store failures so far (see the module docstring); never goes down.
         self.failures = 0
         #: Why the store is failing, until a commit succeeds again; None when healthy.
@@ -593,6 +595,8 @@ class Store:
             "buffer cap reached: oldest messages dropped",
             extra={"channel": channel, "dropped": excess, "cap": cap},
         )
+        if self.on_dropped is not None:
+            self.on_dropped(excess)
 
     def claim_open(self, channel: str) -> list[Message]:
         """Every open message of a channel, oldest first; `buffered` ones become `queued`.
@@ -611,13 +615,16 @@ class Store:
             ).fetchall()
         return [_row_to_message(row) for row in rows]
 
-    def release_open(self, channel: str) -> int:
-        """Deregister (R26): the channel's queued messages go back to `buffered`."""
+    def release_open(self, channel: str, *, buffer_cap: int) -> int:
+        """Deregister (R26): the channel's queued messages go back to `buffered`,
+        and the cap of R7 holds for them as for new ones (the oldest are `dropped`)."""
         with self._tx() as db:
-            return db.execute(
+            released = db.execute(
                 "UPDATE messages SET state = 'buffered' WHERE channel = ? AND state = 'queued'",
                 (channel,),
             ).rowcount
+            self._evict_over_cap(db, channel, buffer_cap)
+        return released
 
     # -- the turn (R12, R16, R17, R21, R26, R28) ----------------------------------
 
