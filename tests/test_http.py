@@ -27,6 +27,7 @@ async def test_post_then_read_the_reply_over_real_http(daemon: Daemon) -> None:
     health = (await client.get("/health")).json()
     assert health == {
         "status": "ok",
+        "store": "ok",
         "agents": [
             {"name": "demo", "channel": "demo", "backend": "echo", "status": "idle", "queued": 0}
         ],

@@ -30,7 +30,7 @@ from werkzeug.exceptions import HTTPException
 from . import __version__, validate
 from .auth import Auth, Forbidden, Unauthorized, scope_for
 from .backends.claude import ClaudeBackend
-from .errors import BadRequest, NotFound, SkydeckError
+from .errors import BadRequest, NotFound, SkydeckError, StoreFailure
 from .guard import NOT_JSON, SECURITY_HEADERS, OriginPolicy, Refusal, is_json
 from .metrics import Metrics
 from .model import AgentSpec
@@ -260,7 +260,13 @@ def create_app(
                 }
             )
         extra = health_extra() if health_extra is not None else {}
-        return {"status": "ok", "agents": agents, "buffered": store.count_buffered(), **extra}
+        body = {"agents": agents, "buffered": store.count_buffered(), **extra}
+        if store.error is not None:
+            # Writes are failing (a full disk): nothing new can be acknowledged until
+            # a commit succeeds again, which the daemon notices by itself.
+            reason = StoreFailure(store.error).message
+            return {"status": "error", "store": "error", "error": reason, **body}, 503
+        return {"status": "ok", "store": "ok", **body}
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -129,6 +129,7 @@ def _csv(raw: str | None) -> tuple[str, ...]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from . import logs
+    from .errors import unwrap
     from .service import KEEPALIVE_S, ConfigError, Service, Settings, default_data_dir
 
     logs.configure(os.environ.get("SKYDECK_LOG_LEVEL", "INFO"))
@@ -192,7 +193,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 )
                 service.stop()
 
-    trio.run(main)
+    try:
+        trio.run(main)
+    except BaseException as raised:
+        failure = unwrap(raised)
+        if isinstance(failure, ConfigError):  # the start failed: one line, no traceback (D8)
+            raise CliError(str(failure), code=2) from None
+        raise
     return 0
 
 

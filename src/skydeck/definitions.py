@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from . import validate
-from .errors import SkydeckError
+from .errors import SkydeckError, StoreFailure
 from .model import AgentSpec, Job
 from .registry import Registry
 from .scheduler import Scheduler
@@ -155,14 +155,15 @@ class VaultSync:
 
     async def sync_once(self) -> None:
         self.syncs += 1
+        # A failing store (a full disk) is like a failing vault: converge at the next poll.
         try:
             await self._sync_definitions()
-        except DeliveryError as exc:
+        except (DeliveryError, StoreFailure) as exc:
             log.warning("definition poll failed; trying again later", extra={"error": str(exc)})
         if self.scheduler is not None:
             try:
                 await self._sync_jobs(self.scheduler)
-            except DeliveryError as exc:
+            except (DeliveryError, StoreFailure) as exc:
                 log.warning("job poll failed; trying again later", extra={"error": str(exc)})
 
     def health(self) -> list[dict[str, str]]:
@@ -193,6 +194,8 @@ class VaultSync:
             try:
                 spec = parse_definition(note)
                 self._converge_agent(note_id, spec, live.get(note_id))
+            except StoreFailure:
+                raise  # ours, not the note's: no error stamp on it
             except (InvalidNote, SkydeckError) as exc:
                 message = exc.message if isinstance(exc, SkydeckError) else str(exc)
                 self._problem(note_id, note, message)
@@ -293,6 +296,8 @@ class VaultSync:
                     }
                     if changes:
                         scheduler.update(job.name, changes)
+            except StoreFailure:
+                raise
             except SkydeckError as exc:
                 self._problem(str(note.get("id", "")), note, f"job: {exc.message}")
         if len(notes) < LIST_LIMIT:

@@ -47,6 +47,12 @@ class Metrics:
             ["state"],
             registry=self.registry,
         )
+        self.dropped = Counter(
+            "skydeck_messages_dropped",
+            "Buffered messages marked dropped over the per-channel cap (R7), "
+            "by a new message or by a deregister",
+            registry=self.registry,
+        )
         self.turns = Counter(
             "skydeck_turns", "Turns by outcome", ["outcome"], registry=self.registry
         )

@@ -7,10 +7,20 @@ All methods but `serve` are synchronous on purpose: accepting a message,
 deciding `queued` versus `buffered` and handing it to the channel task happen
 without a checkpoint in between, so no registration can slip in between the
 decision and the row that records it.
+
+When the store loses writes (a full disk: `Store.failures` moves), what the
+registry holds in memory may be ahead of the store: a queued message whose row
+was rolled back, an agent whose row never landed. The rule: memory is read
+again from the store once it commits again. Every channel task replaces its
+queue with the channel's open messages as stored (`_reload`), before it starts
+another turn; a turn never starts on messages read before the failure
+(`Turn` checks); and the agents are made to match the stored ones (`_resync`).
+That is a restart's R28 replay, done in place, so it is exactly as correct.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -19,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .errors import Conflict, NotFound, Unavailable
+from .errors import Conflict, NotFound, StoreFailure, Unavailable
 from .events import TurnEvents
 from .model import Accepted, AgentSpec, Inbound, Message, TurnEvent
 from .store import Store
@@ -46,6 +56,10 @@ class ChannelTask:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     turn: Turn | None = None
     waiting_for_slot: bool = False
+    #: `Store.failures` when the queue was last read from the store.
+    epoch: int = 0
+    #: Messages taken off the queue, not yet finished (waiting for a slot or in a turn).
+    holding: bool = False
 
     @property
     def backlog(self) -> int:
@@ -93,6 +107,7 @@ class Registry:
             nursery.start_soon(self.store.run_flusher, name="store-flusher")
             for agent in self.store.list_agents():
                 self._register(agent)
+            nursery.start_soon(self._resync_after_failures, name="store-resync")
             task_status.started()
             await trio.sleep_forever()
 
@@ -131,8 +146,9 @@ class Registry:
         if agent.name in self._by_name:
             raise Conflict(f"an agent named {agent.name!r} already exists", field="name")
         self._check_channel_free(agent.channel)
-        self.store.save_agent(agent)
-        self._register(agent)
+        with self.store.atomic():  # a failed claim of its buffered messages undoes the row
+            self.store.save_agent(agent)
+            self._register(agent)
         return agent
 
     def update(self, name: str, changes: dict[str, Any]) -> AgentSpec:
@@ -203,11 +219,49 @@ class Registry:
         assert self._nursery is not None, "Registry.serve() is not running"
         send, receive = trio.open_memory_channel[Message](math.inf)
         task = ChannelTask(agent=agent, send=send, receive=receive)
+        self._reload(task)  # first: if the store fails here, nothing is registered
         self._by_name[agent.name] = task
         self._by_channel[agent.channel] = task
-        for message in self.store.claim_open(agent.channel):
-            send.send_nowait(message)
         self._nursery.start_soon(self._run_channel, task, name=f"channel:{agent.channel}")
+
+    def _reload(self, task: ChannelTask) -> None:
+        """Make the task's queue the channel's open messages as stored, oldest first."""
+        epoch = self.store.failures
+        messages = self.store.claim_open(task.agent.channel)
+        self._drain_nowait(task.receive)
+        for message in messages:
+            task.send.send_nowait(message)
+        task.epoch = epoch
+
+    async def _resync_after_failures(self) -> None:
+        """Each time the store commits again after a failure, make memory match it."""
+        seen = self.store.failures
+        while True:
+            seen = await self.store.recovered(seen)
+            if self._stopping:
+                return  # the next start reads everything from the store anyway
+            try:
+                self._resync()
+            except StoreFailure:
+                continue  # failed again: the next recovery tries again
+            log.info("registry re-read from the store", extra={"agents": len(self._by_name)})
+
+    def _resync(self) -> None:
+        """The agents as stored; the queue of every task not holding messages as
+        stored (a task holding some reloads itself when it is done with them)."""
+        stored = {agent.name: agent for agent in self.store.list_agents()}
+        for name, task in list(self._by_name.items()):
+            agent = stored.get(name)
+            if agent is None or agent.channel != task.agent.channel:
+                self._deregister(name)
+            else:
+                task.agent = agent
+        for name, agent in stored.items():
+            if name not in self._by_name:
+                self._register(agent)
+        for task in self._by_name.values():
+            if not task.holding and task.epoch != self.store.failures:
+                self._reload(task)
 
     def _deregister(self, name: str) -> None:
         """R26: cancel the running turn (recorded `cancelled`), stop the task, and
@@ -218,7 +272,7 @@ class Registry:
             task.turn.cancel(REMOVED_REASON)
         task.scope.cancel()
         task.send.close()
-        released = self.store.release_open(task.agent.channel)
+        released = self.store.release_open(task.agent.channel, buffer_cap=self.buffer_cap)
         log.info(
             "agent deregistered",
             extra={"agent": name, "channel": task.agent.channel, "released": released},
@@ -227,6 +281,7 @@ class Registry:
     async def _run_channel(self, task: ChannelTask) -> None:
         with task.scope:
             async for message in task.receive:
+                task.holding = True
                 batch = [message]
                 if task.agent.queue_mode == "collect":
                     batch.extend(self._drain_nowait(task.receive))
@@ -235,10 +290,12 @@ class Registry:
                     task.waiting_for_slot = False
                     if self._stopping:
                         await trio.sleep_forever()  # R29: no new turn; it replays at start
-                    task.turn = Turn(self.deps, task.agent, batch)
+                    task.turn = Turn(self.deps, task.agent, batch, epoch=task.epoch)
                     self._running += 1
                     try:
                         await task.turn.run()
+                    except StoreFailure:
+                        pass  # the turn stopped where its writes were lost; replayed below
                     except Exception:
                         # R25: a bug in a side effect never kills the channel.
                         log.exception("turn crashed", extra={"channel": task.agent.channel})
@@ -247,6 +304,15 @@ class Registry:
                         self._running -= 1
                         if self._running == 0:
                             self._idle.set()
+                task.holding = False
+                while task.epoch != self.store.failures:
+                    # Writes were lost since the queue was read: once the store
+                    # commits again, the queue is read again (this turn's messages
+                    # included, if their end was lost).
+                    await self.store.recovered(task.epoch)
+                    if task.epoch != self.store.failures:  # not already done by _resync
+                        with contextlib.suppress(StoreFailure):
+                            self._reload(task)
 
     @staticmethod
     def _drain_nowait(receive: trio.MemoryReceiveChannel[Message]) -> list[Message]:

@@ -10,6 +10,10 @@ the same transaction as that message, and the message's external id is
 A job whose previous message (scheduled or run-now) is still buffered, queued
 or working skips the slot instead (recorded and counted): no pile-up.
 
+When the store fails (a full disk), a due slot waits until it commits again,
+and the jobs are then read again from the store: a job whose create or edit
+was lost (a 507) is not kept in memory as if it had been saved.
+
 Slots come from croniter in the job's IANA timezone. Across DST transitions
 skydeck fires exactly what croniter yields (see docs/design.md, "Cron").
 Wall time comes from a `WallClock`, so tests can run a day of schedule in
@@ -18,6 +22,7 @@ milliseconds under Trio's autojump clock.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
 from collections.abc import Callable
@@ -28,7 +33,7 @@ from zoneinfo import ZoneInfo
 import trio
 from croniter import croniter
 
-from .errors import Conflict, NotFound, SkydeckError
+from .errors import Conflict, NotFound, SkydeckError, StoreFailure
 from .model import OPEN_STATES, Accepted, Inbound, Job
 from .store import Store
 
@@ -93,9 +98,16 @@ class Scheduler:
         self.clock = clock or SystemClock()
         self.on_fire = on_fire
         self.wakeups = 0
-        self._jobs: dict[str, Job] = {job.name: job for job in store.list_jobs()}
+        self._jobs: dict[str, Job] = {}
         self._heap: list[tuple[datetime, str]] = []
         self._changed = trio.Event()
+        self._epoch = store.failures  # `Store.failures` when the jobs were read
+        self._load()
+
+    def _load(self) -> None:
+        """The jobs as stored, each due at its next slot."""
+        self._jobs = {job.name: job for job in self.store.list_jobs()}
+        self._heap = []
         now = self.clock.now()
         for job in self._jobs.values():
             if job.next_run_at is None:
@@ -107,14 +119,36 @@ class Scheduler:
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Fire due jobs, then sleep until the next one is due or a job changes."""
-        task_status.started()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._wake_on_recovery)
+            task_status.started()
+            while True:
+                self.wakeups += 1
+                if self._epoch != self.store.failures:
+                    # Writes were lost (a full disk): memory may hold a job that was
+                    # never saved. Fire nothing until the jobs are read again.
+                    await self.store.recovered(self._epoch)
+                    epoch = self.store.failures
+                    with contextlib.suppress(StoreFailure):
+                        self._load()
+                        self._epoch = epoch
+                    continue
+                try:
+                    self._fire_due(self.clock.now())
+                except StoreFailure as exc:
+                    log.warning("job not fired: the store failed", extra={"reason": exc.reason})
+                    continue
+                self._changed = trio.Event()
+                delay = self._seconds_until_next()
+                with trio.move_on_after(delay):
+                    await self._changed.wait()
+
+    async def _wake_on_recovery(self) -> None:
+        """A store failure while the loop sleeps is noticed once the store is back."""
+        seen = self.store.failures
         while True:
-            self.wakeups += 1
-            self._fire_due(self.clock.now())
-            self._changed = trio.Event()
-            delay = self._seconds_until_next()
-            with trio.move_on_after(delay):
-                await self._changed.wait()
+            seen = await self.store.recovered(seen)
+            self._changed.set()
 
     def _seconds_until_next(self) -> float:
         while self._heap:
@@ -135,13 +169,16 @@ class Scheduler:
             slot = max(latest_slot(job, now), due)  # a missed burst fires once, the latest
             try:
                 self._fire(job, slot, now)
+            except StoreFailure:
+                self._push(job)
+                raise
             except SkydeckError as exc:  # e.g. shutting down: the slot fires at next start
                 log.warning("job not fired", extra={"job": job.name, "reason": exc.message})
                 self._push(job)
                 return
             job.next_run_at = iso(next_slot(job, now))
-            self.store.save_job(job)
             self._push(job)
+            self.store.save_job(job)
 
     def _fire(self, job: Job, slot: datetime, now: datetime) -> None:
         job.last_slot = iso(slot)

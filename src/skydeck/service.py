@@ -10,16 +10,25 @@
 new turn, give running turns a grace period, cancel the rest (their messages
 stay `queued`/`working` in the store and replay at next start, R28), and only
 then let Hypercorn stop listening.
+
+One daemon per data dir: the first thing a `Service` does is take an exclusive
+lock on ``<data dir>/skydeck.lock``; two daemons on one store would both replay
+and run every open message. Whatever stops the start (the lock, a corrupt,
+read-only or full store) is a `ConfigError`: one sentence naming the path.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -31,6 +40,7 @@ from .backends import CommandBackend, EchoBackend
 from .backends.base import Backend
 from .backends.claude import ClaudeBackend, find_claude, has_credentials
 from .definitions import VaultSync
+from .errors import StoreFailure, unwrap
 from .events import TurnEvents
 from .guard import OriginPolicy, is_loopback
 from .metrics import Metrics
@@ -50,6 +60,7 @@ log = logging.getLogger(__name__)
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 1941
 DB_NAME = "skydeck.db"
+LOCK_NAME = "skydeck.lock"
 DEFAULT_GRACE_S = 30.0
 #: An idle keep-alive connection (or one that never sends its headers) closes after this.
 #: Longer than httpx's (the CLI's) 5 s pool expiry, so a client drops an idle connection
@@ -64,6 +75,37 @@ def default_data_dir() -> Path:
 
 class ConfigError(Exception):
     """A setting that stops the daemon from starting, said as one sentence."""
+
+
+def lock_data_dir(data_dir: Path) -> IO[bytes]:
+    """Hold ``<data dir>/skydeck.lock`` exclusively for as long as the file stays open.
+
+    `flock` belongs to the open file, so the kernel releases it when the process
+    dies, however it dies: a lock file left by a killed daemon never blocks a
+    start. The file is not inherited by agent processes (Python opens files
+    non-inheritable), so an orphaned agent cannot hold it either. The pid in it
+    is only for the message. Unbuffered, so a full disk fails the write itself.
+    """
+    path = data_dir / LOCK_NAME
+    file = open(path, "a+b", buffering=0)  # noqa: SIM115 (held for the daemon's lifetime)
+    try:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().decode("ascii", "replace").strip() or "unknown"
+            raise ConfigError(
+                f"another skydeck (pid {holder}) is already serving {data_dir}"
+            ) from None
+        file.truncate(0)
+        file.write(f"{os.getpid()}\n".encode())
+    except OSError as exc:  # e.g. a full disk: name the file
+        file.close()
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+    except BaseException:
+        file.close()
+        raise
+    return file
 
 
 @dataclass(slots=True)
@@ -118,13 +160,45 @@ class Service:
     def __init__(self, settings: Settings, *, clock: WallClock | None = None) -> None:
         settings.check()
         self.settings = settings
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = Store(settings.data_dir / DB_NAME)
+        self.db_path = settings.data_dir / DB_NAME
+        with self._starting():
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            self._lock = lock_data_dir(settings.data_dir)  # before the store is opened
+        try:
+            with self._starting():
+                self._open(clock)
+        except BaseException:
+            self._lock.close()
+            raise
+
+    @contextmanager
+    def _starting(self) -> Iterator[None]:
+        """Start-up failures as one `ConfigError` naming the path: a full, read-only
+        or corrupt store is the operator's to fix, and a traceback does not help."""
+        try:
+            yield
+        except BaseException as raised:
+            exc = unwrap(raised)
+            if isinstance(exc, ConfigError):
+                raise exc from None
+            if isinstance(exc, OSError):
+                where = exc.filename or self.settings.data_dir
+                raise ConfigError(f"cannot use {where}: {exc.strerror or exc}") from None
+            if isinstance(exc, StoreFailure):
+                raise ConfigError(f"cannot write the store {self.db_path}: {exc.reason}") from None
+            if isinstance(exc, sqlite3.Error):
+                raise ConfigError(f"cannot open the store {self.db_path}: {exc}") from None
+            raise
+
+    def _open(self, clock: WallClock | None) -> None:
+        settings = self.settings
+        self.store = Store(self.db_path)
         self.events = TurnEvents()
         workspaces = settings.data_dir / "workspaces"
         self.claude_bin = find_claude()
         self.metrics = Metrics(lambda: self.registry.depths())
         self.processes = ProcessRegistry(self.store)
+        self.store.on_dropped = self.metrics.dropped.inc
         backends: dict[str, Backend] = {
             "echo": EchoBackend(),
             "command": CommandBackend(workspaces, self.processes),
@@ -225,8 +299,9 @@ class Service:
                     with registry_scope:
                         await self.registry.serve(task_status=task_status)
 
-                await nursery.start(run_registry)
-                self._ensure_demo()
+                with self._starting():  # the stored agents are read and replayed here
+                    await nursery.start(run_registry)
+                    self._ensure_demo()
                 scheduler_scope = trio.CancelScope()
 
                 async def run_scheduler(task_status: TaskStatus[None]) -> None:
@@ -257,6 +332,7 @@ class Service:
                 self._http_done.set()
         finally:
             self.store.close()
+            self._lock.close()
 
     def _health_extra(self) -> dict[str, Any]:
         if self.vault is None or self.sync is None:

@@ -16,22 +16,37 @@ backend) awaits `flushed()`: under load, hundreds of writers share one commit.
 Durability: a commit in WAL mode with ``synchronous=NORMAL`` survives a killed
 process (the OS holds the pages); ``durability="full"`` also fsyncs each
 commit, for power-loss safety at a throughput cost.
+
+Failure: the writes of one tick are one transaction, so they are committed
+together or lost together. When SQLite cannot commit (disk full, I/O error,
+read-only file, a lock held past the busy timeout) or rolls the whole
+transaction back after a failed statement, every writer of that group gets
+`StoreFailure` from `flushed()` (the HTTP 507), and nobody is told "committed"
+for a write that is gone. `failures` counts these events: whatever a caller
+keeps in memory from before one (a channel's queue, an agent, a job) may be
+ahead of the store, and is read again from the store once `recovered()`
+returns. The store is back when a commit succeeds; while it is failing, the
+flusher tries a probe commit every `PROBE_INTERVAL_S`, so it recovers by
+itself once there is room again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
 import trio
 import trio.lowlevel
 
+from .errors import StoreFailure
 from .model import (
     Accepted,
     AgentSpec,
@@ -51,6 +66,27 @@ log = logging.getLogger(__name__)
 #: 4: a single-threaded conversation's thread record (`sessions.thread_id`, a
 #: migration) and `processes` (created IF NOT EXISTS, like every table).
 SCHEMA_VERSION = 4
+
+#: While the store is failing, the flusher tries a commit this often (seconds).
+PROBE_INTERVAL_S = 1.0
+#: The probe writes this much, so it needs room like a real write.
+PROBE_BYTES = 64 * 1024
+#: SQLite primary result codes that mean the store failed, not the statement:
+#: the write is a 507 (the sender may retry) rather than a bug's 500.
+STORE_ERRORS = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_NOMEM,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_CORRUPT,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_PROTOCOL,
+        sqlite3.SQLITE_NOTADB,
+    }
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS agents (
@@ -147,6 +183,19 @@ class CursorError(ValueError):
     """A paging cursor that this store did not hand out."""
 
 
+@dataclass(eq=False, slots=True)
+class _Group:
+    """The writes of one open transaction: committed together, or lost together."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    lost: str | None = None
+
+
+def _is_store_error(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and (code & 0xFF) in STORE_ERRORS
+
+
 @dataclass(slots=True)
 class Page:
     messages: list[Message]
@@ -181,6 +230,12 @@ class Store:
 
     def __init__(self, path: str | Path, *, durability: Literal["normal", "full"] = "normal"):
         self.path = str(path)
+        #: Called with the number of buffered messages marked `dropped` (R7), for metrics.
+        self.on_dropped: Callable[[int], None] | None = None
+        #: Store failures so far (see the module docstring); never goes down.
+        self.failures = 0
+        #: Why the store is failing, until a commit succeeds again; None when healthy.
+        self.error: str | None = None
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -189,14 +244,20 @@ class Store:
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.execute("PRAGMA cache_size=-65536")  # 64 MiB: hot indexes stay in memory
         self._dirty = trio.Event()
-        self._committed = trio.Event()
+        self._group = _Group()
+        self._health_changed = trio.Event()
         self._flusher_running = False
         self._migrate()
         self.commit()
 
     def close(self) -> None:
-        self.commit()
-        self._db.close()
+        """Commit what is left and close. Never raises: this runs on the way out,
+        and a write lost here was never acknowledged (its writer got a 507)."""
+        try:
+            with contextlib.suppress(StoreFailure):  # logged by _lose
+                self.commit()
+        finally:
+            self._db.close()
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -206,54 +267,155 @@ class Store:
 
         ``atomic`` wraps it in a SAVEPOINT so a failure undoes all of it and
         nothing else; a write of one statement is atomic by itself and skips it.
+        A failure of the store itself leaves as `StoreFailure`; if SQLite rolled
+        back the whole transaction for it, the neighbours' writes are lost too,
+        and their waiters hear it (`_lose`).
         """
         db = self._db
-        if not db.in_transaction:
-            db.execute("BEGIN IMMEDIATE")
-        if not atomic:
-            yield db
-            self._dirty.set()
-            return
-        db.execute("SAVEPOINT write")
+        group = self._group
         try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK TO write")
-            db.execute("RELEASE write")
+            if not db.in_transaction:
+                db.execute("BEGIN IMMEDIATE")
+            if not atomic:
+                yield db
+            else:
+                db.execute("SAVEPOINT write")
+                try:
+                    yield db
+                except BaseException:
+                    if db.in_transaction:  # else SQLite already rolled back everything
+                        try:
+                            db.execute("ROLLBACK TO write")
+                            db.execute("RELEASE write")
+                        except sqlite3.Error:
+                            self._abort()  # half a write must never be committed
+                    raise
+                db.execute("RELEASE write")
+        except BaseException as exc:
+            lost = not db.in_transaction and group is self._group
+            if lost:  # the whole transaction is gone, the neighbours' writes with it
+                self._lose(str(exc), group)
+            if isinstance(exc, sqlite3.Error) and (lost or _is_store_error(exc)):
+                if not lost:
+                    self._lose(str(exc), None)  # only this write is undone; the group goes on
+                raise StoreFailure(str(exc)) from exc
             raise
-        db.execute("RELEASE write")
         self._dirty.set()
 
-    def commit(self) -> None:
-        """Make every write so far durable, and wake whoever waits for it."""
+    def _abort(self) -> None:
+        """Roll the open transaction back, whatever state a failure left it in."""
         if self._db.in_transaction:
-            self._db.execute("COMMIT")
-        committed, self._committed = self._committed, trio.Event()
-        committed.set()
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                log.exception("rollback failed", extra={"path": self.path})
+
+    def _lose(self, reason: str, group: _Group | None) -> None:
+        """Record a store failure. ``group``, if given, is lost: its waiters wake
+        to the failure, and the next write starts a new group."""
+        if self.error is None:
+            log.error("store failure: writes not committed", extra={"reason": reason})
+        self.error = reason
+        self.failures += 1
+        if group is not None:
+            group.lost = reason
+            group.done.set()
+            if group is self._group:
+                self._group = _Group()
+        self._notify()
+        self._dirty.set()  # the flusher notices and starts probing
+
+    def _notify(self) -> None:
+        self._health_changed.set()
+        self._health_changed = trio.Event()
+
+    def commit(self) -> None:
+        """Make every write so far durable, and wake whoever waits for it.
+
+        A failed COMMIT loses the group: it is rolled back (after SQLITE_BUSY
+        SQLite keeps it open, and its writes must not slip into the next
+        group), its waiters get the failure, and the caller gets `StoreFailure`.
+        """
+        group, self._group = self._group, _Group()
+        if self._db.in_transaction:
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._abort()
+                self._lose(str(exc), group)
+                raise StoreFailure(str(exc)) from exc
+            if self.error is not None:
+                log.warning("store recovered", extra={"failures": self.failures})
+                self.error = None
+                self._notify()
+        group.done.set()
 
     async def flushed(self) -> None:
-        """Return once every write made before this call is committed."""
+        """Return once every write made before this call is committed.
+
+        Raises `StoreFailure` if they were lost instead: the caller must not
+        act as if they happened (no 200, no backend run, no `done` event).
+        """
         if not self._db.in_transaction:
             await trio.lowlevel.checkpoint()
-        elif self._flusher_running:
-            await self._committed.wait()
+            return
+        group = self._group
+        if self._flusher_running:
+            await group.done.wait()
         else:
             self.commit()
             await trio.lowlevel.checkpoint()
+        if group.lost is not None:
+            raise StoreFailure(group.lost)
+
+    async def recovered(self, seen: int) -> int:
+        """Wait until the store has failed since ``seen`` (a `failures` value)
+        and committed again after that; return `failures`, to wait from next."""
+        while self.failures == seen or self.error is not None:
+            await self._health_changed.wait()
+        return self.failures
+
+    def ensure_unchanged(self, seen: int) -> None:
+        """Raise `StoreFailure` if the store failed since ``seen``: what the
+        caller read from it before may be ahead of what it holds."""
+        if self.failures != seen:
+            raise StoreFailure(self.error or "writes were lost since this was read")
 
     async def run_flusher(self) -> None:
-        """Commit whatever was written, once per scheduler tick, forever."""
+        """Commit whatever was written, once per scheduler tick, forever.
+
+        A failed commit is its writers' failure, not the flusher's end. While
+        the store is failing, it probes every `PROBE_INTERVAL_S`.
+        """
         self._flusher_running = True
         try:
             while True:
-                await self._dirty.wait()
-                self._dirty = trio.Event()
+                with trio.move_on_after(PROBE_INTERVAL_S if self.error else math.inf):
+                    await self._dirty.wait()
                 # One more tick: every task that is runnable now adds its writes first.
                 await trio.lowlevel.checkpoint()
-                self.commit()
+                try:
+                    if self.error is not None and not self._db.in_transaction:
+                        self._probe()
+                    self.commit()
+                except StoreFailure:
+                    pass  # its writers have it; the next write or probe tries again
+                # Reset only now: a failure during this commit must not wake us at once.
+                self._dirty = trio.Event()
         finally:
             self._flusher_running = False
-            self.commit()
+            with contextlib.suppress(StoreFailure):  # logged by _lose; nobody waits any more
+                self.commit()
+
+    def _probe(self) -> None:
+        """A write that needs room like a real one: `PROBE_BYTES` of fresh pages
+        (the row is replaced, never deleted, so its pages are written each time).
+        When it commits, writes of that size commit again."""
+        with self._tx(atomic=False) as db:
+            db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('store_probe', zeroblob(?))",
+                (PROBE_BYTES,),
+            )
 
     def _migrate(self) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -509,6 +671,8 @@ class Store:
             "buffer cap reached: oldest messages dropped",
             extra={"channel": channel, "dropped": excess, "cap": cap},
         )
+        if self.on_dropped is not None:
+            self.on_dropped(excess)
 
     def claim_open(self, channel: str) -> list[Message]:
         """Every open message of a channel, oldest first; `buffered` ones become `queued`.
@@ -527,13 +691,16 @@ class Store:
             ).fetchall()
         return [_row_to_message(row) for row in rows]
 
-    def release_open(self, channel: str) -> int:
-        """Deregister (R26): the channel's queued messages go back to `buffered`."""
+    def release_open(self, channel: str, *, buffer_cap: int) -> int:
+        """Deregister (R26): the channel's queued messages go back to `buffered`,
+        and the cap of R7 holds for them as for new ones (the oldest are `dropped`)."""
         with self._tx() as db:
-            return db.execute(
+            released = db.execute(
                 "UPDATE messages SET state = 'buffered' WHERE channel = ? AND state = 'queued'",
                 (channel,),
             ).rowcount
+            self._evict_over_cap(db, channel, buffer_cap)
+        return released
 
     # -- the turn (R12, R16, R17, R21, R26, R28) ----------------------------------
 

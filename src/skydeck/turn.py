@@ -13,6 +13,13 @@ the channel has one: reply with retry (R20, R21 on final failure), thread
 record -> event `done` (R24) -> callback (R22, R22a).
 A failed turn: thread record `error` + failure reply + state in one
 transaction (R16) -> event `error` -> mirror -> callback.
+
+When the store loses a turn's writes (`flushed()` raises `StoreFailure`), the
+turn stops right there, with no further write or side effect: its messages
+stay as the store last had them (`queued`, or `working` with the attempt
+counted) and the channel task replays them once the store commits again, as a
+restart would (R28). A turn also never starts on messages read before a store
+failure (``epoch``): they may be rows that were rolled back.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from typing import Any, Literal
 import trio
 
 from .backends.base import Backend, BackendError, EventKind
+from .errors import StoreFailure, unwrap
 from .events import TurnEvents
 from .model import (
     Accepted,
@@ -98,8 +106,7 @@ def add_usage(total: dict[str, Any] | None, turn: dict[str, Any] | None) -> dict
 
 def describe(exc: BaseException) -> str:
     """R15: an exception as a readable reason (a lone exception in a group is unwrapped)."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
+    exc = unwrap(exc)
     text = str(exc)
     return text if text else type(exc).__name__
 
@@ -121,8 +128,12 @@ class TurnDeps:
 class Turn:
     """One run of an agent's backend for one or more messages of its channel."""
 
-    def __init__(self, deps: TurnDeps, agent: AgentSpec, messages: Sequence[Message]) -> None:
+    def __init__(
+        self, deps: TurnDeps, agent: AgentSpec, messages: Sequence[Message], *, epoch: int
+    ) -> None:
+        """``epoch``: `Store.failures` when ``messages`` were read from the store."""
         self.deps = deps
+        self.epoch = epoch
         self.agent = agent
         self.messages = list(messages)
         self.channel = agent.channel
@@ -178,6 +189,17 @@ class Turn:
                         extra={"channel": self.channel, "message_id": self.messages[0].id},
                     )
                 raise
+            except StoreFailure as exc:
+                log.warning(
+                    "turn stopped: the store lost its writes; it runs again once the store "
+                    "commits again",
+                    extra={
+                        "channel": self.channel,
+                        "message_id": self.messages[0].id,
+                        "reason": exc.reason,
+                    },
+                )
+                raise
 
     def cancel(self, reason: str) -> None:
         """Stop this turn and record it `cancelled` with ``reason`` (R26, R9 interrupt).
@@ -190,7 +212,9 @@ class Turn:
         if not self._ended:
             self._ended = True
             self._guard("thread record", self.deps.store.end_thread, self.thread, "error", reason)
-            self.deps.store.set_state(self.messages, "cancelled", reason)
+            # A store failure here leaves the messages `working`; they replay (R28).
+            store = self.deps.store
+            self._guard("message states", store.set_state, self.messages, "cancelled", reason)
             self._publish("error", {"error": reason})
             self._callbacks("error", None, None)
             self._finished("cancelled")
@@ -199,11 +223,15 @@ class Turn:
     # -- the pipeline -------------------------------------------------------------
 
     async def _run(self) -> None:
+        # Each ensure_unchanged is followed by start_turn with no checkpoint between,
+        # so no store failure can slip in after the check.
         if any(message.attempts >= MAX_ATTEMPTS for message in self.messages):
+            self.deps.store.ensure_unchanged(self.epoch)
             self.deps.store.start_turn([], self.thread)
             await self._fail(RESTARTS_REASON, echoed_session=None)
             return
         session = await self._session()
+        self.deps.store.ensure_unchanged(self.epoch)
         self.deps.store.start_turn(self.messages, self.thread)
         await self.deps.store.flushed()  # the attempt counts even if we crash mid-turn (R28)
         await self._mirror_thread("start")
