@@ -35,6 +35,7 @@ import trio.lowlevel
 
 from skydeck.backends.base import Emit
 from skydeck.events import TurnEvents
+from skydeck.ledger import MessageState
 from skydeck.model import AgentSpec, Inbound, TurnResult, TurnSession
 from skydeck.registry import Registry
 from skydeck.store import Store
@@ -85,7 +86,7 @@ async def registry_run(store: Store, channels: int, per_channel: int) -> float:
     done = trio.Event()
     count = 0
 
-    def finished(outcome: str, elapsed: float, messages: int) -> None:
+    def finished(outcome: str, state: MessageState, elapsed: float, messages: int) -> None:
         nonlocal count
         count += 1
         if count == total:

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 import trio
 import trio.testing
 
+from skydeck.ledger import MessageState
 from skydeck.model import Accepted, Inbound, Job
 from skydeck.scheduler import Scheduler, TrioWallClock
 from skydeck.store import Store
@@ -31,7 +32,8 @@ def instant_submit(store: Store) -> tuple[list[int], object]:
 
     def submit(inbound: Inbound) -> Accepted:
         accepted = store.accept_inbound(inbound, registered=True, buffer_cap=1000)
-        store.set_state([accepted.message], "done")
+        store.set_state([accepted.message], MessageState.WORKING)
+        store.set_state([accepted.message], MessageState.DONE)
         count[0] += 1
         return accepted
 

@@ -25,8 +25,8 @@ import trio
 
 from skydeck.backends.base import Backend, BackendError, Emit
 from skydeck.events import TurnEvents
+from skydeck.ledger import TERMINAL_STATES
 from skydeck.model import (
-    TERMINAL_STATES,
     AgentSpec,
     Inbound,
     Message,

@@ -21,7 +21,8 @@ import httpx
 import trio
 
 from . import __version__
-from .model import BACKENDS, MODES, QUEUE_MODES
+from .ledger import TERMINAL_STATES, MessageState
+from .model import BACKENDS, MODES, QUEUE_MODES, EventKind
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -313,7 +314,7 @@ def cmd_send(args: argparse.Namespace, client: Client) -> int:
     if not args.wait:
         ack = client.request("POST", path, {"content": args.text})
         print(f"{ack['state']} {ack['id']}")  # stdout stays `<state> <id>` for scripts
-        if ack["state"] == "buffered":
+        if ack["state"] == MessageState.BUFFERED:
             print(
                 f"no agent serves channel {args.channel} yet; it runs when one registers",
                 file=sys.stderr,
@@ -322,30 +323,30 @@ def cmd_send(args: argparse.Namespace, client: Client) -> int:
     events = client.events(args.channel)
     next(events)  # subscribed: no event of our turn can be missed from here on
     ack = client.request("POST", path, {"content": args.text})
-    if ack["state"] == "buffered":
+    if ack["state"] == MessageState.BUFFERED:
         print(
             f"no agent serves channel {args.channel} yet; the message is kept ({ack['id']})",
             file=sys.stderr,
         )
         return 0
     message = client.request("GET", f"/api/messages/{ack['id']}")
-    if message["state"] in ("done", "failed", "cancelled", "dropped"):
+    if message["state"] in TERMINAL_STATES:
         return _print_outcome(client, message)
     for event in events:
         if event is None or event.get("message_id") != ack["id"]:
             continue
-        if event["kind"] == "done":
+        if event["kind"] == EventKind.DONE:
             if event.get("reply"):
                 print(event["reply"])
             return 0
-        if event["kind"] == "error":
+        if event["kind"] == EventKind.ERROR:
             print(f"skydeck: turn failed: {event['error']}", file=sys.stderr)
             return 1
     raise CliError("the daemon closed the event stream before the turn ended")
 
 
 def _print_outcome(client: Client, message: dict[str, Any]) -> int:
-    if message["state"] == "done":
+    if message["state"] == MessageState.DONE:
         if message.get("reply_id"):
             print(client.request("GET", f"/api/messages/{message['reply_id']}")["content"])
         return 0

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .ledger import MessageState
 from .model import Accepted
 
 TURN_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
@@ -85,11 +86,10 @@ class Metrics:
     def on_accepted(self, accepted: Accepted) -> None:
         self.accepted.labels(accepted.state).inc()
 
-    def on_finished(self, outcome: str, seconds: float, messages: int) -> None:
+    def on_finished(self, outcome: str, state: MessageState, seconds: float, messages: int) -> None:
         self.turns.labels(outcome).inc()
         self.turn_seconds.observe(seconds)
-        final = {"ok": "done", "error": "failed", "timeout": "failed"}.get(outcome, outcome)
-        self.final.labels(final).inc(messages)
+        self.final.labels(state.value).inc(messages)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -31,7 +31,8 @@ import trio
 
 from .errors import Conflict, NotFound, StoreFailure, Unavailable
 from .events import TurnEvents
-from .model import Accepted, AgentSpec, Inbound, Message, TurnEvent
+from .ledger import AgentStatus, MessageState
+from .model import Accepted, AgentSpec, EventKind, Inbound, Message, TurnEvent
 from .store import Store
 from .turn import Turn, TurnDeps
 
@@ -65,12 +66,12 @@ class ChannelTask:
     def backlog(self) -> int:
         return self.send.statistics().current_buffer_used
 
-    def status(self) -> tuple[str, int]:
+    def status(self) -> tuple[AgentStatus, int]:
         """R5 (and R10: a message waiting for a global slot counts as queued)."""
         waiting = self.backlog + (1 if self.waiting_for_slot else 0)
-        if self.turn is None:
-            return ("queued", waiting) if waiting else ("idle", 0)
-        return ("queued", waiting) if waiting else ("working", 0)
+        if waiting:
+            return AgentStatus.QUEUED, waiting
+        return (AgentStatus.IDLE if self.turn is None else AgentStatus.WORKING), 0
 
 
 class Registry:
@@ -138,9 +139,9 @@ class Registry:
             raise NotFound(f"no agent named {name!r}", field="name")
         return task.agent
 
-    def status(self, name: str) -> tuple[str, int]:
+    def status(self, name: str) -> tuple[AgentStatus, int]:
         task = self._by_name.get(name)
-        return ("idle", 0) if task is None else task.status()
+        return (AgentStatus.IDLE, 0) if task is None else task.status()
 
     def create(self, agent: AgentSpec) -> AgentSpec:
         if agent.name in self._by_name:
@@ -198,13 +199,13 @@ class Registry:
         accepted = self.store.accept_inbound(
             inbound, registered=task is not None, buffer_cap=self.buffer_cap
         )
-        if accepted.state == "queued" and task is not None:
+        if accepted.state is MessageState.QUEUED and task is not None:
             task.send.send_nowait(accepted.message)
             if task.agent.queue_mode == "interrupt" and task.turn is not None:
                 task.turn.cancel(INTERRUPTED_REASON)  # R9: the newest message wins
             try:
                 self.events.publish(
-                    inbound.channel, TurnEvent(kind="queued", message_id=accepted.id)
+                    inbound.channel, TurnEvent(kind=EventKind.QUEUED, message_id=accepted.id)
                 )
             except Exception:  # R25: a viewer's failure is never the sender's
                 log.exception("queued event failed", extra={"channel": inbound.channel})

@@ -34,7 +34,8 @@ import trio
 from croniter import croniter
 
 from .errors import Conflict, NotFound, SkydeckError, StoreFailure
-from .model import OPEN_STATES, Accepted, Inbound, Job
+from .ledger import OPEN_STATES
+from .model import Accepted, Inbound, Job
 from .store import Store
 
 if TYPE_CHECKING:

@@ -39,24 +39,24 @@ import math
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, cast
 
 import trio
 import trio.lowlevel
 
+from . import ledger
 from .errors import StoreFailure
+from .ledger import OPEN_STATES, MessageState, ThreadStatus, sql_states
 from .model import (
     Accepted,
     AgentSpec,
     Inbound,
     Job,
     Message,
-    MessageState,
     ProcessRecord,
     ThreadRecord,
-    ThreadStatus,
     new_id,
     utc_now,
 )
@@ -88,7 +88,7 @@ STORE_ERRORS = frozenset(
     }
 )
 
-_SCHEMA = """
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS agents (
     name TEXT PRIMARY KEY,
     channel TEXT NOT NULL UNIQUE,
@@ -102,7 +102,7 @@ CREATE TABLE IF NOT EXISTS messages (
     content TEXT NOT NULL,
     state TEXT NOT NULL,
     created_at TEXT NOT NULL,
-    metadata TEXT NOT NULL DEFAULT '{}',
+    metadata TEXT NOT NULL DEFAULT '{{}}',
     external_id TEXT,
     in_reply_to TEXT,
     thread_id TEXT,
@@ -114,7 +114,7 @@ CREATE INDEX IF NOT EXISTS messages_channel_seq ON messages (channel, seq);
 CREATE UNIQUE INDEX IF NOT EXISTS messages_external_id
     ON messages (channel, external_id) WHERE external_id IS NOT NULL AND direction = 'in';
 CREATE INDEX IF NOT EXISTS messages_open
-    ON messages (channel, state, seq) WHERE state IN ('buffered', 'queued', 'working');
+    ON messages (channel, state, seq) WHERE state IN {sql_states(OPEN_STATES)};
 CREATE TABLE IF NOT EXISTS threads (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
@@ -203,9 +203,15 @@ class Page:
     prev: str | None
 
 
+_BUFFERED = sql_states({MessageState.BUFFERED})
+_QUEUED = sql_states({MessageState.QUEUED})
+_RUNNABLE = sql_states({MessageState.QUEUED, MessageState.WORKING})
+
+
 def _row_to_message(row: sqlite3.Row) -> Message:
     values = dict(row)  # the columns are named as Message's fields
     values["metadata"] = json.loads(values["metadata"])
+    values["state"] = MessageState(values["state"])
     return Message(**values)
 
 
@@ -213,6 +219,7 @@ def _row_to_thread(row: sqlite3.Row) -> ThreadRecord:
     values = dict(row)
     del values["seq"]
     values["usage"] = json.loads(values["usage"]) if values["usage"] else None
+    values["status"] = ThreadStatus(values["status"])
     return ThreadRecord(**values)
 
 
@@ -595,7 +602,7 @@ class Store:
                 if row is not None:
                     original = _row_to_message(row)
                     return Accepted(id=original.id, state="duplicate", message=original)
-            state: Literal["queued", "buffered"] = "queued" if registered else "buffered"
+            state = MessageState.QUEUED if registered else MessageState.BUFFERED
             message = self._insert(
                 db,
                 channel=inbound.channel,
@@ -656,16 +663,18 @@ class Store:
 
     def _evict_over_cap(self, db: sqlite3.Connection, channel: str, cap: int) -> None:
         (count,) = db.execute(
-            "SELECT COUNT(*) FROM messages WHERE channel = ? AND state = 'buffered'", (channel,)
+            f"SELECT COUNT(*) FROM messages WHERE channel = ? AND state IN {_BUFFERED}",
+            (channel,),
         ).fetchone()
         excess = count - cap
         if excess <= 0:
             return
+        ledger.check_message_move(MessageState.BUFFERED, MessageState.DROPPED)
         db.execute(
-            "UPDATE messages SET state = 'dropped', error = ? WHERE seq IN ("
-            "SELECT seq FROM messages WHERE channel = ? AND state = 'buffered' "
+            "UPDATE messages SET state = ?, error = ? WHERE seq IN ("
+            f"SELECT seq FROM messages WHERE channel = ? AND state IN {_BUFFERED} "
             "ORDER BY seq LIMIT ?)",
-            (f"buffer cap of {cap} messages exceeded", channel, excess),
+            (MessageState.DROPPED, f"buffer cap of {cap} messages exceeded", channel, excess),
         )
         log.warning(
             "buffer cap reached: oldest messages dropped",
@@ -679,14 +688,15 @@ class Store:
 
         Called when an agent registers (R7 replay) and at start (R28 replay).
         """
+        ledger.check_message_move(MessageState.BUFFERED, MessageState.QUEUED)
         with self._tx() as db:
             db.execute(
-                "UPDATE messages SET state = 'queued' WHERE channel = ? AND state = 'buffered'",
-                (channel,),
+                f"UPDATE messages SET state = ? WHERE channel = ? AND state IN {_BUFFERED}",
+                (MessageState.QUEUED, channel),
             )
             rows = db.execute(
                 f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE channel = ? "
-                "AND state IN ('queued', 'working') ORDER BY seq",
+                f"AND state IN {_RUNNABLE} ORDER BY seq",
                 (channel,),
             ).fetchall()
         return [_row_to_message(row) for row in rows]
@@ -694,22 +704,24 @@ class Store:
     def release_open(self, channel: str, *, buffer_cap: int) -> int:
         """Deregister (R26): the channel's queued messages go back to `buffered`,
         and the cap of R7 holds for them as for new ones (the oldest are `dropped`)."""
+        ledger.check_message_move(MessageState.QUEUED, MessageState.BUFFERED)
         with self._tx() as db:
             released = db.execute(
-                "UPDATE messages SET state = 'buffered' WHERE channel = ? AND state = 'queued'",
-                (channel,),
+                f"UPDATE messages SET state = ? WHERE channel = ? AND state IN {_QUEUED}",
+                (MessageState.BUFFERED, channel),
             ).rowcount
             self._evict_over_cap(db, channel, buffer_cap)
         return released
 
     # -- the turn (R12, R16, R17, R21, R26, R28) ----------------------------------
 
-    def start_turn(self, messages: Sequence[Message], thread: ThreadRecord) -> None:
+    def start_turn(self, messages: Sequence[Message], thread: ThreadRecord) -> list[Message]:
         """Mark the turn's messages `working` (one more attempt) and write the start record.
 
         A single-threaded agent's record is its conversation's: the first turn
-        links it to the agent, later turns upsert it.
+        links it to the agent, later turns upsert it. Returns the started messages.
         """
+        started = ledger.started(messages, thread.id)
         with self._tx() as db:
             if thread.mode == "single-threaded":
                 db.execute(
@@ -717,16 +729,12 @@ class Store:
                     "ON CONFLICT (agent) DO UPDATE SET thread_id = excluded.thread_id",
                     (thread.agent, thread.id),
                 )
-            for message in messages:
-                db.execute(
-                    "UPDATE messages SET state = 'working', attempts = attempts + 1, "
-                    "thread_id = ? WHERE id = ?",
-                    (thread.id, message.id),
-                )
-                message.state = "working"
-                message.attempts += 1
-                message.thread_id = thread.id
+            db.executemany(
+                "UPDATE messages SET state = ?, attempts = ?, thread_id = ? WHERE id = ?",
+                [(m.state, m.attempts, m.thread_id, m.id) for m in started],
+            )
             self._write_thread(db, thread)
+        return started
 
     def _write_thread(self, db: sqlite3.Connection, thread: ThreadRecord) -> None:
         db.execute(
@@ -763,53 +771,52 @@ class Store:
         reply: str,
         error: str | None,
         persist_session: bool,
-    ) -> Message | None:
+    ) -> tuple[list[Message], Message | None, ThreadRecord]:
         """The end of a turn in one transaction (R16/R17/R19).
 
         Counts the turn (once, here), ends the thread record, stores the reply
         (if non-empty) as an outbound message answering the first message, moves
-        the inbound messages to their terminal state, and persists the session the
-        backend echoed (single-threaded agents only).
+        the inbound messages to ``state``, and persists the session the backend
+        echoed (single-threaded agents only). Returns the new records.
         """
+        ended = replace(thread, turn_count=thread.turn_count + 1, ended_at=utc_now())
+        settled = ledger.moved(messages, state, error)
         with self._tx() as db:
-            if thread.mode == "single-threaded" and persist_session and thread.session:
+            if ended.mode == "single-threaded" and persist_session and ended.session:
                 db.execute(
                     "UPDATE sessions SET session_id = ? WHERE agent = ?",
-                    (thread.session, thread.agent),
+                    (ended.session, ended.agent),
                 )
-            thread.turn_count += 1
-            thread.ended_at = utc_now()
-            self._write_thread(db, thread)
+            self._write_thread(db, ended)
             outbound = None
             if reply:
                 outbound = self._insert(
                     db,
-                    channel=thread.channel,
+                    channel=ended.channel,
                     direction="out",
                     content=reply,
-                    state="done",
+                    state=MessageState.DONE,
                     metadata={},
-                    in_reply_to=messages[0].id,
-                    thread_id=thread.id,
+                    in_reply_to=settled[0].id,
+                    thread_id=ended.id,
                 )
-            for message in messages:
-                message.state = state
-                message.error = error
-                message.reply_id = outbound.id if outbound else None
-                db.execute(
-                    "UPDATE messages SET state = ?, error = ?, reply_id = ? WHERE id = ?",
-                    (state, error, message.reply_id, message.id),
-                )
-        return outbound
+            reply_id = outbound.id if outbound else None
+            settled = [replace(m, reply_id=reply_id) for m in settled]
+            db.executemany(
+                "UPDATE messages SET state = ?, error = ?, reply_id = ? WHERE id = ?",
+                [(m.state, m.error, m.reply_id, m.id) for m in settled],
+            )
+        return settled, outbound, ended
 
-    def set_remote_id(self, message: Message, remote_id: str) -> None:
+    def set_remote_id(self, message: Message, remote_id: str) -> Message:
         """Where a mirror keeps this message (e.g. the vault note id), in its metadata."""
-        message.metadata["remote_id"] = remote_id
+        updated = replace(message, metadata={**message.metadata, "remote_id": remote_id})
         with self._tx(atomic=False) as db:
             db.execute(
                 "UPDATE messages SET metadata = ? WHERE id = ?",
-                (json.dumps(message.metadata), message.id),
+                (json.dumps(updated.metadata), updated.id),
             )
+        return updated
 
     def rewrite_thread(self, thread: ThreadRecord) -> None:
         """R21: rewrite the same turn's record; the turn count does not move."""
@@ -818,22 +825,21 @@ class Store:
 
     def set_state(
         self, messages: Sequence[Message], state: MessageState, error: str | None = None
-    ) -> None:
+    ) -> list[Message]:
+        """Move messages to ``state`` (each move checked by the ledger); the new records."""
+        moved = ledger.moved(messages, state, error)
         with self._tx() as db:
-            for message in messages:
-                message.state = state
-                message.error = error
-                db.execute(
-                    "UPDATE messages SET state = ?, error = ? WHERE id = ?",
-                    (state, error, message.id),
-                )
+            db.executemany(
+                "UPDATE messages SET state = ?, error = ? WHERE id = ?",
+                [(m.state, m.error, m.id) for m in moved],
+            )
+        return moved
 
-    def end_thread(self, thread: ThreadRecord, status: ThreadStatus, output: str) -> None:
+    def end_thread(self, thread: ThreadRecord, status: ThreadStatus, output: str) -> ThreadRecord:
         """End a record without counting a turn (a cancelled turn never completed)."""
-        thread.status = status
-        thread.output = output
-        thread.ended_at = utc_now()
-        self.rewrite_thread(thread)
+        ended = ledger.thread_moved(thread, status, output=output, ended_at=utc_now())
+        self.rewrite_thread(ended)
+        return ended
 
     # -- reading ------------------------------------------------------------------
 
@@ -889,7 +895,7 @@ class Store:
 
     def count_buffered(self) -> int:
         (count,) = self._db.execute(
-            "SELECT COUNT(*) FROM messages WHERE state = 'buffered'"
+            f"SELECT COUNT(*) FROM messages WHERE state IN {_BUFFERED}"
         ).fetchone()
         return int(count)
 

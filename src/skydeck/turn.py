@@ -33,17 +33,20 @@ from typing import Any, Literal
 
 import trio
 
-from .backends.base import Backend, BackendError, EventKind
+from . import ledger
+from .backends.base import Backend, BackendError
+from .backends.base import EventKind as BackendEventKind
 from .errors import StoreFailure, unwrap
 from .events import TurnEvents
+from .ledger import CallbackStatus, MessageState, Outcome, ThreadStatus
 from .model import (
     Accepted,
     AgentSpec,
+    EventKind,
     Inbound,
     Message,
     ThreadRecord,
     TurnEvent,
-    TurnResult,
     TurnSession,
     new_id,
 )
@@ -73,9 +76,9 @@ def failure_reply_text(reason: str) -> str:
     )
 
 
-def callback_text(channel: str, status: Literal["ok", "error"]) -> str:
+def callback_text(channel: str, status: CallbackStatus) -> str:
     """R22: the brief notification; the sender pulls the full result from the metadata."""
-    verb = "finished (ok)" if status == "ok" else "finished with an error"
+    verb = "finished (ok)" if status is CallbackStatus.OK else "finished with an error"
     return (
         f"[callback] {channel} {verb} — see source_message / source_thread in this "
         "note's metadata to pull the full result."
@@ -111,6 +114,49 @@ def describe(exc: BaseException) -> str:
     return text if text else type(exc).__name__
 
 
+def callbacks_for(
+    messages: Sequence[Message],
+    *,
+    channel: str,
+    thread_id: str,
+    status: CallbackStatus,
+    reply_id: str | None,
+    remote_id: str | None,
+    remote: Callable[[str], bool],
+) -> list[tuple[Inbound, bool]]:
+    """R22/R23: the callback each requesting channel gets, and whether it goes to
+    the mirror (R22a: a sender served there gets it only there, with the
+    mirror's id of the reply). Pure: the turn routes what this returns."""
+    out = []
+    for message in messages:
+        reply_to = message.reply_to
+        if reply_to is None:
+            continue
+        depth = message.delegation_depth
+        if depth >= MAX_DELEGATION_DEPTH:
+            log.warning(
+                "delegation depth limit reached: no callback delivered",
+                extra={"channel": channel, "reply_to": reply_to, "depth": depth},
+            )
+            continue
+        metadata: dict[str, Any] = {
+            "callback": "true",
+            "status": status.value,
+            "source_channel": channel,
+            "source_thread": thread_id,
+        }
+        via_mirror = remote(reply_to)
+        source_message = remote_id if via_mirror else reply_id
+        if source_message is not None:
+            metadata["source_message"] = source_message
+        if "correlation_id" in message.metadata:
+            metadata["correlation_id"] = message.metadata["correlation_id"]
+        metadata["delegation_depth"] = str(depth + 1)
+        text = callback_text(channel, status)
+        out.append((Inbound(channel=reply_to, content=text, metadata=metadata), via_mirror))
+    return out
+
+
 @dataclass(slots=True)
 class TurnDeps:
     """What a turn needs from the daemon; passed in so tests can swap any part."""
@@ -120,8 +166,9 @@ class TurnDeps:
     backends: Mapping[str, Backend]
     submit: Callable[[Inbound], Accepted]
     mirror: Mirror | None = None
-    #: (outcome, seconds, messages): outcome is ok, error, timeout or cancelled.
-    on_finished: Callable[[str, float, int], None] | None = None
+    #: (outcome, the messages' final state, seconds, messages): outcome is ok,
+    #: error, timeout or cancelled.
+    on_finished: Callable[[str, MessageState, float, int], None] | None = None
     on_outbound_retry: Callable[[], None] | None = None
 
 
@@ -159,16 +206,16 @@ class Turn:
             channel=self.channel,
             agent=agent.name,
             mode=agent.mode,
-            status="working",
+            status=ThreadStatus.WORKING,
             input=self.prompt,
             message_id=self.messages[0].id,
         )
         if previous is None:
             return fresh
-        return replace(
+        return ledger.thread_moved(
             previous,
+            ThreadStatus.WORKING,
             channel=self.channel,
-            status="working",
             input=self.prompt,
             output="",
             ended_at=None,
@@ -211,13 +258,21 @@ class Turn:
         """
         if not self._ended:
             self._ended = True
-            self._guard("thread record", self.deps.store.end_thread, self.thread, "error", reason)
-            # A store failure here leaves the messages `working`; they replay (R28).
+            outcome = ledger.cancelled(reason)
             store = self.deps.store
-            self._guard("message states", store.set_state, self.messages, "cancelled", reason)
-            self._publish("error", {"error": reason})
-            self._callbacks("error", None, None)
-            self._finished("cancelled")
+            # Each write on its own (R25); a store failure leaves the messages
+            # `working`, and they replay (R28).
+            try:
+                self.thread = store.end_thread(self.thread, outcome.thread_status, outcome.output)
+            except Exception:
+                log.exception("thread record failed", extra={"channel": self.channel})
+            try:
+                self.messages = store.set_state(self.messages, outcome.state, outcome.error)
+            except Exception:
+                log.exception("message states failed", extra={"channel": self.channel})
+            self._announce(outcome)
+            self._call_back(outcome.callback, None, None)
+            self._finished(outcome)
         self._scope.cancel()
 
     # -- the pipeline -------------------------------------------------------------
@@ -228,11 +283,11 @@ class Turn:
         if any(message.attempts >= MAX_ATTEMPTS for message in self.messages):
             self.deps.store.ensure_unchanged(self.epoch)
             self.deps.store.start_turn([], self.thread)
-            await self._fail(RESTARTS_REASON, echoed_session=None)
+            await self._conclude(self._failed(RESTARTS_REASON, session=None))
             return
         session = await self._session()
         self.deps.store.ensure_unchanged(self.epoch)
-        self.deps.store.start_turn(self.messages, self.thread)
+        self.messages = self.deps.store.start_turn(self.messages, self.thread)
         await self.deps.store.flushed()  # the attempt counts even if we crash mid-turn (R28)
         await self._mirror_thread("start")
         backend = self.deps.backends.get(self.agent.backend)
@@ -245,12 +300,19 @@ class Turn:
                 self._timed_out = True
                 raise BackendError(f"turn timed out after {self.agent.timeout_s} s")
         except BackendError as exc:
-            await self._fail(exc.reason, echoed_session=exc.session_id)
+            outcome = self._failed(exc.reason, session=exc.session_id)
         except Exception as exc:
             log.exception("backend raised", extra={"channel": self.channel})
-            await self._fail(describe(exc), echoed_session=None)
+            outcome = self._failed(describe(exc), session=None)
         else:
-            await self._succeed(result)
+            outcome = ledger.succeeded(result.reply, result.session_id, result.usage)
+        await self._conclude(outcome)
+
+    def _failed(self, reason: str, *, session: str | None) -> Outcome:
+        log.warning("turn failed", extra={"channel": self.channel, "reason": reason})
+        return ledger.failed(
+            reason, failure_reply_text(reason), session=session, timed_out=self._timed_out
+        )
 
     async def _session(self) -> TurnSession:
         """R11: resume the stored session (single-threaded), else a fresh uuid.
@@ -273,109 +335,83 @@ class Turn:
                 return TurnSession(id=stored, resume=True)
         return TurnSession(id=str(uuid.uuid4()), resume=False)
 
-    async def _succeed(self, result: TurnResult) -> None:
-        thread = self.thread
-        thread.status, thread.output = "ok", result.reply
-        thread.usage = add_usage(thread.usage, result.usage)
-        thread.session = result.session_id or thread.session
-        reply = await self._end("done", result.reply, error=None, persist_session=True)
-        try:
-            remote_id = await self._mirror_reply(reply)
-        except DeliveryError as error:
-            await self._undelivered(reply, error)
-            return
-        await self._mirror_thread("end")
-        self._settle("done")
-        self._publish("done", {"reply": result.reply})
-        self._callbacks("ok", reply, remote_id)
-        self._finished("ok")
+    async def _conclude(self, outcome: Outcome) -> None:
+        """Carry out how the turn ended, in the spec's order (R16-R24).
 
-    async def _undelivered(self, reply: Message | None, error: DeliveryError) -> None:
-        """R21: produced but not delivered. Same turn, same record: no second count."""
-        log.error(
-            "reply produced but not delivered",
-            extra={"channel": self.channel, "error": str(error)},
+        Store first, in one transaction, durable before anyone is told (a
+        viewer never sees a reply a crash could undo); then the mirror (a
+        vault), the final event, the callbacks, the metrics. The only decision
+        left here is R21: a reply the mirror refused for good revises the
+        outcome (`ledger.undelivered`) — the same turn, the same record.
+        """
+        self._ended = True
+        thread = ledger.thread_moved(
+            self.thread,
+            outcome.thread_status,
+            output=outcome.output,
+            usage=add_usage(self.thread.usage, outcome.usage),
+            session=outcome.session or self.thread.session,
         )
-        thread = self.thread
-        thread.status = "error"
-        thread.output = (
-            f"reply produced but NOT delivered (outbound write failed: {error}). "
-            f"Undelivered reply text: {reply.content if reply else ''}"
+        # A mirrored channel's messages stay `working` until the reply has landed
+        # there too (below): `done` means delivered everywhere.
+        self.messages, reply, self.thread = self.deps.store.end_turn(
+            self.messages,
+            thread,
+            state=MessageState.WORKING if self.mirror is not None else outcome.state,
+            reply=outcome.reply,
+            error=outcome.error,
+            persist_session=outcome.session is not None,
         )
-        self._guard("thread record", self.deps.store.rewrite_thread, thread)
-        self.deps.store.set_state(self.messages, "failed", f"outbound write failed: {error}")
+        await self.deps.store.flushed()
+        if outcome.announce_first:
+            self._announce(outcome)
+        remote_id, refused = await self._mirror_reply(reply, outcome)
+        if refused is not None:
+            outcome = ledger.undelivered(outcome, str(refused))
+            log.error(
+                "reply produced but not delivered",
+                extra={"channel": self.channel, "error": str(refused)},
+            )
+            self.thread = replace(self.thread, status=outcome.thread_status, output=outcome.output)
+            self._guard("thread record", self.deps.store.rewrite_thread, self.thread)
+            self.messages = self.deps.store.set_state(self.messages, outcome.state, outcome.error)
         await self._mirror_thread("end")
-        if error.transient and reply is not None and self.mirror is not None:
-            # The reply is safe in the local store; the outbox keeps trying to
-            # deliver it, and turns the records to ok when it lands.
-            self._guard("outbox", self.mirror.defer_reply, reply, thread)
-        self._publish("error", {"error": f"reply produced but not saved: {error}"})
-        self._callbacks("error", None, None)
-        self._finished("error")
+        if refused is not None:
+            if refused.transient and reply is not None and self.mirror is not None:
+                # The reply is safe in the local store; the outbox keeps trying to
+                # deliver it, and turns the records to ok when it lands.
+                self._guard("outbox", self.mirror.defer_reply, reply, self.thread)
+        elif self.mirror is not None:
+            self.messages = self.deps.store.set_state(self.messages, outcome.state, outcome.error)
+        if not outcome.announce_first:
+            self._announce(outcome)
+        delivered = reply if outcome.ok else None
+        self._call_back(outcome.callback, delivered, remote_id)
+        self._finished(outcome)
 
-    async def _fail(self, reason: str, *, echoed_session: str | None) -> None:
-        """R16: record, tell live viewers, post the failure reply, call back."""
-        log.warning("turn failed", extra={"channel": self.channel, "reason": reason})
-        thread = self.thread
-        thread.status, thread.output = "error", reason
-        thread.session = echoed_session or thread.session
-        reply = await self._end(
-            "failed",
-            failure_reply_text(reason),
-            error=reason,
-            persist_session=echoed_session is not None,
-        )
-        self._publish("error", {"error": reason})
+    async def _mirror_reply(
+        self, reply: Message | None, outcome: Outcome
+    ) -> tuple[str | None, DeliveryError | None]:
+        """R20: write the reply to the mirror (if any): (its id there, None), or,
+        for a successful turn's reply refused for good, (None, the error)."""
+        if self.mirror is None or reply is None:
+            return None, None
+        mirror, inbound = self.mirror, self.messages[0]
         try:
-            await self._mirror_reply(reply)
+            remote_id = await with_retry(
+                lambda: mirror.write_reply(reply, inbound),
+                channel=self.channel,
+                on_retry=self.deps.on_outbound_retry,
+            )
         except DeliveryError as error:
+            if outcome.ok:
+                return None, error
             log.error(
                 "failure reply not delivered", extra={"channel": self.channel, "error": str(error)}
             )
-        await self._mirror_thread("end")
-        self._settle("failed", reason)
-        self._callbacks("error", None, None)
-        self._finished("timeout" if self._timed_out else "error")
-
-    async def _end(
-        self,
-        state: Literal["done", "failed"],
-        reply: str,
-        *,
-        error: str | None,
-        persist_session: bool,
-    ) -> Message | None:
-        self._ended = True
-        # A mirrored channel's messages stay `working` until the reply has landed
-        # there too (`_settle`): `done` means delivered everywhere.
-        outbound = self.deps.store.end_turn(
-            self.messages,
-            self.thread,
-            state="working" if self.mirror is not None else state,
-            reply=reply,
-            error=error,
-            persist_session=persist_session,
-        )
-        # Durable before anyone is told: a viewer never sees a reply a crash could undo.
-        await self.deps.store.flushed()
-        return outbound
-
-    def _settle(self, state: Literal["done", "failed"], error: str | None = None) -> None:
-        if self.mirror is not None:
-            self.deps.store.set_state(self.messages, state, error)
-
-    async def _mirror_reply(self, reply: Message | None) -> str | None:
-        """R20: write the reply to the mirror (if any); its id there, or raise."""
-        if self.mirror is None or reply is None:
-            return None
-        mirror = self.mirror
-        remote_id = await with_retry(
-            lambda: mirror.write_reply(reply, self.messages[0]),
-            channel=self.channel,
-            on_retry=self.deps.on_outbound_retry,
-        )
+            return None, None
         self._guard("remote id", self.deps.store.set_remote_id, reply, remote_id)
-        return remote_id
+        return remote_id, None
 
     async def _mirror_thread(self, phase: Literal["start", "end"]) -> None:
         """The thread record, mirrored best-effort (R25): never retried, never fatal."""
@@ -390,42 +426,21 @@ class Turn:
                 extra={"channel": self.channel, "phase": phase, "error": describe(exc)},
             )
 
-    def _callbacks(
-        self, status: Literal["ok", "error"], reply: Message | None, remote_id: str | None
+    def _call_back(
+        self, status: CallbackStatus, reply: Message | None, remote_id: str | None
     ) -> None:
-        """R22/R23: tell each requesting channel that this turn ended.
-
-        A sender served by the mirror gets the callback only there (R22a), with
-        the mirror's id of the reply; a local sender gets it locally.
-        """
+        """R22/R22a: route each callback — the mirror's senders only there."""
         mirror = self.deps.mirror
-        for message in self.messages:
-            reply_to = message.reply_to
-            if reply_to is None:
-                continue
-            depth = message.delegation_depth
-            if depth >= MAX_DELEGATION_DEPTH:
-                log.warning(
-                    "delegation depth limit reached: no callback delivered",
-                    extra={"channel": self.channel, "reply_to": reply_to, "depth": depth},
-                )
-                continue
-            metadata: dict[str, Any] = {
-                "callback": "true",
-                "status": status,
-                "source_channel": self.channel,
-                "source_thread": self.thread.id,
-            }
-            remote = mirror is not None and mirror.serves(reply_to)
-            source_message = remote_id if remote else (reply.id if reply else None)
-            if source_message is not None:
-                metadata["source_message"] = source_message
-            if "correlation_id" in message.metadata:
-                metadata["correlation_id"] = message.metadata["correlation_id"]
-            metadata["delegation_depth"] = str(depth + 1)
-            inbound = Inbound(
-                channel=reply_to, content=callback_text(self.channel, status), metadata=metadata
-            )
+        serves = mirror.serves if mirror is not None else (lambda _: False)
+        for inbound, remote in callbacks_for(
+            self.messages,
+            channel=self.channel,
+            thread_id=self.thread.id,
+            status=status,
+            reply_id=reply.id if reply else None,
+            remote_id=remote_id,
+            remote=serves,
+        ):
             if remote and mirror is not None:
                 self._guard("callback", mirror.queue_callback, inbound)
             else:
@@ -433,28 +448,40 @@ class Turn:
 
     # -- side effects that must never break the turn (R25) ------------------------
 
-    def _emit(self, kind: EventKind, data: dict[str, Any]) -> None:
-        self._publish(kind, data)
+    def _emit(self, kind: BackendEventKind, data: dict[str, Any]) -> None:
+        self._publish(EventKind(kind), data)
 
-    def _publish(
-        self, kind: Literal["init", "text", "tool", "done", "error"], data: dict[str, Any]
-    ) -> None:
+    def _announce(self, outcome: Outcome) -> None:
+        """R24: the turn's one final event."""
+        if outcome.event_ok:
+            self._publish(EventKind.DONE, {"reply": outcome.event_text})
+        else:
+            self._publish(EventKind.ERROR, {"error": outcome.event_text})
+
+    def _publish(self, kind: EventKind, data: dict[str, Any]) -> None:
         event = TurnEvent(kind=kind, message_id=self.messages[0].id, data=data)
         self._guard("turn event", self.deps.events.publish, self.channel, event)
 
-    def _finished(self, outcome: str) -> None:
+    def _finished(self, outcome: Outcome) -> None:
         elapsed = time.monotonic() - self._started
         log.info(
             "turn finished",
             extra={
                 "channel": self.channel,
                 "message_id": self.messages[0].id,
-                "outcome": outcome,
+                "outcome": outcome.metric,
                 "duration_ms": round(elapsed * 1000, 1),
             },
         )
         if self.deps.on_finished is not None:
-            self._guard("turn metrics", self.deps.on_finished, outcome, elapsed, len(self.messages))
+            self._guard(
+                "turn metrics",
+                self.deps.on_finished,
+                outcome.metric,
+                outcome.state,
+                elapsed,
+                len(self.messages),
+            )
 
     def _guard(self, what: str, fn: Callable[..., object], *args: Any) -> None:
         try:

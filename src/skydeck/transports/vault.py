@@ -21,6 +21,7 @@ import httpx
 import trio
 
 from ..errors import StoreFailure
+from ..ledger import MessageState, ThreadStatus, thread_moved
 from ..model import AgentSpec, Inbound, Message, ThreadRecord, utc_now
 from ..store import Store
 from .base import DeliveryError
@@ -315,11 +316,11 @@ class VaultMirror:
             return
         remote_id = await self.write_reply(reply, inbound)
         self.store.set_remote_id(reply, remote_id)
-        self.store.set_state(self.store.answered_by(reply.id), "done")
+        self.store.set_state(self.store.answered_by(reply.id), MessageState.DONE)
         # A single-threaded conversation's record may show a later turn by now:
         # only a record still showing this turn is flipped back to ok.
         if thread.message_id == inbound.id:
-            thread.status, thread.output = "ok", reply.content
+            thread = thread_moved(thread, ThreadStatus.OK, output=reply.content)
             self.store.rewrite_thread(thread)
             try:
                 await self.write_thread(thread, "end", inbound)
