@@ -23,7 +23,8 @@ from pathlib import Path
 
 import trio
 
-from skydeck.backends.base import Backend, BackendError, Emit
+from skydeck.backends.base import Backend, Emit
+from skydeck.errors import BackendError, DeliveryError
 from skydeck.events import TurnEvents
 from skydeck.ledger import TERMINAL_STATES
 from skydeck.model import (
@@ -36,7 +37,7 @@ from skydeck.model import (
 )
 from skydeck.registry import Registry
 from skydeck.store import Store
-from skydeck.transports.base import DeliveryError, Mirror
+from skydeck.transports.base import Mirror
 from skydeck.turn import TurnDeps
 
 

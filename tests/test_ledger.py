@@ -146,3 +146,33 @@ def test_the_literal_scan_sees_planted_literals(tmp_path: Path) -> None:
     )
     found = literals_outside_the_ledger(tmp_path)
     assert [line.split(": ")[0] for line in found] == ["x.py:1", "x.py:2"], found
+
+
+def test_the_error_tree_and_its_http_statuses() -> None:
+    """errors.py's tree, mapped to statuses in app.py only (issue 13)."""
+    from skydeck import errors
+    from skydeck.app import status_of
+
+    expected = {
+        errors.BadRequest("x"): 400,
+        errors.CursorError("x"): 400,
+        errors.InvalidNote("x"): 400,
+        errors.NotFound("x"): 404,
+        errors.Conflict("x"): 409,
+        errors.Unavailable("x"): 503,
+        errors.StoreFailure("disk full"): 507,
+        errors.BackendError("x"): 500,
+        errors.DeliveryError("x"): 500,
+    }
+    assert {type(e).__name__: status_of(e) for e in expected} == {
+        type(e).__name__: s for e, s in expected.items()
+    }
+    branches = {
+        errors.InputError: {errors.BadRequest, errors.CursorError, errors.InvalidNote},
+        errors.StateError: {errors.NotFound, errors.Conflict, errors.Unavailable},
+        errors.ExternalError: {errors.BackendError, errors.DeliveryError, errors.StoreFailure},
+    }
+    for branch, leaves in branches.items():
+        assert set(branch.__subclasses__()) == leaves
+        assert issubclass(branch, errors.SkydeckError)
+    assert not any(hasattr(kind, "status") for kind in (errors.NotFound, errors.StoreFailure))

@@ -30,13 +30,22 @@ from werkzeug.exceptions import HTTPException
 from . import __version__, validate
 from .auth import Auth, Forbidden, Unauthorized, scope_for
 from .backends.claude import ClaudeBackend
-from .errors import BadRequest, NotFound, SkydeckError, StoreFailure
+from .errors import (
+    BadRequest,
+    Conflict,
+    CursorError,
+    InputError,
+    NotFound,
+    SkydeckError,
+    StoreFailure,
+    Unavailable,
+)
 from .guard import NOT_JSON, SECURITY_HEADERS, OriginPolicy, Refusal, is_json
 from .metrics import Metrics
 from .model import AgentSpec
 from .registry import Registry
 from .scheduler import Scheduler
-from .store import CursorError, Store
+from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +58,21 @@ DEFAULT_PAGE = 100
 MAX_PAGE = 500
 
 Json = tuple[dict[str, Any], int] | tuple[dict[str, Any], int, dict[str, str]] | dict[str, Any]
+
+
+#: The error tree (errors.py) as HTTP statuses; the domain classes carry none.
+#: Anything else (a backend or delivery error reaching a request) is a 500.
+STATUSES: tuple[tuple[type[SkydeckError], int], ...] = (
+    (InputError, 400),
+    (NotFound, 404),
+    (Conflict, 409),
+    (Unavailable, 503),
+    (StoreFailure, 507),  # Insufficient Storage: nothing was kept; send it again
+)
+
+
+def status_of(error: SkydeckError) -> int:
+    return next((status for kind, status in STATUSES if isinstance(error, kind)), 500)
 
 
 def _error(status: int, message: str, field: str | None = None) -> tuple[dict[str, Any], int]:
@@ -187,7 +211,7 @@ def create_app(
 
     @app.errorhandler(SkydeckError)
     async def skydeck_error(error: SkydeckError) -> Json:
-        return _error(error.status, error.message, error.field)
+        return _error(status_of(error), error.message, getattr(error, "field", None))
 
     @app.errorhandler(Unauthorized)
     async def unauthorized(_: Unauthorized) -> Json:

@@ -47,7 +47,7 @@ import trio
 import trio.lowlevel
 
 from . import ledger
-from .errors import StoreFailure
+from .errors import CursorError, StoreFailure
 from .ledger import OPEN_STATES, MessageState, ThreadStatus, sql_states
 from .model import (
     Accepted,
@@ -177,10 +177,6 @@ _MESSAGE_COLUMNS = (
     "seq, id, channel, direction, content, state, created_at, metadata, external_id, "
     "in_reply_to, thread_id, reply_id, attempts, error"
 )
-
-
-class CursorError(ValueError):
-    """A paging cursor that this store did not hand out."""
 
 
 @dataclass(eq=False, slots=True)

@@ -34,9 +34,9 @@ from typing import Any, Literal
 import trio
 
 from . import ledger
-from .backends.base import Backend, BackendError
+from .backends.base import Backend
 from .backends.base import EventKind as BackendEventKind
-from .errors import StoreFailure, unwrap
+from .errors import BackendError, DeliveryError, StoreFailure, unwrap
 from .events import TurnEvents
 from .ledger import CallbackStatus, MessageState, Outcome, ThreadStatus
 from .model import (
@@ -51,7 +51,7 @@ from .model import (
     new_id,
 )
 from .store import Store
-from .transports.base import DeliveryError, Mirror, with_retry
+from .transports.base import Mirror, with_retry
 
 log = logging.getLogger(__name__)
 

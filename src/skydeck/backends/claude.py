@@ -30,9 +30,10 @@ from pathlib import Path
 
 import trio
 
+from ..errors import BackendError
 from ..model import AgentSpec, TurnResult, TurnSession
 from ..procs import ProcessRegistry
-from .base import BackendError, Emit
+from .base import Emit
 from .claude_stream import StreamOutcome, StreamParser
 from .output import Overlong, TailBuffer
 from .process import (

@@ -20,11 +20,10 @@ from urllib.parse import quote
 import httpx
 import trio
 
-from ..errors import StoreFailure
+from ..errors import DeliveryError, StoreFailure
 from ..ledger import MessageState, ThreadStatus, thread_moved
 from ..model import AgentSpec, Inbound, Message, ThreadRecord, utc_now
 from ..store import Store
-from .base import DeliveryError
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
