@@ -34,7 +34,7 @@ class _QueueCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, depths: Callable[[], Iterable[tuple[str, int]]]) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.accepted = Counter(
             "skydeck_messages_accepted",
@@ -75,6 +75,9 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+
+    def watch_queues(self, depths: Callable[[], Iterable[tuple[str, int]]]) -> None:
+        """Queue depth per agent, read from the registry at each scrape."""
         self.registry.register(_QueueCollector(depths))
 
     def watch_outbox(self, pending: Callable[[], int]) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +38,10 @@ from .turn import Turn, TurnDeps
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
+
+    from .backends.base import Backend
+    from .metrics import Metrics
+    from .transports.base import Mirror
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +86,7 @@ class Registry:
         *,
         buffer_cap: int = DEFAULT_BUFFER_CAP,
         max_turns: int = DEFAULT_MAX_TURNS,
+        on_accepted: Callable[[Accepted], None] | None = None,
     ) -> None:
         self.store = store
         self.deps = deps
@@ -89,7 +94,7 @@ class Registry:
         self.buffer_cap = buffer_cap
         self.limiter = trio.CapacityLimiter(max_turns)
         self.accepting = True
-        self.on_accepted: Callable[[Accepted], None] | None = None
+        self.on_accepted = on_accepted
         self._stopping = False
         self._running = 0
         self._idle = trio.Event()
@@ -193,25 +198,44 @@ class Registry:
 
     def submit(self, inbound: Inbound) -> Accepted:
         """Store the message durably, then hand it to its channel task (if any)."""
+        accepted = self.accept(inbound)
+        self.dispatch(accepted)
+        return accepted
+
+    def accept(self, inbound: Inbound) -> Accepted:
+        """The store half of `submit`: the row, queued or buffered (R7), or a duplicate (R8).
+
+        Only the store is touched, so a caller may do it inside `Store.atomic`
+        with writes of its own (a cron slot); `dispatch` then does what a
+        rollback could not undo. No checkpoint may come between the two.
+        """
         if not self.accepting:
             raise Unavailable("skydeck is shutting down; try again after it restarts")
         task = self._by_channel.get(inbound.channel)
-        accepted = self.store.accept_inbound(
+        return self.store.accept_inbound(
             inbound, registered=task is not None, buffer_cap=self.buffer_cap
         )
+
+    def dispatch(self, accepted: Accepted) -> None:
+        """The memory half of `submit`: hand a queued message to its channel task,
+        interrupt (R9), the `queued` event, metrics."""
+        task = self._by_channel.get(accepted.message.channel)
         if accepted.state is MessageState.QUEUED and task is not None:
             task.send.send_nowait(accepted.message)
             if task.agent.queue_mode == "interrupt" and task.turn is not None:
                 task.turn.cancel(INTERRUPTED_REASON)  # R9: the newest message wins
             try:
                 self.events.publish(
-                    inbound.channel, TurnEvent(kind=EventKind.QUEUED, message_id=accepted.id)
+                    task.agent.channel, TurnEvent(kind=EventKind.QUEUED, message_id=accepted.id)
                 )
             except Exception:  # R25: a viewer's failure is never the sender's
-                log.exception("queued event failed", extra={"channel": inbound.channel})
+                log.exception("queued event failed", extra={"channel": task.agent.channel})
         if self.on_accepted is not None:
             self.on_accepted(accepted)
-        return accepted
+
+    def stop_accepting(self) -> None:
+        """R29's first step: from now on every post is a 503 and stores nothing."""
+        self.accepting = False
 
     # -- channel tasks ------------------------------------------------------------
 
@@ -291,7 +315,9 @@ class Registry:
                     task.waiting_for_slot = False
                     if self._stopping:
                         await trio.sleep_forever()  # R29: no new turn; it replays at start
-                    task.turn = Turn(self.deps, task.agent, batch, epoch=task.epoch)
+                    task.turn = Turn(
+                        self.deps, task.agent, batch, epoch=task.epoch, submit=self.submit
+                    )
                     self._running += 1
                     try:
                         await task.turn.run()
@@ -323,3 +349,39 @@ class Registry:
                 more.append(receive.receive_nowait())
             except (trio.WouldBlock, trio.EndOfChannel):
                 return more
+
+
+def build_registry(
+    store: Store,
+    backends: Mapping[str, Backend],
+    *,
+    events: TurnEvents | None = None,
+    mirror: Mirror | None = None,
+    metrics: Metrics | None = None,
+    on_finished: Callable[[str, MessageState, float, int], None] | None = None,
+    buffer_cap: int = DEFAULT_BUFFER_CAP,
+    max_turns: int = DEFAULT_MAX_TURNS,
+) -> Registry:
+    """A registry and what its turns need, wired once and never re-wired.
+
+    The one way the service, the tests and the benchmarks build a registry, so
+    none of them can forget a part (or set one after the fact). ``on_finished``
+    (a benchmark's counter) stands in for ``metrics``'s when there is none.
+    """
+    if metrics is not None:
+        on_finished = metrics.on_finished
+    deps = TurnDeps(
+        store=store,
+        events=events or TurnEvents(),
+        backends=backends,
+        mirror=mirror,
+        on_finished=on_finished,
+        on_outbound_retry=metrics.outbound_retries.inc if metrics is not None else None,
+    )
+    return Registry(
+        store,
+        deps,
+        buffer_cap=buffer_cap,
+        max_turns=max_turns,
+        on_accepted=metrics.on_accepted if metrics is not None else None,
+    )

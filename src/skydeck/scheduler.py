@@ -85,17 +85,25 @@ def latest_slot(job: Job, at: datetime) -> datetime:
     return croniter(job.schedule, local).get_prev(datetime).astimezone(UTC)  # type: ignore[no-any-return]
 
 
+class Intake(Protocol):
+    """Where fired messages go (the registry): the store half, then the memory half."""
+
+    def accept(self, inbound: Inbound) -> Accepted: ...
+
+    def dispatch(self, accepted: Accepted) -> None: ...
+
+
 class Scheduler:
     def __init__(
         self,
         store: Store,
-        submit: Callable[[Inbound], Accepted],
+        intake: Intake,
         clock: WallClock | None = None,
         *,
         on_fire: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
-        self.submit = submit
+        self.intake = intake
         self.clock = clock or SystemClock()
         self.on_fire = on_fire
         self.wakeups = 0
@@ -203,11 +211,13 @@ class Scheduler:
             metadata={"job": job.name, "slot": slot},
         )
         with self.store.atomic():  # the slot is fired together with its message, or not at all
-            accepted = self.submit(inbound)
+            accepted = self.intake.accept(inbound)
             job.last_run_at = iso(now)
             job.last_message_id = accepted.id
             job.last_outcome = f"posted ({accepted.state})"
             self.store.save_job(job)
+        # Only now the effects a rollback of that block could not have undone.
+        self.intake.dispatch(accepted)
         log.info("job fired", extra={"job": job.name, "slot": slot, "message_id": accepted.id})
         self._count("fired")
         return accepted

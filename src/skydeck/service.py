@@ -23,9 +23,9 @@ import fcntl
 import logging
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
@@ -46,11 +46,10 @@ from .guard import OriginPolicy, is_loopback
 from .metrics import Metrics
 from .model import AgentSpec
 from .procs import ProcessRegistry
-from .registry import DEFAULT_BUFFER_CAP, DEFAULT_MAX_TURNS, Registry
+from .registry import DEFAULT_BUFFER_CAP, DEFAULT_MAX_TURNS, build_registry
 from .scheduler import Scheduler, WallClock
 from .store import Store
 from .transports.vault import VaultClient, VaultMirror
-from .turn import TurnDeps
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -108,6 +107,46 @@ def lock_data_dir(data_dir: Path) -> IO[bytes]:
     return file
 
 
+#: Setting -> the environment variables it is read from, first one set wins.
+ENV: dict[str, tuple[str, ...]] = {
+    "host": ("SKYDECK_HOST",),
+    "port": ("SKYDECK_PORT", "PORT"),
+    "data_dir": ("SKYDECK_DATA_DIR",),
+    "token": ("SKYDECK_TOKEN",),
+    "jwt_secret": ("SKYDECK_JWT_SECRET",),
+    "jwks_url": ("SKYDECK_JWKS_URL",),
+    "jwt_issuer": ("SKYDECK_JWT_ISSUER",),
+    "max_turns": ("SKYDECK_MAX_TURNS",),
+    "vault_url": ("SKYDECK_VAULT_URL",),
+    "vault_token": ("SKYDECK_VAULT_TOKEN",),
+    "vault_poll_s": ("SKYDECK_VAULT_POLL_S",),
+    "public_url": ("SKYDECK_PUBLIC_URL",),
+    "allowed_hosts": ("SKYDECK_ALLOWED_HOSTS",),
+    "allowed_origins": ("SKYDECK_ALLOWED_ORIGINS",),
+    "keepalive_s": ("SKYDECK_KEEPALIVE_S",),
+    "body_timeout_s": ("SKYDECK_BODY_TIMEOUT_S",),
+}
+
+
+def _parse_setting(name: str, kind: Any, raw: Any) -> Any:
+    """A flag's or variable's value as the field's type; a bad number is a `ConfigError`."""
+    if not isinstance(raw, str):
+        return raw  # a flag argparse already typed
+    kind = str(kind)
+    try:
+        if kind.startswith("int"):
+            return int(raw)
+        if kind.startswith("float"):
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, not {raw!r}") from None
+    if kind == "Path":
+        return Path(raw)
+    if kind.startswith("tuple"):
+        return tuple(item.strip() for item in raw.split(",") if item.strip())
+    return raw
+
+
 @dataclass(slots=True)
 class Settings:
     host: str = DEFAULT_HOST
@@ -137,6 +176,21 @@ class Settings:
     allowed_origins: tuple[str, ...] = ()
     keepalive_s: float = KEEPALIVE_S
     body_timeout_s: float = BODY_TIMEOUT_S
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], **flags: Any) -> Settings:
+        """The settings of `skydeck serve`: a flag given (not None) wins, then the
+        environment (`ENV`), then the field's default — every default is written
+        once, on the field above. An empty variable counts as unset."""
+        values: dict[str, Any] = {}
+        for spec in fields(cls):
+            raw: Any = flags.get(spec.name)
+            if raw is None:
+                raw = next((env[key] for key in ENV.get(spec.name, ()) if env.get(key)), None)
+            if raw is None:
+                continue
+            values[spec.name] = _parse_setting(spec.name, spec.type, raw)
+        return cls(**values)
 
     def origin_policy(self) -> OriginPolicy:
         return OriginPolicy.build(
@@ -192,13 +246,12 @@ class Service:
 
     def _open(self, clock: WallClock | None) -> None:
         settings = self.settings
-        self.store = Store(self.db_path)
+        self.metrics = Metrics()
+        self.store = Store(self.db_path, on_dropped=self.metrics.dropped.inc)
         self.events = TurnEvents()
         workspaces = settings.data_dir / "workspaces"
         self.claude_bin = find_claude()
-        self.metrics = Metrics(lambda: self.registry.depths())
         self.processes = ProcessRegistry(self.store)
-        self.store.on_dropped = self.metrics.dropped.inc
         backends: dict[str, Backend] = {
             "echo": EchoBackend(),
             "command": CommandBackend(workspaces, self.processes),
@@ -209,28 +262,26 @@ class Service:
                 processes=self.processes,
             ),
         }
-        self.deps = TurnDeps(
-            store=self.store,
-            events=self.events,
-            backends=backends,
-            submit=lambda inbound: self.registry.submit(inbound),
-            on_finished=self.metrics.on_finished,
-            on_outbound_retry=self.metrics.outbound_retries.inc,
-        )
-        self.registry = Registry(
-            self.store, self.deps, buffer_cap=settings.buffer_cap, max_turns=settings.max_turns
-        )
-        self.registry.on_accepted = self.metrics.on_accepted
         self.vault: VaultMirror | None = None
         if settings.vault_url:
             self.vault = VaultMirror(
                 VaultClient(settings.vault_url, settings.vault_token), self.store
             )
-            self.deps.mirror = self.vault
             self.metrics.watch_outbox(self.vault.pending)
+        self.registry = build_registry(
+            self.store,
+            backends,
+            events=self.events,
+            mirror=self.vault,
+            metrics=self.metrics,
+            buffer_cap=settings.buffer_cap,
+            max_turns=settings.max_turns,
+        )
+        self.deps = self.registry.deps
+        self.metrics.watch_queues(self.registry.depths)
         self.scheduler = Scheduler(
             self.store,
-            self.registry.submit,
+            self.registry,
             clock,
             on_fire=lambda outcome: self.metrics.job_slots.labels(outcome).inc(),
         )
@@ -353,6 +404,6 @@ class Service:
     def stop(self) -> None:
         """Begin the graceful shutdown (R29); `run` returns once it is complete."""
         log.info("stopping", extra={"grace_s": self.settings.grace_s})
-        self.registry.accepting = False
+        self.registry.stop_accepting()
         self.events.close_all()
         self._stopped.set()

@@ -231,10 +231,16 @@ class Store:
     ``path=":memory:"`` gives the same store without a file (benchmarks, unit tests).
     """
 
-    def __init__(self, path: str | Path, *, durability: Literal["normal", "full"] = "normal"):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        durability: Literal["normal", "full"] = "normal",
+        on_dropped: Callable[[int], None] | None = None,
+    ):
         self.path = str(path)
         #: Called with the number of buffered messages marked `dropped` (R7), for metrics.
-        self.on_dropped: Callable[[int], None] | None = None
+        self.on_dropped = on_dropped
         #: Store failures so far (see the module docstring); never goes down.
         self.failures = 0
         #: Why the store is failing, until a commit succeeds again; None when healthy.

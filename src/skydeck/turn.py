@@ -164,7 +164,6 @@ class TurnDeps:
     store: Store
     events: TurnEvents
     backends: Mapping[str, Backend]
-    submit: Callable[[Inbound], Accepted]
     mirror: Mirror | None = None
     #: (outcome, the messages' final state, seconds, messages): outcome is ok,
     #: error, timeout or cancelled.
@@ -176,11 +175,19 @@ class Turn:
     """One run of an agent's backend for one or more messages of its channel."""
 
     def __init__(
-        self, deps: TurnDeps, agent: AgentSpec, messages: Sequence[Message], *, epoch: int
+        self,
+        deps: TurnDeps,
+        agent: AgentSpec,
+        messages: Sequence[Message],
+        *,
+        epoch: int,
+        submit: Callable[[Inbound], Accepted],
     ) -> None:
-        """``epoch``: `Store.failures` when ``messages`` were read from the store."""
+        """``epoch``: `Store.failures` when ``messages`` were read from the store;
+        ``submit``: where callbacks to local channels go (the registry's)."""
         self.deps = deps
         self.epoch = epoch
+        self.submit = submit
         self.agent = agent
         self.messages = list(messages)
         self.channel = agent.channel
@@ -444,7 +451,7 @@ class Turn:
             if remote and mirror is not None:
                 self._guard("callback", mirror.queue_callback, inbound)
             else:
-                self._guard("callback", self.deps.submit, inbound)
+                self._guard("callback", self.submit, inbound)
 
     # -- side effects that must never break the turn (R25) ------------------------
 
