@@ -301,6 +301,25 @@ def create_app(
     async def inbound() -> Json:
         return await post_inbound()
 
+    @app.post("/api/inbound/batch")
+    async def inbound_batch() -> Json:
+        """Many plain inbound bodies, one commit for the lot; answers in order.
+
+        Each item is validated, deduplicated (R8) and stored on its own: a bad
+        one gets its error in its place and fails nothing else. A store failure
+        fails them all (507), as for a single post.
+        """
+        results: list[dict[str, Any]] = []
+        for index, item in enumerate(validate.batch(await json_body())):
+            try:
+                accepted = registry.submit(validate.batch_item(item))
+            except BadRequest as error:
+                results.append({"error": error.message, "field": error.field, "index": index})
+            else:
+                results.append({"id": accepted.id, "state": accepted.state})
+        await store.flushed()  # R28: every acknowledged item is committed first
+        return {"results": results}
+
     @app.post("/api/vault/inbound")
     async def vault_inbound() -> Json:
         return await post_inbound()
