@@ -725,7 +725,7 @@ class Store:
         """
         started = ledger.started(messages, thread.id)
         with self._tx() as db:
-            if thread.mode == "single-threaded":
+            if thread.mode == "single-threaded" and thread.turn_count == 0:  # not linked yet
                 db.execute(
                     "INSERT INTO sessions (agent, thread_id) VALUES (?, ?) "
                     "ON CONFLICT (agent) DO UPDATE SET thread_id = excluded.thread_id",
@@ -782,7 +782,8 @@ class Store:
         echoed (single-threaded agents only). Returns the new records.
         """
         ended = replace(thread, turn_count=thread.turn_count + 1, ended_at=utc_now())
-        settled = ledger.moved(messages, state, error)
+        for message in messages:
+            ledger.check_message_move(message.state, state)
         with self._tx() as db:
             if ended.mode == "single-threaded" and persist_session and ended.session:
                 db.execute(
@@ -799,11 +800,11 @@ class Store:
                     content=reply,
                     state=MessageState.DONE,
                     metadata={},
-                    in_reply_to=settled[0].id,
+                    in_reply_to=messages[0].id,
                     thread_id=ended.id,
                 )
             reply_id = outbound.id if outbound else None
-            settled = [replace(m, reply_id=reply_id) for m in settled]
+            settled = [replace(m, state=state, error=error, reply_id=reply_id) for m in messages]
             db.executemany(
                 "UPDATE messages SET state = ?, error = ?, reply_id = ? WHERE id = ?",
                 [(m.state, m.error, m.reply_id, m.id) for m in settled],

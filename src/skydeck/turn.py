@@ -196,6 +196,8 @@ class Turn:
         mirror = deps.mirror
         self.mirror = mirror if mirror is not None and mirror.serves(self.channel) else None
         self._scope = trio.CancelScope()
+        #: The session the local store held when the turn began (R18: unchanged, unwritten).
+        self._resumed: str | None = None
         self._ended = False
         self._timed_out = False
         self._started = time.monotonic()
@@ -329,7 +331,7 @@ class Turn:
         thread note holds.
         """
         if self.agent.mode == "single-threaded":
-            stored = self.deps.store.get_session(self.agent.name)
+            stored = self._resumed = self.deps.store.get_session(self.agent.name)
             if not stored and self.mirror is not None:
                 try:
                     with trio.move_on_after(MIRROR_TIMEOUT_S):
@@ -367,7 +369,8 @@ class Turn:
             state=MessageState.WORKING if self.mirror is not None else outcome.state,
             reply=outcome.reply,
             error=outcome.error,
-            persist_session=outcome.session is not None,
+            # R18: only an echoed session is kept, and only a new one needs writing.
+            persist_session=outcome.session is not None and outcome.session != self._resumed,
         )
         await self.deps.store.flushed()
         if outcome.announce_first:
