@@ -27,8 +27,13 @@ import httpx
 import trio
 
 
-def serve_bare() -> None:
-    """The baseline server: a bare Quart-Trio POST route on Hypercorn (child process)."""
+def serve_bare(shielded: bool) -> None:
+    """The baseline server: a bare Quart-Trio POST route on Hypercorn (child process).
+
+    ``shielded``: with skydeck's `shielded_sends`, without which Hypercorn never
+    closes a `Connection: close` connection nor arms its keep-alive timer (issue
+    11, D7): the same stack, paying for correct connection handling.
+    """
     from hypercorn.config import Config
     from hypercorn.trio import serve
     from quart import request
@@ -47,7 +52,10 @@ def serve_bare() -> None:
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            binds = await nursery.start(serve, app, config)
+            from skydeck.app import shielded_sends
+
+            served = shielded_sends(app) if shielded else app
+            binds = await nursery.start(serve, served, config)
             print(f"  API:    {binds[0]}/api", flush=True)
 
     trio.run(main)
@@ -134,10 +142,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, default=500, help="messages per batch post")
     parser.add_argument("--serve-bare", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--shielded", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--load", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_bare:
-        serve_bare()
+        serve_bare(args.shielded)
         return
     if args.load:
         rate, latencies = trio.run(load, args.load, args.seconds, args.clients, args.batch)
@@ -157,6 +166,12 @@ def main() -> None:
         servers = {
             "bare Quart-Trio route": (
                 [sys.executable, __file__, "--serve-bare"],
+                args.clients,
+                args.procs,
+                0,
+            ),
+            "bare route, connections closed correctly (D7)": (
+                [sys.executable, __file__, "--serve-bare", "--shielded"],
                 args.clients,
                 args.procs,
                 0,
@@ -183,8 +198,11 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for label, (rate, latencies) in results.items():
         print(f"| {label} | {rate:,.0f} | {pct(latencies, 50):.1f} | {pct(latencies, 99):.1f} |")
-    (bare, _), (ours, _), (batch_rate, _) = results.values()
-    print(f"\nskydeck / bare: {ours / bare:.2f}x; batched: {batch_rate:,.0f} messages/s")
+    (bare, _), (fixed, _), (ours, _), (batch_rate, _) = results.values()
+    print(
+        f"\nskydeck / bare: {ours / bare:.2f}x; skydeck / bare with D7's fix: "
+        f"{ours / fixed:.2f}x; batched: {batch_rate:,.0f} messages/s"
+    )
 
 
 if __name__ == "__main__":
