@@ -25,6 +25,8 @@ class Step:
     error_type: str = "api_error"
     message: str = "Internal server error"
     stall: bool = False
+    #: A releasable stall: the answer waits until the test sets this event.
+    hold: trio.Event | None = None
 
 
 @dataclass
@@ -88,6 +90,8 @@ class FakeAnthropic:
             step = self.steps.popleft() if self.steps else Step(text=self.default_text)
             if step.stall:
                 await trio.sleep_forever()
+            if step.hold is not None:
+                await step.hold.wait()
             if step.status is not None:
                 error = {
                     "type": "error",

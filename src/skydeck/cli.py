@@ -129,9 +129,14 @@ def _csv(raw: str | None) -> tuple[str, ...]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from . import logs
+    from .backends.claude_warm import WarmConfig
     from .service import KEEPALIVE_S, ConfigError, Service, Settings, default_data_dir
 
     logs.configure(os.environ.get("SKYDECK_LOG_LEVEL", "INFO"))
+    try:
+        claude_warm = WarmConfig.from_env(os.environ)
+    except ValueError as exc:
+        raise CliError(str(exc), code=2) from None
     settings = Settings(
         host=args.host or os.environ.get("SKYDECK_HOST") or "127.0.0.1",
         port=_first(args.port, os.environ.get("SKYDECK_PORT"), os.environ.get("PORT"), 1941, int),
@@ -154,6 +159,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allowed_origins=_csv(os.environ.get("SKYDECK_ALLOWED_ORIGINS")),
         keepalive_s=_first(None, os.environ.get("SKYDECK_KEEPALIVE_S"), None, KEEPALIVE_S, float),
         body_timeout_s=_first(None, os.environ.get("SKYDECK_BODY_TIMEOUT_S"), None, 30.0, float),
+        claude_warm=claude_warm,
     )
     try:
         service = Service(settings)
@@ -422,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.epilog = (
         f"{serve.epilog}\n\n"
         "set in the environment only: SKYDECK_JWT_SECRET (HS256 JWTs), SKYDECK_JWKS_URL and\n"
-        "SKYDECK_JWT_ISSUER (Parachute hub tokens), SKYDECK_CLAUDE_BIN, SKYDECK_LOG_LEVEL"
+        "SKYDECK_JWT_ISSUER (Parachute hub tokens), SKYDECK_CLAUDE_BIN, SKYDECK_LOG_LEVEL,\n"
+        "SKYDECK_CLAUDE_WARM (on/off), SKYDECK_CLAUDE_WARM_MAX, SKYDECK_CLAUDE_WARM_IDLE_S"
     )
     serve.add_argument("--host", help="bind address (default 127.0.0.1, env SKYDECK_HOST)")
     serve.add_argument("--port", type=int, help="port (default 1941, env SKYDECK_PORT or PORT)")
