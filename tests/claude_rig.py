@@ -112,12 +112,15 @@ def claude_processes(workspace: Path) -> list[psutil.Process]:
 
 
 def cli_processes(workspace: Path) -> list[psutil.Process]:
-    """The live ``claude`` CLIs working in ``workspace`` (no shim, no zombie)."""
-    found = []
+    """The live ``claude`` CLIs working in ``workspace``: no shim, no zombie, and none of
+    a CLI's own children (it forks helpers such as ``rg``; until they exec, they carry
+    its name)."""
+    named = []
     for proc in claude_processes(workspace):
         try:
             if proc.name() == "claude" and proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc)
+                named.append((proc, proc.ppid()))
         except psutil.Error:
             continue
-    return found
+    pids = {proc.pid for proc, _ in named}
+    return [proc for proc, parent in named if parent not in pids]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,8 @@ class FakeAnthropic:
     side_requests: int = 0
     default_text: str = "Hello from fake API."
     url: str = ""
+    #: Called with each real request's body as it arrives (a test's probe).
+    on_request: Callable[[dict[str, Any]], None] | None = None
 
     def script(self, *steps: Step) -> None:
         self.steps.extend(steps)
@@ -87,6 +89,8 @@ class FakeAnthropic:
                 return self._answer(body, Step(text='{"title": "Fake title"}'))
             self.requests.append(body)
             self.headers.append({k.lower(): v for k, v in request.headers.items()})
+            if self.on_request is not None:
+                self.on_request(body)
             step = self.steps.popleft() if self.steps else Step(text=self.default_text)
             if step.stall:
                 await trio.sleep_forever()

@@ -273,9 +273,11 @@ class Service:
             self.store.close()
 
     def _health_extra(self) -> dict[str, Any]:
-        extra: dict[str, Any] = {}
-        if self.warm is not None:
-            extra["claude_warm"] = self.warm.health()
+        extra: dict[str, Any] = {
+            "claude_warm": self.warm.health()
+            if self.warm is not None
+            else {"max": 0, "idle_timeout_s": self.settings.claude_warm.idle_s, "processes": []}
+        }
         if self.vault is None or self.sync is None:
             return extra
         return {

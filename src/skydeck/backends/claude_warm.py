@@ -526,7 +526,8 @@ class WarmPool:
 
     async def _read_stderr(self, proc: WarmProcess, stderr: trio.abc.ReceiveStream) -> None:
         while chunk := await stderr.receive_some(CHUNK):
-            self._surprised(proc, proc.protocol.stderr(chunk))
+            if (surprise := proc.protocol.stderr(chunk)) is not None:
+                self._surprised(proc, surprise)
 
     async def _idle_timer(self, proc: WarmProcess) -> None:
         """W9: close the process `idle_s` after its last lease ended."""

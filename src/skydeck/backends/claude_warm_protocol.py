@@ -28,7 +28,7 @@ from typing import Any, Protocol, TypeVar
 
 from ..model import DEFAULT_MAX_REPLY_BYTES
 from .base import EventKind
-from .claude_stream import StreamOutcome, StreamParser
+from .claude_stream import RESUME_NOT_FOUND, StreamOutcome, StreamParser
 from .output import MIB, Overlong
 from .process import describe_exit
 
@@ -159,9 +159,16 @@ class WarmProtocol:
         self.turns += 1
         return events, TurnEnd(outcome, self._turn_cost(message.get("total_cost_usd")))
 
-    def stderr(self, chunk: bytes) -> Surprise:
-        """Any stderr output is a surprise (W6): the CLI writes none on a normal turn."""
+    def stderr(self, chunk: bytes) -> Surprise | None:
+        """Any stderr output is a surprise (W6): the CLI writes none on a normal turn.
+
+        One exception: a resume of a missing session says so on stderr as well as in
+        its ``result`` line, then exits (W14); that is the heal, not a surprise.
+        """
         text = chunk.decode(errors="replace").strip()
+        if text.startswith(RESUME_NOT_FOUND) and self._parser is not None:
+            self.expect_exit = True
+            return None
         return self.surprise(f"wrote to stderr: {text[:300]!r}")
 
     def exited(self, returncode: int) -> Surprise | None:
