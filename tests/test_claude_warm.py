@@ -291,6 +291,23 @@ async def test_w6_sigkill_while_idle_is_logged_and_the_next_turn_succeeds(
     assert one_cli(rig, "oom").pid != cli.pid and rig.spawns == ["new", "surprise"]
 
 
+async def test_w6_an_agent_over_the_surprise_limit_stays_cold(rig: Rig) -> None:
+    assert rig.backend.pool is not None
+    pool = rig.backend.pool
+    pool.surprises = SurpriseLog(limit=1)  # the rule itself (3 an hour) is tested below
+    rig.add("shaky")
+    await rig.turn("shaky", "remember the word kumquat")
+    cli = one_cli(rig, "shaky")
+    await trio.sleep(0.5)  # see the OOM test: let the CLI write its session file
+    cli.kill()
+    await until(lambda: pool.count == 0, "the pool dropped the dead process")
+    for prompt in ("what was the word?", "and again?"):
+        message = await rig.turn("shaky", prompt)
+        assert message.state == "done" and any("kumquat" in t for t in history(rig))
+        assert cli_processes(rig.workspaces / "shaky") == [], "cold: nothing left running"
+    assert rig.spawns == ["new"] and rig.fallbacks == ["surprise_limit"] * 2
+
+
 def test_w6_surprises_end_a_warm_process_and_three_in_an_hour_keep_the_agent_cold() -> None:
     protocol = WarmProtocol("s1")
     _, verdict = protocol.feed(b'{"type":"system","subtype":"status"}')

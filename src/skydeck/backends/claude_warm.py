@@ -340,10 +340,14 @@ class WarmPool:
             if self._nursery is None or self._closing:
                 self.fallback("not_running" if self._nursery is None else "shutdown")
                 return None
-            if self.surprises.cold(name):
-                self.fallback("surprise_limit")
-                return None
             proc = self._by_agent.get(name)
+            if self.surprises.cold(name):
+                if proc is None:
+                    self.fallback("surprise_limit")
+                    return None
+                self._stop(proc, "surprise")  # killed already; W12: cold only once it is gone
+                await proc.gone.wait()
+                continue
             if proc is not None:
                 if proc.closing is None:
                     try:
@@ -531,13 +535,12 @@ class WarmPool:
 
     async def _idle_timer(self, proc: WarmProcess) -> None:
         """W9: close the process `idle_s` after its last lease ended."""
-        while True:
+        while proc.closing is None:
             with trio.CancelScope(deadline=proc.idle_deadline) as scope:
                 proc.idle_scope = scope
                 await trio.sleep_forever()
             if proc.evictable and trio.current_time() >= proc.idle_deadline:
                 self._stop(proc, "idle", detail=f"idle for {self.config.idle_s:g} s")
-                return
 
     async def _closer(self, proc: WarmProcess, process: trio.Process) -> None:
         await proc.close_asked.wait()
