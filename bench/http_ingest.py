@@ -62,7 +62,9 @@ def start(argv: list[str]) -> tuple[subprocess.Popen[bytes], str]:
     raise RuntimeError(f"server did not start: {argv}")
 
 
-async def load(url: str, seconds: float, clients: int) -> tuple[float, list[float]]:
+async def load(url: str, seconds: float, clients: int, batch: int = 0) -> tuple[float, list[float]]:
+    """Messages acknowledged per second, and each request's latency. With
+    ``batch``, each request is one `POST /api/inbound/batch` of that many."""
     latencies: list[float] = []
     deadline = time.perf_counter() + seconds
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -71,9 +73,15 @@ async def load(url: str, seconds: float, clients: int) -> tuple[float, list[floa
         async def worker(n: int) -> None:
             i = 0
             while time.perf_counter() < deadline:
-                body = {"channel": "hook", "content": f"event {n}-{i}"}
                 started = time.perf_counter()
-                response = await client.post("/api/inbound", json=body)
+                if batch:
+                    messages = [
+                        {"channel": "hook", "content": f"event {n}-{i}-{k}"} for k in range(batch)
+                    ]
+                    response = await client.post("/api/inbound/batch", json={"messages": messages})
+                else:
+                    body = {"channel": "hook", "content": f"event {n}-{i}"}
+                    response = await client.post("/api/inbound", json=body)
                 latencies.append(time.perf_counter() - started)
                 assert response.status_code == 200, response.text
                 i += 1
@@ -83,10 +91,12 @@ async def load(url: str, seconds: float, clients: int) -> tuple[float, list[floa
             for n in range(clients):
                 nursery.start_soon(worker, n)
         elapsed = time.perf_counter() - started
-    return len(latencies) / elapsed, latencies
+    return len(latencies) * max(batch, 1) / elapsed, latencies
 
 
-def drive(url: str, seconds: float, clients: int, procs: int) -> tuple[float, list[float]]:
+def drive(
+    url: str, seconds: float, clients: int, procs: int, batch: int = 0
+) -> tuple[float, list[float]]:
     """Load from several processes at once: one httpx process saturates before Hypercorn."""
     per_proc = max(1, clients // procs)
     argv = [
@@ -98,6 +108,8 @@ def drive(url: str, seconds: float, clients: int, procs: int) -> tuple[float, li
         str(seconds),
         "--clients",
         str(per_proc),
+        "--batch",
+        str(batch),
     ]
     children = [subprocess.Popen(argv, stdout=subprocess.PIPE) for _ in range(procs)]
     rate, latencies = 0.0, []
@@ -119,6 +131,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--procs", type=int, default=3, help="client processes")
+    parser.add_argument("--batch", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--batch-size", type=int, default=500, help="messages per batch post")
     parser.add_argument("--serve-bare", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--load", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -126,7 +140,7 @@ def main() -> None:
         serve_bare()
         return
     if args.load:
-        rate, latencies = trio.run(load, args.load, args.seconds, args.clients)
+        rate, latencies = trio.run(load, args.load, args.seconds, args.clients, args.batch)
         print(json.dumps({"rate": rate, "latencies": latencies}))
         return
     skydeck = str(Path(sys.executable).parent / "skydeck")
@@ -134,26 +148,30 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SKYDECK_", "ANTHROPIC_"))}
         env["SKYDECK_LOG_LEVEL"] = "WARNING"
+
+        def daemon(name: str) -> list[str]:
+            return [skydeck, "serve", "--port", "0", "--no-demo", "--data-dir", f"{tmp}/{name}"]
+
+        batched = f"skydeck POST /api/inbound/batch ({args.batch_size} per post)"
+        # (argv, clients, client processes, batch size)
         servers = {
-            "bare Quart-Trio route": [sys.executable, __file__, "--serve-bare"],
-            "skydeck POST /api/inbound": [
-                skydeck,
-                "serve",
-                "--port",
-                "0",
-                "--no-demo",
-                "--data-dir",
-                f"{tmp}/data",
-            ],
+            "bare Quart-Trio route": (
+                [sys.executable, __file__, "--serve-bare"],
+                args.clients,
+                args.procs,
+                0,
+            ),
+            "skydeck POST /api/inbound": (daemon("single"), args.clients, args.procs, 0),
+            batched: (daemon("batch"), 4, 2, args.batch_size),
         }
-        for label, argv in servers.items():
+        for label, (argv, clients, procs, batch) in servers.items():
             proc, url = start(argv)
             try:
                 if "skydeck" in label:
                     spec = {"name": "hook", "channel": "hook", "backend": "echo"}
                     httpx.post(f"{url}/api/agents", json=spec).raise_for_status()
-                trio.run(load, url, 1.0, args.clients)  # warm-up
-                results[label] = drive(url, args.seconds, args.clients, args.procs)
+                trio.run(load, url, 1.0, clients, batch)  # warm-up
+                results[label] = drive(url, args.seconds, clients, procs, batch)
             finally:
                 proc.terminate()
                 proc.wait(30)
@@ -161,12 +179,12 @@ def main() -> None:
         f"{args.clients} concurrent httpx clients in {args.procs} processes, "
         f"{args.seconds:g} s per server\n"
     )
-    print("| server | posts/s | p50 ms | p99 ms |")
+    print("| server | messages/s | p50 ms per post | p99 ms per post |")
     print("|---|---:|---:|---:|")
     for label, (rate, latencies) in results.items():
         print(f"| {label} | {rate:,.0f} | {pct(latencies, 50):.1f} | {pct(latencies, 99):.1f} |")
-    (bare, _), (ours, _) = results.values()
-    print(f"\nskydeck / bare: {ours / bare:.2f}x")
+    (bare, _), (ours, _), (batch_rate, _) = results.values()
+    print(f"\nskydeck / bare: {ours / bare:.2f}x; batched: {batch_rate:,.0f} messages/s")
 
 
 if __name__ == "__main__":

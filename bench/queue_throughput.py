@@ -34,11 +34,10 @@ import trio
 import trio.lowlevel
 
 from skydeck.backends.base import Emit
-from skydeck.events import TurnEvents
+from skydeck.ledger import MessageState
 from skydeck.model import AgentSpec, Inbound, TurnResult, TurnSession
-from skydeck.registry import Registry
+from skydeck.registry import build_registry
 from skydeck.store import Store
-from skydeck.turn import TurnDeps
 
 SHAPES = [(1, 100_000), (1_000, 100), (10_000, 10)]
 QUICK_SHAPES = [(1, 5_000), (100, 50), (1_000, 5)]
@@ -85,21 +84,15 @@ async def registry_run(store: Store, channels: int, per_channel: int) -> float:
     done = trio.Event()
     count = 0
 
-    def finished(outcome: str, elapsed: float, messages: int) -> None:
+    def finished(outcome: str, state: MessageState, elapsed: float, messages: int) -> None:
         nonlocal count
         count += 1
         if count == total:
             done.set()
 
-    registry: Registry
-    deps = TurnDeps(
-        store=store,
-        events=TurnEvents(),
-        backends={"echo": InstantBackend()},
-        submit=lambda inbound: registry.submit(inbound),
-        on_finished=finished,
+    registry = build_registry(
+        store, {"echo": InstantBackend()}, on_finished=finished, max_turns=channels
     )
-    registry = Registry(store, deps, max_turns=channels)
     async with trio.open_nursery() as nursery:
         await nursery.start(registry.serve)
         names = [f"ch{i}" for i in range(channels)]
@@ -122,13 +115,7 @@ async def registry_run(store: Store, channels: int, per_channel: int) -> float:
 
 async def idle_channel_rss(channels: int, tmp: Path) -> float:
     store = Store(tmp / "idle.db")
-    deps = TurnDeps(
-        store=store,
-        events=TurnEvents(),
-        backends={},
-        submit=lambda inbound: registry.submit(inbound),
-    )
-    registry = Registry(store, deps)
+    registry = build_registry(store, {})
     async with trio.open_nursery() as nursery:
         await nursery.start(registry.serve)
         # warm the code paths so one-time allocations are not charged to the channels

@@ -20,22 +20,26 @@ from datetime import UTC, datetime
 import trio
 import trio.testing
 
+from skydeck.ledger import MessageState
 from skydeck.model import Accepted, Inbound, Job
 from skydeck.scheduler import Scheduler, TrioWallClock
 from skydeck.store import Store
 
 
-def instant_submit(store: Store) -> tuple[list[int], object]:
-    """Store each posted message and end it at once, as a fast agent would."""
-    count = [0]
+class InstantIntake:
+    """Stores each fired message and ends it at once, as a fast agent would."""
 
-    def submit(inbound: Inbound) -> Accepted:
-        accepted = store.accept_inbound(inbound, registered=True, buffer_cap=1000)
-        store.set_state([accepted.message], "done")
-        count[0] += 1
-        return accepted
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.fired = 0
 
-    return count, submit
+    def accept(self, inbound: Inbound) -> Accepted:
+        return self.store.accept_inbound(inbound, registered=True, buffer_cap=1000)
+
+    def dispatch(self, accepted: Accepted) -> None:
+        working = self.store.set_state([accepted.message], MessageState.WORKING)
+        self.store.set_state(working, MessageState.DONE)
+        self.fired += 1
 
 
 def make_jobs(scheduler: Scheduler, jobs: int, schedule: str | None) -> None:
@@ -47,8 +51,8 @@ def make_jobs(scheduler: Scheduler, jobs: int, schedule: str | None) -> None:
 
 async def simulated_day(jobs: int) -> None:
     store = Store(":memory:")
-    fired, submit = instant_submit(store)
-    scheduler = Scheduler(store, submit, TrioWallClock(datetime(2026, 1, 1, tzinfo=UTC)))  # type: ignore[arg-type]
+    intake = InstantIntake(store)
+    scheduler = Scheduler(store, intake, TrioWallClock(datetime(2026, 1, 1, tzinfo=UTC)))
     make_jobs(scheduler, jobs, None)
     for i in range(10):
         scheduler.create(Job(name=f"minutely{i}", channel="m", schedule="* * * * *", content="x"))
@@ -59,18 +63,17 @@ async def simulated_day(jobs: int) -> None:
         nursery.cancel_scope.cancel()
     real = time.perf_counter() - start
     print(f"simulated day, {jobs:,} daily jobs + 10 every-minute jobs:")
-    print(f"  fires {fired[0]:,} (expected {jobs + 14_400:,}), wake-ups {scheduler.wakeups:,}")
+    print(f"  fires {intake.fired:,} (expected {jobs + 14_400:,}), wake-ups {scheduler.wakeups:,}")
     print(
         f"  {86_400 / real:,.0f} simulated seconds per real second; "
-        f"{fired[0] / real:,.0f} fires per real second "
-        f"({fired[0] / 86_400:.3f} per simulated second)"
+        f"{intake.fired / real:,.0f} fires per real second "
+        f"({intake.fired / 86_400:.3f} per simulated second)"
     )
 
 
 async def idle(jobs: int, seconds: float) -> None:
     store = Store(":memory:")
-    _, submit = instant_submit(store)
-    scheduler = Scheduler(store, submit)  # type: ignore[arg-type]
+    scheduler = Scheduler(store, InstantIntake(store))
     make_jobs(scheduler, jobs, "0 0 29 2 *")  # next due on a leap day
     async with trio.open_nursery() as nursery:
         await nursery.start(scheduler.run)

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import trio
 
-from skydeck.backends.base import Backend, BackendError, Emit
-from skydeck.events import TurnEvents
+from skydeck.backends.base import Backend, Emit
+from skydeck.errors import BackendError, DeliveryError
+from skydeck.ledger import TERMINAL_STATES
 from skydeck.model import (
-    TERMINAL_STATES,
     AgentSpec,
     Inbound,
     Message,
@@ -34,10 +34,9 @@ from skydeck.model import (
     TurnResult,
     TurnSession,
 )
-from skydeck.registry import Registry
+from skydeck.registry import Registry, build_registry
 from skydeck.store import Store
-from skydeck.transports.base import DeliveryError, Mirror
-from skydeck.turn import TurnDeps
+from skydeck.transports.base import Mirror
 
 
 @dataclass
@@ -151,16 +150,13 @@ async def running_registry(
     backends: dict[str, Backend] | None = None,
 ) -> AsyncIterator[Registry]:
     """A registry serving in its own nursery for the block, then cancelled."""
-    events = TurnEvents()
-    registry: Registry
-    deps = TurnDeps(
-        store=store,
-        events=events,
-        backends={"echo": backend or ScriptBackend(), **(backends or {})},
-        submit=lambda inbound: registry.submit(inbound),
+    registry = build_registry(
+        store,
+        {"echo": backend or ScriptBackend(), **(backends or {})},
         mirror=mirror,
+        buffer_cap=buffer_cap,
+        max_turns=max_turns,
     )
-    registry = Registry(store, deps, buffer_cap=buffer_cap, max_turns=max_turns)
     async with trio.open_nursery() as nursery:
         await nursery.start(registry.serve)
         for agent in agents:

@@ -27,6 +27,7 @@ ROUTES = [
     ("DELETE", "/api/agents/demo"),
     ("POST", "/api/agents/demo/reset"),
     ("POST", "/api/inbound"),
+    ("POST", "/api/inbound/batch"),
     ("POST", "/api/vault/inbound"),
     ("POST", "/api/channels/demo/messages"),
     ("GET", "/api/channels/demo/messages"),

@@ -160,7 +160,7 @@ async def test_r30_child_env_has_no_daemon_secret_and_tools_stream_before_done(
             except trio.WouldBlock:
                 break
     assert message.state == "done"
-    kinds = [e.kind for e in seen]
+    kinds: list[str] = [e.kind for e in seen]
     assert "tool" in kinds and kinds.index("tool") < kinds.index("done")
     tool = next(e for e in seen if e.kind == "tool")
     assert tool.data == {"name": "Bash", "input": {"command": "env", "description": "show env"}}

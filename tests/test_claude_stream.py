@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 import trio
 
-from skydeck.backends.base import BackendError, EventKind
+from skydeck.backends.base import EventKind
 from skydeck.backends.claude import ClaudeBackend, _ResumeNotFound, _Retry
 from skydeck.backends.claude_stream import StreamOutcome, StreamParser
+from skydeck.errors import BackendError
 from skydeck.model import AgentSpec, TurnResult, TurnSession
 
 SID = "ec858e3a-1111-2222-3333-444455556666"

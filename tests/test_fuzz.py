@@ -24,6 +24,7 @@ ROUTES = [
     ("GET", "/"),
     ("GET", "/metrics"),
     ("POST", "/api/inbound"),
+    ("POST", "/api/inbound/batch"),
     ("POST", "/api/vault/inbound"),
     ("POST", "/api/channels/{}/messages"),
     ("GET", "/api/channels/{}/messages"),

@@ -28,6 +28,7 @@ async def test_post_then_read_the_reply_over_real_http(daemon: Daemon) -> None:
     assert health.pop("claude_warm")["processes"] == [], "no warm claude process yet"
     assert health == {
         "status": "ok",
+        "store": "ok",
         "agents": [
             {"name": "demo", "channel": "demo", "backend": "echo", "status": "idle", "queued": 0}
         ],
@@ -312,3 +313,56 @@ async def test_token_guards_every_api_route_with_a_uniform_401(tmp_path: Any) ->
             good = await client.get("/api/agents", headers={"Authorization": "Bearer s3cret-token"})
             assert good.status_code == 200
         service.stop()
+
+
+async def test_batch_ingest_answers_each_item_in_order(daemon: Daemon) -> None:
+    """Issue 13: POST /api/inbound/batch, one bad item fails only itself, R8 per item."""
+    client = daemon.client
+    items: list[object] = [
+        {"channel": "demo", "content": "one", "id": "b-1"},
+        {"channel": "demo", "content": ""},  # bad: empty content
+        {"channel": "later", "content": "kept for later"},  # no agent: buffered
+        {"channel": "demo", "content": "one again", "id": "b-1"},  # R8 within the batch
+        "not an object",
+        {"note": {"id": "n", "content": "x", "metadata": {"agent": "demo"}}},
+        {"channel": "demo", "content": "two", "metadata": {"k": 1}},
+    ]
+    response = await client.post("/api/inbound/batch", json={"messages": items})
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert len(results) == len(items)
+    assert results[0]["state"] == "queued" and results[3] == {
+        "id": results[0]["id"],
+        "state": "duplicate",
+    }
+    assert (results[1]["field"], results[1]["index"]) == ("content", 1)
+    assert results[2]["state"] == "buffered"
+    assert (results[4]["index"], results[4]["field"]) == (4, None)
+    assert (results[5]["index"], results[5]["field"]) == (5, "note")
+    assert results[6]["state"] == "queued"
+    for result in (results[0], results[6]):
+        message = await wait_done(client, result["id"])
+        assert message["state"] == "done"
+    contents = [
+        m["content"]
+        for m in (await client.get("/api/channels/demo/messages")).json()["messages"]
+        if m["direction"] == "in"
+    ]
+    assert contents == ["one", "two"], "only the good, new items were stored"
+
+
+async def test_batch_ingest_limits(daemon: Daemon) -> None:
+    client = daemon.client
+    too_many: dict[str, object] = {"messages": [{"channel": "demo", "content": "x"}] * 1001}
+    bodies: list[dict[str, object]] = [
+        {"messages": []},
+        {"messages": "x"},
+        too_many,
+        {"messages": [], "x": 1},
+    ]
+    for body in bodies:
+        response = await client.post("/api/inbound/batch", json=body)
+        assert response.status_code == 400, body if len(str(body)) < 100 else "too many"
+    big = {"messages": [{"channel": "demo", "content": "x" * 600_000}] * 2}
+    assert (await client.post("/api/inbound/batch", json=big)).status_code == 413
+    assert (await client.get("/api/channels/demo/messages")).json()["messages"] == []

@@ -84,7 +84,7 @@ async def test_r10_global_limit_caps_concurrent_turns(
         start = trio.current_time()
         ids = [post(registry, ch, "sleep:10 work") for ch in channels]
         await trio.sleep(1)
-        statuses = [registry.status(ch)[0] for ch in channels]
+        statuses: list[str] = [registry.status(ch)[0] for ch in channels]
         await settle(store, ids)
         elapsed = trio.current_time() - start
     assert backend.max_running == limit

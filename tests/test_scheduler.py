@@ -24,7 +24,7 @@ async def scheduler_on(
     store: Store, registry: Registry, epoch: datetime = EPOCH
 ) -> AsyncIterator[Scheduler]:
     """A scheduler instance (one daemon lifetime) for the block."""
-    scheduler = Scheduler(store, registry.submit, TrioWallClock(epoch))
+    scheduler = Scheduler(store, registry, TrioWallClock(epoch))
     async with trio.open_nursery() as nursery:
         await nursery.start(scheduler.run)
         yield scheduler

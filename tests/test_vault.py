@@ -402,9 +402,7 @@ async def test_job_notes_become_cron_jobs_and_converge(
         "Channels/alpha/jobs/bad",
     )
     async with running_registry(store) as registry:
-        scheduler = Scheduler(
-            store, registry.submit, TrioWallClock(datetime(2026, 1, 1, tzinfo=UTC))
-        )
+        scheduler = Scheduler(store, registry, TrioWallClock(datetime(2026, 1, 1, tzinfo=UTC)))
         sync = VaultSync(client, registry, VaultMirror(client, store), scheduler, poll_s=60)
         async with trio.open_nursery() as nursery:
             await nursery.start(sync.run)

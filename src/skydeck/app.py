@@ -30,13 +30,22 @@ from werkzeug.exceptions import HTTPException
 from . import __version__, validate
 from .auth import Auth, Forbidden, Unauthorized, scope_for
 from .backends.claude import ClaudeBackend
-from .errors import BadRequest, NotFound, SkydeckError
+from .errors import (
+    BadRequest,
+    Conflict,
+    CursorError,
+    InputError,
+    NotFound,
+    SkydeckError,
+    StoreFailure,
+    Unavailable,
+)
 from .guard import NOT_JSON, SECURITY_HEADERS, OriginPolicy, Refusal, is_json
 from .metrics import Metrics
 from .model import AgentSpec
 from .registry import Registry
 from .scheduler import Scheduler
-from .store import CursorError, Store
+from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +58,21 @@ DEFAULT_PAGE = 100
 MAX_PAGE = 500
 
 Json = tuple[dict[str, Any], int] | tuple[dict[str, Any], int, dict[str, str]] | dict[str, Any]
+
+
+#: The error tree (errors.py) as HTTP statuses; the domain classes carry none.
+#: Anything else (a backend or delivery error reaching a request) is a 500.
+STATUSES: tuple[tuple[type[SkydeckError], int], ...] = (
+    (InputError, 400),
+    (NotFound, 404),
+    (Conflict, 409),
+    (Unavailable, 503),
+    (StoreFailure, 507),  # Insufficient Storage: nothing was kept; send it again
+)
+
+
+def status_of(error: SkydeckError) -> int:
+    return next((status for kind, status in STATUSES if isinstance(error, kind)), 500)
 
 
 def _error(status: int, message: str, field: str | None = None) -> tuple[dict[str, Any], int]:
@@ -187,7 +211,7 @@ def create_app(
 
     @app.errorhandler(SkydeckError)
     async def skydeck_error(error: SkydeckError) -> Json:
-        return _error(error.status, error.message, error.field)
+        return _error(status_of(error), error.message, getattr(error, "field", None))
 
     @app.errorhandler(Unauthorized)
     async def unauthorized(_: Unauthorized) -> Json:
@@ -260,7 +284,13 @@ def create_app(
                 }
             )
         extra = health_extra() if health_extra is not None else {}
-        return {"status": "ok", "agents": agents, "buffered": store.count_buffered(), **extra}
+        body = {"agents": agents, "buffered": store.count_buffered(), **extra}
+        if store.error is not None:
+            # Writes are failing (a full disk): nothing new can be acknowledged until
+            # a commit succeeds again, which the daemon notices by itself.
+            reason = StoreFailure(store.error).message
+            return {"status": "error", "store": "error", "error": reason, **body}, 503
+        return {"status": "ok", "store": "ok", **body}
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -270,6 +300,25 @@ def create_app(
     @app.post("/api/inbound")
     async def inbound() -> Json:
         return await post_inbound()
+
+    @app.post("/api/inbound/batch")
+    async def inbound_batch() -> Json:
+        """Many plain inbound bodies, one commit for the lot; answers in order.
+
+        Each item is validated, deduplicated (R8) and stored on its own: a bad
+        one gets its error in its place and fails nothing else. A store failure
+        fails them all (507), as for a single post.
+        """
+        results: list[dict[str, Any]] = []
+        for index, item in enumerate(validate.batch(await json_body())):
+            try:
+                accepted = registry.submit(validate.batch_item(item))
+            except BadRequest as error:
+                results.append({"error": error.message, "field": error.field, "index": index})
+            else:
+                results.append({"id": accepted.id, "state": accepted.state})
+        await store.flushed()  # R28: every acknowledged item is committed first
+        return {"results": results}
 
     @app.post("/api/vault/inbound")
     async def vault_inbound() -> Json:

@@ -21,7 +21,8 @@ import httpx
 import trio
 
 from . import __version__
-from .model import BACKENDS, MODES, QUEUE_MODES
+from .ledger import TERMINAL_STATES, MessageState
+from .model import BACKENDS, MODES, QUEUE_MODES, EventKind
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -111,56 +112,30 @@ def _list(
             print(line(item))
 
 
-def _first(flag: Any, env: str | None, env2: str | None, default: Any, kind: Any) -> Any:
-    """The flag if given (0 is a value: `--port 0` picks a free port), else the
-    environment, else the default."""
-    for value in (flag, env or None, env2 or None):
-        if value is not None:
-            try:
-                return kind(value)
-            except ValueError:
-                raise CliError(f"not a number: {value!r}", code=2) from None
-    return default
-
-
-def _csv(raw: str | None) -> tuple[str, ...]:
-    return tuple(item.strip() for item in (raw or "").split(",") if item.strip())
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     from . import logs
-    from .backends.claude_warm import WarmConfig
-    from .service import KEEPALIVE_S, ConfigError, Service, Settings, default_data_dir
+    from .errors import unwrap
+    from .service import ConfigError, Service, Settings
 
     logs.configure(os.environ.get("SKYDECK_LOG_LEVEL", "INFO"))
     try:
-        claude_warm = WarmConfig.from_env(os.environ)
-    except ValueError as exc:
+        settings = Settings.from_env(
+            os.environ,
+            host=args.host,
+            port=args.port,
+            data_dir=args.data_dir,
+            token=args.token,
+            grace_s=args.grace,
+            vault_url=args.vault_url,
+            vault_token=args.vault_token,
+            vault_poll_s=args.vault_poll,
+            demo=args.demo,
+            insecure=args.insecure,
+            max_turns=args.max_turns,
+            public_url=args.public_url,
+        )
+    except ConfigError as exc:
         raise CliError(str(exc), code=2) from None
-    settings = Settings(
-        host=args.host or os.environ.get("SKYDECK_HOST") or "127.0.0.1",
-        port=_first(args.port, os.environ.get("SKYDECK_PORT"), os.environ.get("PORT"), 1941, int),
-        data_dir=Path(args.data_dir or os.environ.get("SKYDECK_DATA_DIR") or default_data_dir()),
-        token=args.token or os.environ.get("SKYDECK_TOKEN") or None,
-        jwt_secret=os.environ.get("SKYDECK_JWT_SECRET") or None,
-        jwks_url=os.environ.get("SKYDECK_JWKS_URL") or None,
-        jwt_issuer=os.environ.get("SKYDECK_JWT_ISSUER") or None,
-        grace_s=float(args.grace if args.grace is not None else 30),
-        vault_url=args.vault_url or os.environ.get("SKYDECK_VAULT_URL") or None,
-        vault_token=args.vault_token or os.environ.get("SKYDECK_VAULT_TOKEN") or None,
-        vault_poll_s=_first(
-            args.vault_poll, os.environ.get("SKYDECK_VAULT_POLL_S"), None, 60, float
-        ),
-        demo=args.demo,
-        insecure=args.insecure,
-        max_turns=_first(args.max_turns, os.environ.get("SKYDECK_MAX_TURNS"), None, 4, int),
-        public_url=args.public_url or os.environ.get("SKYDECK_PUBLIC_URL") or None,
-        allowed_hosts=_csv(os.environ.get("SKYDECK_ALLOWED_HOSTS")),
-        allowed_origins=_csv(os.environ.get("SKYDECK_ALLOWED_ORIGINS")),
-        keepalive_s=_first(None, os.environ.get("SKYDECK_KEEPALIVE_S"), None, KEEPALIVE_S, float),
-        body_timeout_s=_first(None, os.environ.get("SKYDECK_BODY_TIMEOUT_S"), None, 30.0, float),
-        claude_warm=claude_warm,
-    )
     try:
         service = Service(settings)
     except ConfigError as exc:
@@ -198,7 +173,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 )
                 service.stop()
 
-    trio.run(main)
+    try:
+        trio.run(main)
+    except BaseException as raised:
+        failure = unwrap(raised)
+        if isinstance(failure, ConfigError):  # the start failed: one line, no traceback (D8)
+            raise CliError(str(failure), code=2) from None
+        raise
     return 0
 
 
@@ -312,7 +293,7 @@ def cmd_send(args: argparse.Namespace, client: Client) -> int:
     if not args.wait:
         ack = client.request("POST", path, {"content": args.text})
         print(f"{ack['state']} {ack['id']}")  # stdout stays `<state> <id>` for scripts
-        if ack["state"] == "buffered":
+        if ack["state"] == MessageState.BUFFERED:
             print(
                 f"no agent serves channel {args.channel} yet; it runs when one registers",
                 file=sys.stderr,
@@ -321,30 +302,30 @@ def cmd_send(args: argparse.Namespace, client: Client) -> int:
     events = client.events(args.channel)
     next(events)  # subscribed: no event of our turn can be missed from here on
     ack = client.request("POST", path, {"content": args.text})
-    if ack["state"] == "buffered":
+    if ack["state"] == MessageState.BUFFERED:
         print(
             f"no agent serves channel {args.channel} yet; the message is kept ({ack['id']})",
             file=sys.stderr,
         )
         return 0
     message = client.request("GET", f"/api/messages/{ack['id']}")
-    if message["state"] in ("done", "failed", "cancelled", "dropped"):
+    if message["state"] in TERMINAL_STATES:
         return _print_outcome(client, message)
     for event in events:
         if event is None or event.get("message_id") != ack["id"]:
             continue
-        if event["kind"] == "done":
+        if event["kind"] == EventKind.DONE:
             if event.get("reply"):
                 print(event["reply"])
             return 0
-        if event["kind"] == "error":
+        if event["kind"] == EventKind.ERROR:
             print(f"skydeck: turn failed: {event['error']}", file=sys.stderr)
             return 1
     raise CliError("the daemon closed the event stream before the turn ended")
 
 
 def _print_outcome(client: Client, message: dict[str, Any]) -> int:
-    if message["state"] == "done":
+    if message["state"] == MessageState.DONE:
         if message.get("reply_id"):
             print(client.request("GET", f"/api/messages/{message['reply_id']}")["content"])
         return 0

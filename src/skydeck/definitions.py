@@ -21,11 +21,18 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from . import validate
-from .errors import SkydeckError
+from .errors import (
+    BadRequest,
+    DeliveryError,
+    InputError,
+    InvalidNote,
+    NotFound,
+    StateError,
+    StoreFailure,
+)
 from .model import AgentSpec, Job
 from .registry import Registry
 from .scheduler import Scheduler
-from .transports.base import DeliveryError
 from .transports.vault import TAG_DEFINITION, TAG_JOB, VaultClient, VaultMirror
 
 if TYPE_CHECKING:
@@ -41,10 +48,6 @@ LEGACY_MODES = {
     "one-shot": "multi-threaded",
     "per-thread": "multi-threaded",
 }
-
-
-class InvalidNote(Exception):
-    pass
 
 
 def _text(metadata: dict[str, Any], key: str) -> str | None:
@@ -100,7 +103,7 @@ def parse_definition(note: dict[str, Any]) -> AgentSpec:
         body["queue_mode"] = _text(metadata, "queue_mode")
     try:
         spec = validate.new_agent(body)
-    except SkydeckError as exc:
+    except BadRequest as exc:
         raise InvalidNote(exc.message) from None
     return replace(spec, source=f"vault:{note['id']}")
 
@@ -119,7 +122,7 @@ def parse_job(note: dict[str, Any]) -> Job:
     }
     try:
         job = validate.new_job(body)
-    except SkydeckError as exc:
+    except BadRequest as exc:
         raise InvalidNote(exc.message) from None
     job.source = f"vault:{note['id']}"
     return job
@@ -155,14 +158,15 @@ class VaultSync:
 
     async def sync_once(self) -> None:
         self.syncs += 1
+        # A failing store (a full disk) is like a failing vault: converge at the next poll.
         try:
             await self._sync_definitions()
-        except DeliveryError as exc:
+        except (DeliveryError, StoreFailure) as exc:
             log.warning("definition poll failed; trying again later", extra={"error": str(exc)})
         if self.scheduler is not None:
             try:
                 await self._sync_jobs(self.scheduler)
-            except DeliveryError as exc:
+            except (DeliveryError, StoreFailure) as exc:
                 log.warning("job poll failed; trying again later", extra={"error": str(exc)})
 
     def health(self) -> list[dict[str, str]]:
@@ -193,9 +197,10 @@ class VaultSync:
             try:
                 spec = parse_definition(note)
                 self._converge_agent(note_id, spec, live.get(note_id))
-            except (InvalidNote, SkydeckError) as exc:
-                message = exc.message if isinstance(exc, SkydeckError) else str(exc)
-                self._problem(note_id, note, message)
+            except StoreFailure:
+                raise  # ours, not the note's: no error stamp on it
+            except (InputError, StateError) as exc:  # an invalid note, a name clash
+                self._problem(note_id, note, exc.message)
                 await self._stamp(note, "error")
                 continue
             self.problems.pop(note_id, None)
@@ -214,7 +219,7 @@ class VaultSync:
             current = None
         try:
             existing = self.registry.get(spec.name)
-        except SkydeckError:
+        except NotFound:
             existing = None
         if existing is not None and existing.source != spec.source:
             raise InvalidNote(
@@ -293,7 +298,9 @@ class VaultSync:
                     }
                     if changes:
                         scheduler.update(job.name, changes)
-            except SkydeckError as exc:
+            except StoreFailure:
+                raise
+            except (InputError, StateError) as exc:
                 self._problem(str(note.get("id", "")), note, f"job: {exc.message}")
         if len(notes) < LIST_LIMIT:
             for source, job in live.items():

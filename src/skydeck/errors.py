@@ -1,32 +1,119 @@
-"""Errors a caller can act on, each carrying its HTTP status.
+"""The errors skydeck raises, as one tree (httpx's ``_exceptions.py`` is the model).
 
-The service layer raises these; the HTTP app turns them into
-``{"ok": false, "error": ..., "field": ...}`` and the CLI prints them as one line.
+::
+
+    SkydeckError
+    ├── InputError          the caller sent something that cannot be taken
+    │   ├── BadRequest      a body, field, name or query value (``field`` names it)
+    │   ├── CursorError     a paging cursor this store did not hand out
+    │   └── InvalidNote     a vault note that is no valid agent or job definition
+    ├── StateError          the input was fine; the daemon's state says no
+    │   ├── NotFound        no such agent, job, message
+    │   ├── Conflict        a name or channel taken
+    │   └── Unavailable     shutting down
+    └── ExternalError       something outside the daemon failed
+        ├── BackendError    a turn's backend (``session_id``: one it saw echoed)
+        ├── DeliveryError   a mirror's write (``status``: the far side's, if any)
+        └── StoreFailure    the disk: a write could not be made durable
+
+Domain code raises these and carries no HTTP status: `app.py` maps the tree to
+statuses in one table, and the CLI prints any of them as one line. A bug is
+not in this tree (`ledger.IllegalMove` is a `RuntimeError`): it is a 500.
 """
 
 from __future__ import annotations
 
 
 class SkydeckError(Exception):
-    status = 500
-
-    def __init__(self, message: str, *, field: str | None = None) -> None:
+    def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+# -- input --------------------------------------------------------------------------
+
+
+class InputError(SkydeckError):
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
         self.field = field
 
 
-class BadRequest(SkydeckError):
-    status = 400
+class BadRequest(InputError):
+    pass
 
 
-class NotFound(SkydeckError):
-    status = 404
+class CursorError(InputError):
+    pass
 
 
-class Conflict(SkydeckError):
-    status = 409
+class InvalidNote(InputError):
+    pass
 
 
-class Unavailable(SkydeckError):
-    status = 503
+# -- state --------------------------------------------------------------------------
+
+
+class StateError(SkydeckError):
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class NotFound(StateError):
+    pass
+
+
+class Conflict(StateError):
+    pass
+
+
+class Unavailable(StateError):
+    pass
+
+
+# -- external -----------------------------------------------------------------------
+
+
+class ExternalError(SkydeckError):
+    pass
+
+
+class BackendError(ExternalError):
+    """A failed turn. ``session_id`` is set when the backend saw one echoed before failing."""
+
+    def __init__(self, reason: str, *, session_id: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.session_id = session_id
+
+
+class DeliveryError(ExternalError):
+    """A mirror's write failed; ``status`` is the far side's HTTP status, if it answered."""
+
+    def __init__(self, reason: str, *, status: int | None = None) -> None:
+        super().__init__(reason if status is None else f"{reason} ({status})")
+        self.status = status
+
+    @property
+    def transient(self) -> bool:
+        """No status (network error, timeout) or a 5xx may pass; a 4xx will not."""
+        return self.status is None or 500 <= self.status <= 599
+
+
+class StoreFailure(ExternalError):
+    """The store could not make a write durable (disk full, I/O error, read-only
+    file, a lock held past the busy timeout). The request itself was fine and
+    nothing of it was kept, so the sender may send it again.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"the store could not commit: {reason}")
+        self.reason = reason
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The one exception inside nested single-exception groups (Trio nurseries wrap)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .ledger import MessageState
 from .model import Accepted
 
 TURN_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
@@ -33,7 +34,7 @@ class _QueueCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, depths: Callable[[], Iterable[tuple[str, int]]]) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.accepted = Counter(
             "skydeck_messages_accepted",
@@ -45,6 +46,12 @@ class Metrics:
             "skydeck_messages_final",
             "Inbound messages that reached a terminal state",
             ["state"],
+            registry=self.registry,
+        )
+        self.dropped = Counter(
+            "skydeck_messages_dropped",
+            "Buffered messages marked dropped over the per-channel cap (R7), "
+            "by a new message or by a deregister",
             registry=self.registry,
         )
         self.turns = Counter(
@@ -80,6 +87,9 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+
+    def watch_queues(self, depths: Callable[[], Iterable[tuple[str, int]]]) -> None:
+        """Queue depth per agent, read from the registry at each scrape."""
         self.registry.register(_QueueCollector(depths))
 
     def watch_claude_warm(self, count: Callable[[], int]) -> None:
@@ -99,11 +109,10 @@ class Metrics:
     def on_accepted(self, accepted: Accepted) -> None:
         self.accepted.labels(accepted.state).inc()
 
-    def on_finished(self, outcome: str, seconds: float, messages: int) -> None:
+    def on_finished(self, outcome: str, state: MessageState, seconds: float, messages: int) -> None:
         self.turns.labels(outcome).inc()
         self.turn_seconds.observe(seconds)
-        final = {"ok": "done", "error": "failed", "timeout": "failed"}.get(outcome, outcome)
-        self.final.labels(final).inc(messages)
+        self.final.labels(state.value).inc(messages)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

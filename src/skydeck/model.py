@@ -10,9 +10,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any, Literal
 
 import uuid6
+
+from .ledger import MessageState, ThreadStatus
 
 #: R1: names and channels. Anchored with \Z so a trailing newline never sneaks in.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
@@ -20,15 +23,11 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 Backend = Literal["claude", "command", "echo"]
 Mode = Literal["single-threaded", "multi-threaded"]
 QueueMode = Literal["followup", "collect", "interrupt"]
-MessageState = Literal["buffered", "queued", "working", "done", "failed", "cancelled", "dropped"]
 Direction = Literal["in", "out"]
-ThreadStatus = Literal["working", "ok", "error"]
 
 BACKENDS: tuple[Backend, ...] = ("claude", "command", "echo")
 MODES: tuple[Mode, ...] = ("single-threaded", "multi-threaded")
 QUEUE_MODES: tuple[QueueMode, ...] = ("followup", "collect", "interrupt")
-TERMINAL_STATES: frozenset[str] = frozenset({"done", "failed", "cancelled", "dropped"})
-OPEN_STATES: frozenset[str] = frozenset({"buffered", "queued", "working"})
 
 DEFAULT_TIMEOUT_S = 900
 #: The longest reply a backend may give, in UTF-8 bytes; the rest is cut (1 MiB).
@@ -161,7 +160,8 @@ class Accepted:
     """What an inbound post is acknowledged with (http-api.md, Inbound responses)."""
 
     id: str
-    state: Literal["queued", "buffered", "duplicate"]
+    #: `queued`, `buffered`, or the answer `duplicate` (never a stored state, R8).
+    state: MessageState | Literal["duplicate"]
     message: Message
 
 
@@ -231,11 +231,22 @@ class TurnResult:
     usage: dict[str, Any] | None = None
 
 
+class EventKind(StrEnum):
+    """What a live turn event says (http-api.md, turn-events)."""
+
+    QUEUED = "queued"
+    INIT = "init"
+    TEXT = "text"
+    TOOL = "tool"
+    DONE = "done"
+    ERROR = "error"
+
+
 @dataclass(frozen=True, slots=True)
 class TurnEvent:
     """A live event of a turn, fanned out to subscribers (SSE, web chat, `send --wait`)."""
 
-    kind: Literal["queued", "init", "text", "tool", "done", "error"]
+    kind: EventKind
     message_id: str
     data: dict[str, Any] = field(default_factory=dict)
 

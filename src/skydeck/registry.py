@@ -7,27 +7,42 @@ All methods but `serve` are synchronous on purpose: accepting a message,
 deciding `queued` versus `buffered` and handing it to the channel task happen
 without a checkpoint in between, so no registration can slip in between the
 decision and the row that records it.
+
+When the store loses writes (a full disk: `Store.failures` moves), what the
+registry holds in memory may be ahead of the store: a queued message whose row
+was rolled back, an agent whose row never landed. The rule: memory is read
+again from the store once it commits again. Every channel task replaces its
+queue with the channel's open messages as stored (`_reload`), before it starts
+another turn; a turn never starts on messages read before the failure
+(`Turn` checks); and the agents are made to match the stored ones (`_resync`).
+That is a restart's R28 replay, done in place, so it is exactly as correct.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from .backends.base import release_agent
-from .errors import Conflict, NotFound, Unavailable
+from .errors import Conflict, NotFound, StoreFailure, Unavailable
 from .events import TurnEvents
-from .model import Accepted, AgentSpec, Inbound, Message, TurnEvent
+from .ledger import AgentStatus, MessageState
+from .model import Accepted, AgentSpec, EventKind, Inbound, Message, TurnEvent
 from .store import Store
 from .turn import Turn, TurnDeps
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
+
+    from .backends.base import Backend
+    from .metrics import Metrics
+    from .transports.base import Mirror
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +63,21 @@ class ChannelTask:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     turn: Turn | None = None
     waiting_for_slot: bool = False
+    #: `Store.failures` when the queue was last read from the store.
+    epoch: int = 0
+    #: Messages taken off the queue, not yet finished (waiting for a slot or in a turn).
+    holding: bool = False
 
     @property
     def backlog(self) -> int:
         return self.send.statistics().current_buffer_used
 
-    def status(self) -> tuple[str, int]:
+    def status(self) -> tuple[AgentStatus, int]:
         """R5 (and R10: a message waiting for a global slot counts as queued)."""
         waiting = self.backlog + (1 if self.waiting_for_slot else 0)
-        if self.turn is None:
-            return ("queued", waiting) if waiting else ("idle", 0)
-        return ("queued", waiting) if waiting else ("working", 0)
+        if waiting:
+            return AgentStatus.QUEUED, waiting
+        return (AgentStatus.IDLE if self.turn is None else AgentStatus.WORKING), 0
 
 
 class Registry:
@@ -69,6 +88,7 @@ class Registry:
         *,
         buffer_cap: int = DEFAULT_BUFFER_CAP,
         max_turns: int = DEFAULT_MAX_TURNS,
+        on_accepted: Callable[[Accepted], None] | None = None,
     ) -> None:
         self.store = store
         self.deps = deps
@@ -76,7 +96,7 @@ class Registry:
         self.buffer_cap = buffer_cap
         self.limiter = trio.CapacityLimiter(max_turns)
         self.accepting = True
-        self.on_accepted: Callable[[Accepted], None] | None = None
+        self.on_accepted = on_accepted
         self._stopping = False
         self._running = 0
         self._idle = trio.Event()
@@ -95,6 +115,7 @@ class Registry:
             nursery.start_soon(self.store.run_flusher, name="store-flusher")
             for agent in self.store.list_agents():
                 self._register(agent)
+            nursery.start_soon(self._resync_after_failures, name="store-resync")
             task_status.started()
             await trio.sleep_forever()
 
@@ -125,16 +146,17 @@ class Registry:
             raise NotFound(f"no agent named {name!r}", field="name")
         return task.agent
 
-    def status(self, name: str) -> tuple[str, int]:
+    def status(self, name: str) -> tuple[AgentStatus, int]:
         task = self._by_name.get(name)
-        return ("idle", 0) if task is None else task.status()
+        return (AgentStatus.IDLE, 0) if task is None else task.status()
 
     def create(self, agent: AgentSpec) -> AgentSpec:
         if agent.name in self._by_name:
             raise Conflict(f"an agent named {agent.name!r} already exists", field="name")
         self._check_channel_free(agent.channel)
-        self.store.save_agent(agent)
-        self._register(agent)
+        with self.store.atomic():  # a failed claim of its buffered messages undoes the row
+            self.store.save_agent(agent)
+            self._register(agent)
         return agent
 
     def update(self, name: str, changes: dict[str, Any]) -> AgentSpec:
@@ -179,25 +201,44 @@ class Registry:
 
     def submit(self, inbound: Inbound) -> Accepted:
         """Store the message durably, then hand it to its channel task (if any)."""
+        accepted = self.accept(inbound)
+        self.dispatch(accepted)
+        return accepted
+
+    def accept(self, inbound: Inbound) -> Accepted:
+        """The store half of `submit`: the row, queued or buffered (R7), or a duplicate (R8).
+
+        Only the store is touched, so a caller may do it inside `Store.atomic`
+        with writes of its own (a cron slot); `dispatch` then does what a
+        rollback could not undo. No checkpoint may come between the two.
+        """
         if not self.accepting:
             raise Unavailable("skydeck is shutting down; try again after it restarts")
         task = self._by_channel.get(inbound.channel)
-        accepted = self.store.accept_inbound(
+        return self.store.accept_inbound(
             inbound, registered=task is not None, buffer_cap=self.buffer_cap
         )
-        if accepted.state == "queued" and task is not None:
+
+    def dispatch(self, accepted: Accepted) -> None:
+        """The memory half of `submit`: hand a queued message to its channel task,
+        interrupt (R9), the `queued` event, metrics."""
+        task = self._by_channel.get(accepted.message.channel)
+        if accepted.state is MessageState.QUEUED and task is not None:
             task.send.send_nowait(accepted.message)
             if task.agent.queue_mode == "interrupt" and task.turn is not None:
                 task.turn.cancel(INTERRUPTED_REASON)  # R9: the newest message wins
             try:
                 self.events.publish(
-                    inbound.channel, TurnEvent(kind="queued", message_id=accepted.id)
+                    task.agent.channel, TurnEvent(kind=EventKind.QUEUED, message_id=accepted.id)
                 )
             except Exception:  # R25: a viewer's failure is never the sender's
-                log.exception("queued event failed", extra={"channel": inbound.channel})
+                log.exception("queued event failed", extra={"channel": task.agent.channel})
         if self.on_accepted is not None:
             self.on_accepted(accepted)
-        return accepted
+
+    def stop_accepting(self) -> None:
+        """R29's first step: from now on every post is a 503 and stores nothing."""
+        self.accepting = False
 
     # -- channel tasks ------------------------------------------------------------
 
@@ -206,11 +247,49 @@ class Registry:
         assert self._nursery is not None, "Registry.serve() is not running"
         send, receive = trio.open_memory_channel[Message](math.inf)
         task = ChannelTask(agent=agent, send=send, receive=receive)
+        self._reload(task)  # first: if the store fails here, nothing is registered
         self._by_name[agent.name] = task
         self._by_channel[agent.channel] = task
-        for message in self.store.claim_open(agent.channel):
-            send.send_nowait(message)
         self._nursery.start_soon(self._run_channel, task, name=f"channel:{agent.channel}")
+
+    def _reload(self, task: ChannelTask) -> None:
+        """Make the task's queue the channel's open messages as stored, oldest first."""
+        epoch = self.store.failures
+        messages = self.store.claim_open(task.agent.channel)
+        self._drain_nowait(task.receive)
+        for message in messages:
+            task.send.send_nowait(message)
+        task.epoch = epoch
+
+    async def _resync_after_failures(self) -> None:
+        """Each time the store commits again after a failure, make memory match it."""
+        seen = self.store.failures
+        while True:
+            seen = await self.store.recovered(seen)
+            if self._stopping:
+                return  # the next start reads everything from the store anyway
+            try:
+                self._resync()
+            except StoreFailure:
+                continue  # failed again: the next recovery tries again
+            log.info("registry re-read from the store", extra={"agents": len(self._by_name)})
+
+    def _resync(self) -> None:
+        """The agents as stored; the queue of every task not holding messages as
+        stored (a task holding some reloads itself when it is done with them)."""
+        stored = {agent.name: agent for agent in self.store.list_agents()}
+        for name, task in list(self._by_name.items()):
+            agent = stored.get(name)
+            if agent is None or agent.channel != task.agent.channel:
+                self._deregister(name)
+            else:
+                task.agent = agent
+        for name, agent in stored.items():
+            if name not in self._by_name:
+                self._register(agent)
+        for task in self._by_name.values():
+            if not task.holding and task.epoch != self.store.failures:
+                self._reload(task)
 
     def _deregister(self, name: str) -> None:
         """R26: cancel the running turn (recorded `cancelled`), stop the task, and
@@ -222,7 +301,7 @@ class Registry:
         task.scope.cancel()
         task.send.close()
         release_agent(self.deps.backends, name, REMOVED_REASON)  # W15
-        released = self.store.release_open(task.agent.channel)
+        released = self.store.release_open(task.agent.channel, buffer_cap=self.buffer_cap)
         log.info(
             "agent deregistered",
             extra={"agent": name, "channel": task.agent.channel, "released": released},
@@ -231,6 +310,7 @@ class Registry:
     async def _run_channel(self, task: ChannelTask) -> None:
         with task.scope:
             async for message in task.receive:
+                task.holding = True
                 batch = [message]
                 if task.agent.queue_mode == "collect":
                     batch.extend(self._drain_nowait(task.receive))
@@ -239,10 +319,14 @@ class Registry:
                     task.waiting_for_slot = False
                     if self._stopping:
                         await trio.sleep_forever()  # R29: no new turn; it replays at start
-                    task.turn = Turn(self.deps, task.agent, batch)
+                    task.turn = Turn(
+                        self.deps, task.agent, batch, epoch=task.epoch, submit=self.submit
+                    )
                     self._running += 1
                     try:
                         await task.turn.run()
+                    except StoreFailure:
+                        pass  # the turn stopped where its writes were lost; replayed below
                     except Exception:
                         # R25: a bug in a side effect never kills the channel.
                         log.exception("turn crashed", extra={"channel": task.agent.channel})
@@ -251,6 +335,15 @@ class Registry:
                         self._running -= 1
                         if self._running == 0:
                             self._idle.set()
+                task.holding = False
+                while task.epoch != self.store.failures:
+                    # Writes were lost since the queue was read: once the store
+                    # commits again, the queue is read again (this turn's messages
+                    # included, if their end was lost).
+                    await self.store.recovered(task.epoch)
+                    if task.epoch != self.store.failures:  # not already done by _resync
+                        with contextlib.suppress(StoreFailure):
+                            self._reload(task)
 
     @staticmethod
     def _drain_nowait(receive: trio.MemoryReceiveChannel[Message]) -> list[Message]:
@@ -260,3 +353,39 @@ class Registry:
                 more.append(receive.receive_nowait())
             except (trio.WouldBlock, trio.EndOfChannel):
                 return more
+
+
+def build_registry(
+    store: Store,
+    backends: Mapping[str, Backend],
+    *,
+    events: TurnEvents | None = None,
+    mirror: Mirror | None = None,
+    metrics: Metrics | None = None,
+    on_finished: Callable[[str, MessageState, float, int], None] | None = None,
+    buffer_cap: int = DEFAULT_BUFFER_CAP,
+    max_turns: int = DEFAULT_MAX_TURNS,
+) -> Registry:
+    """A registry and what its turns need, wired once and never re-wired.
+
+    The one way the service, the tests and the benchmarks build a registry, so
+    none of them can forget a part (or set one after the fact). ``on_finished``
+    (a benchmark's counter) stands in for ``metrics``'s when there is none.
+    """
+    if metrics is not None:
+        on_finished = metrics.on_finished
+    deps = TurnDeps(
+        store=store,
+        events=events or TurnEvents(),
+        backends=backends,
+        mirror=mirror,
+        on_finished=on_finished,
+        on_outbound_retry=metrics.outbound_retries.inc if metrics is not None else None,
+    )
+    return Registry(
+        store,
+        deps,
+        buffer_cap=buffer_cap,
+        max_turns=max_turns,
+        on_accepted=metrics.on_accepted if metrics is not None else None,
+    )

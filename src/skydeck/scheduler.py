@@ -10,6 +10,10 @@ the same transaction as that message, and the message's external id is
 A job whose previous message (scheduled or run-now) is still buffered, queued
 or working skips the slot instead (recorded and counted): no pile-up.
 
+When the store fails (a full disk), a due slot waits until it commits again,
+and the jobs are then read again from the store: a job whose create or edit
+was lost (a 507) is not kept in memory as if it had been saved.
+
 Slots come from croniter in the job's IANA timezone. Across DST transitions
 skydeck fires exactly what croniter yields (see docs/design.md, "Cron").
 Wall time comes from a `WallClock`, so tests can run a day of schedule in
@@ -18,6 +22,7 @@ milliseconds under Trio's autojump clock.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
 from collections.abc import Callable
@@ -28,8 +33,9 @@ from zoneinfo import ZoneInfo
 import trio
 from croniter import croniter
 
-from .errors import Conflict, NotFound, SkydeckError
-from .model import OPEN_STATES, Accepted, Inbound, Job
+from .errors import Conflict, NotFound, SkydeckError, StoreFailure
+from .ledger import OPEN_STATES
+from .model import Accepted, Inbound, Job
 from .store import Store
 
 if TYPE_CHECKING:
@@ -79,23 +85,38 @@ def latest_slot(job: Job, at: datetime) -> datetime:
     return croniter(job.schedule, local).get_prev(datetime).astimezone(UTC)  # type: ignore[no-any-return]
 
 
+class Intake(Protocol):
+    """Where fired messages go (the registry): the store half, then the memory half."""
+
+    def accept(self, inbound: Inbound) -> Accepted: ...
+
+    def dispatch(self, accepted: Accepted) -> None: ...
+
+
 class Scheduler:
     def __init__(
         self,
         store: Store,
-        submit: Callable[[Inbound], Accepted],
+        intake: Intake,
         clock: WallClock | None = None,
         *,
         on_fire: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
-        self.submit = submit
+        self.intake = intake
         self.clock = clock or SystemClock()
         self.on_fire = on_fire
         self.wakeups = 0
-        self._jobs: dict[str, Job] = {job.name: job for job in store.list_jobs()}
+        self._jobs: dict[str, Job] = {}
         self._heap: list[tuple[datetime, str]] = []
         self._changed = trio.Event()
+        self._epoch = store.failures  # `Store.failures` when the jobs were read
+        self._load()
+
+    def _load(self) -> None:
+        """The jobs as stored, each due at its next slot."""
+        self._jobs = {job.name: job for job in self.store.list_jobs()}
+        self._heap = []
         now = self.clock.now()
         for job in self._jobs.values():
             if job.next_run_at is None:
@@ -107,14 +128,36 @@ class Scheduler:
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Fire due jobs, then sleep until the next one is due or a job changes."""
-        task_status.started()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._wake_on_recovery)
+            task_status.started()
+            while True:
+                self.wakeups += 1
+                if self._epoch != self.store.failures:
+                    # Writes were lost (a full disk): memory may hold a job that was
+                    # never saved. Fire nothing until the jobs are read again.
+                    await self.store.recovered(self._epoch)
+                    epoch = self.store.failures
+                    with contextlib.suppress(StoreFailure):
+                        self._load()
+                        self._epoch = epoch
+                    continue
+                try:
+                    self._fire_due(self.clock.now())
+                except StoreFailure as exc:
+                    log.warning("job not fired: the store failed", extra={"reason": exc.reason})
+                    continue
+                self._changed = trio.Event()
+                delay = self._seconds_until_next()
+                with trio.move_on_after(delay):
+                    await self._changed.wait()
+
+    async def _wake_on_recovery(self) -> None:
+        """A store failure while the loop sleeps is noticed once the store is back."""
+        seen = self.store.failures
         while True:
-            self.wakeups += 1
-            self._fire_due(self.clock.now())
-            self._changed = trio.Event()
-            delay = self._seconds_until_next()
-            with trio.move_on_after(delay):
-                await self._changed.wait()
+            seen = await self.store.recovered(seen)
+            self._changed.set()
 
     def _seconds_until_next(self) -> float:
         while self._heap:
@@ -135,13 +178,16 @@ class Scheduler:
             slot = max(latest_slot(job, now), due)  # a missed burst fires once, the latest
             try:
                 self._fire(job, slot, now)
+            except StoreFailure:
+                self._push(job)
+                raise
             except SkydeckError as exc:  # e.g. shutting down: the slot fires at next start
                 log.warning("job not fired", extra={"job": job.name, "reason": exc.message})
                 self._push(job)
                 return
             job.next_run_at = iso(next_slot(job, now))
-            self.store.save_job(job)
             self._push(job)
+            self.store.save_job(job)
 
     def _fire(self, job: Job, slot: datetime, now: datetime) -> None:
         job.last_slot = iso(slot)
@@ -165,11 +211,13 @@ class Scheduler:
             metadata={"job": job.name, "slot": slot},
         )
         with self.store.atomic():  # the slot is fired together with its message, or not at all
-            accepted = self.submit(inbound)
+            accepted = self.intake.accept(inbound)
             job.last_run_at = iso(now)
             job.last_message_id = accepted.id
             job.last_outcome = f"posted ({accepted.state})"
             self.store.save_job(job)
+        # Only now the effects a rollback of that block could not have undone.
+        self.intake.dispatch(accepted)
         log.info("job fired", extra={"job": job.name, "slot": slot, "message_id": accepted.id})
         self._count("fired")
         return accepted

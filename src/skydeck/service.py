@@ -11,16 +11,25 @@
 new turn, give running turns a grace period, cancel the rest (their messages
 stay `queued`/`working` in the store and replay at next start, R28), and only
 then let Hypercorn stop listening.
+
+One daemon per data dir: the first thing a `Service` does is take an exclusive
+lock on ``<data dir>/skydeck.lock``; two daemons on one store would both replay
+and run every open message. Whatever stops the start (the lock, a corrupt,
+read-only or full store) is a `ConfigError`: one sentence naming the path.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
-from dataclasses import dataclass, field
+import sqlite3
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -33,16 +42,16 @@ from .backends.base import Backend
 from .backends.claude import ClaudeBackend, find_claude, has_credentials
 from .backends.claude_warm import WarmConfig
 from .definitions import VaultSync
+from .errors import StoreFailure, unwrap
 from .events import TurnEvents
 from .guard import OriginPolicy, is_loopback
 from .metrics import Metrics
 from .model import AgentSpec
 from .procs import ProcessRegistry
-from .registry import DEFAULT_BUFFER_CAP, DEFAULT_MAX_TURNS, Registry
+from .registry import DEFAULT_BUFFER_CAP, DEFAULT_MAX_TURNS, build_registry
 from .scheduler import Scheduler, WallClock
 from .store import Store
 from .transports.vault import VaultClient, VaultMirror
-from .turn import TurnDeps
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -52,6 +61,7 @@ log = logging.getLogger(__name__)
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 1941
 DB_NAME = "skydeck.db"
+LOCK_NAME = "skydeck.lock"
 DEFAULT_GRACE_S = 30.0
 #: An idle keep-alive connection (or one that never sends its headers) closes after this.
 #: Longer than httpx's (the CLI's) 5 s pool expiry, so a client drops an idle connection
@@ -66,6 +76,77 @@ def default_data_dir() -> Path:
 
 class ConfigError(Exception):
     """A setting that stops the daemon from starting, said as one sentence."""
+
+
+def lock_data_dir(data_dir: Path) -> IO[bytes]:
+    """Hold ``<data dir>/skydeck.lock`` exclusively for as long as the file stays open.
+
+    `flock` belongs to the open file, so the kernel releases it when the process
+    dies, however it dies: a lock file left by a killed daemon never blocks a
+    start. The file is not inherited by agent processes (Python opens files
+    non-inheritable), so an orphaned agent cannot hold it either. The pid in it
+    is only for the message. Unbuffered, so a full disk fails the write itself.
+    """
+    path = data_dir / LOCK_NAME
+    file = open(path, "a+b", buffering=0)  # noqa: SIM115 (held for the daemon's lifetime)
+    try:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().decode("ascii", "replace").strip() or "unknown"
+            raise ConfigError(
+                f"another skydeck (pid {holder}) is already serving {data_dir}"
+            ) from None
+        file.truncate(0)
+        file.write(f"{os.getpid()}\n".encode())
+    except OSError as exc:  # e.g. a full disk: name the file
+        file.close()
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+    except BaseException:
+        file.close()
+        raise
+    return file
+
+
+#: Setting -> the environment variables it is read from, first one set wins.
+ENV: dict[str, tuple[str, ...]] = {
+    "host": ("SKYDECK_HOST",),
+    "port": ("SKYDECK_PORT", "PORT"),
+    "data_dir": ("SKYDECK_DATA_DIR",),
+    "token": ("SKYDECK_TOKEN",),
+    "jwt_secret": ("SKYDECK_JWT_SECRET",),
+    "jwks_url": ("SKYDECK_JWKS_URL",),
+    "jwt_issuer": ("SKYDECK_JWT_ISSUER",),
+    "max_turns": ("SKYDECK_MAX_TURNS",),
+    "vault_url": ("SKYDECK_VAULT_URL",),
+    "vault_token": ("SKYDECK_VAULT_TOKEN",),
+    "vault_poll_s": ("SKYDECK_VAULT_POLL_S",),
+    "public_url": ("SKYDECK_PUBLIC_URL",),
+    "allowed_hosts": ("SKYDECK_ALLOWED_HOSTS",),
+    "allowed_origins": ("SKYDECK_ALLOWED_ORIGINS",),
+    "keepalive_s": ("SKYDECK_KEEPALIVE_S",),
+    "body_timeout_s": ("SKYDECK_BODY_TIMEOUT_S",),
+}
+
+
+def _parse_setting(name: str, kind: Any, raw: Any) -> Any:
+    """A flag's or variable's value as the field's type; a bad number is a `ConfigError`."""
+    if not isinstance(raw, str):
+        return raw  # a flag argparse already typed
+    kind = str(kind)
+    try:
+        if kind.startswith("int"):
+            return int(raw)
+        if kind.startswith("float"):
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, not {raw!r}") from None
+    if kind == "Path":
+        return Path(raw)
+    if kind.startswith("tuple"):
+        return tuple(item.strip() for item in raw.split(",") if item.strip())
+    return raw
 
 
 @dataclass(slots=True)
@@ -100,6 +181,26 @@ class Settings:
     #: Warm claude processes (SKYDECK_CLAUDE_WARM, _MAX, _IDLE_S).
     claude_warm: WarmConfig = field(default_factory=WarmConfig)
 
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], **flags: Any) -> Settings:
+        """The settings of `skydeck serve`: a flag given (not None) wins, then the
+        environment (`ENV`), then the field's default — every default is written
+        once, on the field above. An empty variable counts as unset."""
+        values: dict[str, Any] = {}
+        for spec in fields(cls):
+            raw: Any = flags.get(spec.name)
+            if raw is None:
+                raw = next((env[key] for key in ENV.get(spec.name, ()) if env.get(key)), None)
+            if raw is None:
+                continue
+            values[spec.name] = _parse_setting(spec.name, spec.type, raw)
+        if "claude_warm" not in values:
+            try:
+                values["claude_warm"] = WarmConfig.from_env(env)  # its three variables
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        return cls(**values)
+
     def origin_policy(self) -> OriginPolicy:
         return OriginPolicy.build(
             bind_host=self.host,
@@ -122,12 +223,43 @@ class Service:
     def __init__(self, settings: Settings, *, clock: WallClock | None = None) -> None:
         settings.check()
         self.settings = settings
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = Store(settings.data_dir / DB_NAME)
+        self.db_path = settings.data_dir / DB_NAME
+        with self._starting():
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            self._lock = lock_data_dir(settings.data_dir)  # before the store is opened
+        try:
+            with self._starting():
+                self._open(clock)
+        except BaseException:
+            self._lock.close()
+            raise
+
+    @contextmanager
+    def _starting(self) -> Iterator[None]:
+        """Start-up failures as one `ConfigError` naming the path: a full, read-only
+        or corrupt store is the operator's to fix, and a traceback does not help."""
+        try:
+            yield
+        except BaseException as raised:
+            exc = unwrap(raised)
+            if isinstance(exc, ConfigError):
+                raise exc from None
+            if isinstance(exc, OSError):
+                where = exc.filename or self.settings.data_dir
+                raise ConfigError(f"cannot use {where}: {exc.strerror or exc}") from None
+            if isinstance(exc, StoreFailure):
+                raise ConfigError(f"cannot write the store {self.db_path}: {exc.reason}") from None
+            if isinstance(exc, sqlite3.Error):
+                raise ConfigError(f"cannot open the store {self.db_path}: {exc}") from None
+            raise
+
+    def _open(self, clock: WallClock | None) -> None:
+        settings = self.settings
+        self.metrics = Metrics()
+        self.store = Store(self.db_path, on_dropped=self.metrics.dropped.inc)
         self.events = TurnEvents()
         workspaces = settings.data_dir / "workspaces"
         self.claude_bin = find_claude()
-        self.metrics = Metrics(lambda: self.registry.depths())
         self.processes = ProcessRegistry(self.store)
         self.claude = ClaudeBackend(
             self.claude_bin,
@@ -145,28 +277,26 @@ class Service:
             "command": CommandBackend(workspaces, self.processes),
             "claude": self.claude,
         }
-        self.deps = TurnDeps(
-            store=self.store,
-            events=self.events,
-            backends=backends,
-            submit=lambda inbound: self.registry.submit(inbound),
-            on_finished=self.metrics.on_finished,
-            on_outbound_retry=self.metrics.outbound_retries.inc,
-        )
-        self.registry = Registry(
-            self.store, self.deps, buffer_cap=settings.buffer_cap, max_turns=settings.max_turns
-        )
-        self.registry.on_accepted = self.metrics.on_accepted
         self.vault: VaultMirror | None = None
         if settings.vault_url:
             self.vault = VaultMirror(
                 VaultClient(settings.vault_url, settings.vault_token), self.store
             )
-            self.deps.mirror = self.vault
             self.metrics.watch_outbox(self.vault.pending)
+        self.registry = build_registry(
+            self.store,
+            backends,
+            events=self.events,
+            mirror=self.vault,
+            metrics=self.metrics,
+            buffer_cap=settings.buffer_cap,
+            max_turns=settings.max_turns,
+        )
+        self.deps = self.registry.deps
+        self.metrics.watch_queues(self.registry.depths)
         self.scheduler = Scheduler(
             self.store,
-            self.registry.submit,
+            self.registry,
             clock,
             on_fire=lambda outcome: self.metrics.job_slots.labels(outcome).inc(),
         )
@@ -237,8 +367,9 @@ class Service:
                     with registry_scope:
                         await self.registry.serve(task_status=task_status)
 
-                await nursery.start(run_registry)
-                self._ensure_demo()
+                with self._starting():  # the stored agents are read and replayed here
+                    await nursery.start(run_registry)
+                    self._ensure_demo()
                 scheduler_scope = trio.CancelScope()
 
                 async def run_scheduler(task_status: TaskStatus[None]) -> None:
@@ -271,6 +402,7 @@ class Service:
                 self._http_done.set()
         finally:
             self.store.close()
+            self._lock.close()
 
     def _health_extra(self) -> dict[str, Any]:
         extra: dict[str, Any] = {
@@ -297,6 +429,6 @@ class Service:
     def stop(self) -> None:
         """Begin the graceful shutdown (R29); `run` returns once it is complete."""
         log.info("stopping", extra={"grace_s": self.settings.grace_s})
-        self.registry.accepting = False
+        self.registry.stop_accepting()
         self.events.close_all()
         self._stopped.set()

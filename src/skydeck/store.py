@@ -16,32 +16,47 @@ backend) awaits `flushed()`: under load, hundreds of writers share one commit.
 Durability: a commit in WAL mode with ``synchronous=NORMAL`` survives a killed
 process (the OS holds the pages); ``durability="full"`` also fsyncs each
 commit, for power-loss safety at a throughput cost.
+
+Failure: the writes of one tick are one transaction, so they are committed
+together or lost together. When SQLite cannot commit (disk full, I/O error,
+read-only file, a lock held past the busy timeout) or rolls the whole
+transaction back after a failed statement, every writer of that group gets
+`StoreFailure` from `flushed()` (the HTTP 507), and nobody is told "committed"
+for a write that is gone. `failures` counts these events: whatever a caller
+keeps in memory from before one (a channel's queue, an agent, a job) may be
+ahead of the store, and is read again from the store once `recovered()`
+returns. The store is back when a commit succeeds; while it is failing, the
+flusher tries a probe commit every `PROBE_INTERVAL_S`, so it recovers by
+itself once there is room again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, cast
 
 import trio
 import trio.lowlevel
 
+from . import ledger
+from .errors import CursorError, StoreFailure
+from .ledger import OPEN_STATES, MessageState, ThreadStatus, sql_states
 from .model import (
     Accepted,
     AgentSpec,
     Inbound,
     Job,
     Message,
-    MessageState,
     ProcessRecord,
     ThreadRecord,
-    ThreadStatus,
     new_id,
     utc_now,
 )
@@ -52,7 +67,28 @@ log = logging.getLogger(__name__)
 #: migration) and `processes` (created IF NOT EXISTS, like every table).
 SCHEMA_VERSION = 4
 
-_SCHEMA = """
+#: While the store is failing, the flusher tries a commit this often (seconds).
+PROBE_INTERVAL_S = 1.0
+#: The probe writes this much, so it needs room like a real write.
+PROBE_BYTES = 64 * 1024
+#: SQLite primary result codes that mean the store failed, not the statement:
+#: the write is a 507 (the sender may retry) rather than a bug's 500.
+STORE_ERRORS = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_NOMEM,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_CORRUPT,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_PROTOCOL,
+        sqlite3.SQLITE_NOTADB,
+    }
+)
+
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS agents (
     name TEXT PRIMARY KEY,
     channel TEXT NOT NULL UNIQUE,
@@ -66,7 +102,7 @@ CREATE TABLE IF NOT EXISTS messages (
     content TEXT NOT NULL,
     state TEXT NOT NULL,
     created_at TEXT NOT NULL,
-    metadata TEXT NOT NULL DEFAULT '{}',
+    metadata TEXT NOT NULL DEFAULT '{{}}',
     external_id TEXT,
     in_reply_to TEXT,
     thread_id TEXT,
@@ -78,7 +114,7 @@ CREATE INDEX IF NOT EXISTS messages_channel_seq ON messages (channel, seq);
 CREATE UNIQUE INDEX IF NOT EXISTS messages_external_id
     ON messages (channel, external_id) WHERE external_id IS NOT NULL AND direction = 'in';
 CREATE INDEX IF NOT EXISTS messages_open
-    ON messages (channel, state, seq) WHERE state IN ('buffered', 'queued', 'working');
+    ON messages (channel, state, seq) WHERE state IN {sql_states(OPEN_STATES)};
 CREATE TABLE IF NOT EXISTS threads (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
@@ -143,8 +179,17 @@ _MESSAGE_COLUMNS = (
 )
 
 
-class CursorError(ValueError):
-    """A paging cursor that this store did not hand out."""
+@dataclass(eq=False, slots=True)
+class _Group:
+    """The writes of one open transaction: committed together, or lost together."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    lost: str | None = None
+
+
+def _is_store_error(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and (code & 0xFF) in STORE_ERRORS
 
 
 @dataclass(slots=True)
@@ -154,9 +199,15 @@ class Page:
     prev: str | None
 
 
+_BUFFERED = sql_states({MessageState.BUFFERED})
+_QUEUED = sql_states({MessageState.QUEUED})
+_RUNNABLE = sql_states({MessageState.QUEUED, MessageState.WORKING})
+
+
 def _row_to_message(row: sqlite3.Row) -> Message:
     values = dict(row)  # the columns are named as Message's fields
     values["metadata"] = json.loads(values["metadata"])
+    values["state"] = MessageState(values["state"])
     return Message(**values)
 
 
@@ -164,6 +215,7 @@ def _row_to_thread(row: sqlite3.Row) -> ThreadRecord:
     values = dict(row)
     del values["seq"]
     values["usage"] = json.loads(values["usage"]) if values["usage"] else None
+    values["status"] = ThreadStatus(values["status"])
     return ThreadRecord(**values)
 
 
@@ -179,8 +231,20 @@ class Store:
     ``path=":memory:"`` gives the same store without a file (benchmarks, unit tests).
     """
 
-    def __init__(self, path: str | Path, *, durability: Literal["normal", "full"] = "normal"):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        durability: Literal["normal", "full"] = "normal",
+        on_dropped: Callable[[int], None] | None = None,
+    ):
         self.path = str(path)
+        #: Called with the number of buffered messages marked `dropped` (R7), for metrics.
+        self.on_dropped = on_dropped
+        #: Store failures so far (see the module docstring); never goes down.
+        self.failures = 0
+        #: Why the store is failing, until a commit succeeds again; None when healthy.
+        self.error: str | None = None
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -189,14 +253,20 @@ class Store:
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.execute("PRAGMA cache_size=-65536")  # 64 MiB: hot indexes stay in memory
         self._dirty = trio.Event()
-        self._committed = trio.Event()
+        self._group = _Group()
+        self._health_changed = trio.Event()
         self._flusher_running = False
         self._migrate()
         self.commit()
 
     def close(self) -> None:
-        self.commit()
-        self._db.close()
+        """Commit what is left and close. Never raises: this runs on the way out,
+        and a write lost here was never acknowledged (its writer got a 507)."""
+        try:
+            with contextlib.suppress(StoreFailure):  # logged by _lose
+                self.commit()
+        finally:
+            self._db.close()
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -206,54 +276,155 @@ class Store:
 
         ``atomic`` wraps it in a SAVEPOINT so a failure undoes all of it and
         nothing else; a write of one statement is atomic by itself and skips it.
+        A failure of the store itself leaves as `StoreFailure`; if SQLite rolled
+        back the whole transaction for it, the neighbours' writes are lost too,
+        and their waiters hear it (`_lose`).
         """
         db = self._db
-        if not db.in_transaction:
-            db.execute("BEGIN IMMEDIATE")
-        if not atomic:
-            yield db
-            self._dirty.set()
-            return
-        db.execute("SAVEPOINT write")
+        group = self._group
         try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK TO write")
-            db.execute("RELEASE write")
+            if not db.in_transaction:
+                db.execute("BEGIN IMMEDIATE")
+            if not atomic:
+                yield db
+            else:
+                db.execute("SAVEPOINT write")
+                try:
+                    yield db
+                except BaseException:
+                    if db.in_transaction:  # else SQLite already rolled back everything
+                        try:
+                            db.execute("ROLLBACK TO write")
+                            db.execute("RELEASE write")
+                        except sqlite3.Error:
+                            self._abort()  # half a write must never be committed
+                    raise
+                db.execute("RELEASE write")
+        except BaseException as exc:
+            lost = not db.in_transaction and group is self._group
+            if lost:  # the whole transaction is gone, the neighbours' writes with it
+                self._lose(str(exc), group)
+            if isinstance(exc, sqlite3.Error) and (lost or _is_store_error(exc)):
+                if not lost:
+                    self._lose(str(exc), None)  # only this write is undone; the group goes on
+                raise StoreFailure(str(exc)) from exc
             raise
-        db.execute("RELEASE write")
         self._dirty.set()
 
-    def commit(self) -> None:
-        """Make every write so far durable, and wake whoever waits for it."""
+    def _abort(self) -> None:
+        """Roll the open transaction back, whatever state a failure left it in."""
         if self._db.in_transaction:
-            self._db.execute("COMMIT")
-        committed, self._committed = self._committed, trio.Event()
-        committed.set()
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                log.exception("rollback failed", extra={"path": self.path})
+
+    def _lose(self, reason: str, group: _Group | None) -> None:
+        """Record a store failure. ``group``, if given, is lost: its waiters wake
+        to the failure, and the next write starts a new group."""
+        if self.error is None:
+            log.error("store failure: writes not committed", extra={"reason": reason})
+        self.error = reason
+        self.failures += 1
+        if group is not None:
+            group.lost = reason
+            group.done.set()
+            if group is self._group:
+                self._group = _Group()
+        self._notify()
+        self._dirty.set()  # the flusher notices and starts probing
+
+    def _notify(self) -> None:
+        self._health_changed.set()
+        self._health_changed = trio.Event()
+
+    def commit(self) -> None:
+        """Make every write so far durable, and wake whoever waits for it.
+
+        A failed COMMIT loses the group: it is rolled back (after SQLITE_BUSY
+        SQLite keeps it open, and its writes must not slip into the next
+        group), its waiters get the failure, and the caller gets `StoreFailure`.
+        """
+        group, self._group = self._group, _Group()
+        if self._db.in_transaction:
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._abort()
+                self._lose(str(exc), group)
+                raise StoreFailure(str(exc)) from exc
+            if self.error is not None:
+                log.warning("store recovered", extra={"failures": self.failures})
+                self.error = None
+                self._notify()
+        group.done.set()
 
     async def flushed(self) -> None:
-        """Return once every write made before this call is committed."""
+        """Return once every write made before this call is committed.
+
+        Raises `StoreFailure` if they were lost instead: the caller must not
+        act as if they happened (no 200, no backend run, no `done` event).
+        """
         if not self._db.in_transaction:
             await trio.lowlevel.checkpoint()
-        elif self._flusher_running:
-            await self._committed.wait()
+            return
+        group = self._group
+        if self._flusher_running:
+            await group.done.wait()
         else:
             self.commit()
             await trio.lowlevel.checkpoint()
+        if group.lost is not None:
+            raise StoreFailure(group.lost)
+
+    async def recovered(self, seen: int) -> int:
+        """Wait until the store has failed since ``seen`` (a `failures` value)
+        and committed again after that; return `failures`, to wait from next."""
+        while self.failures == seen or self.error is not None:
+            await self._health_changed.wait()
+        return self.failures
+
+    def ensure_unchanged(self, seen: int) -> None:
+        """Raise `StoreFailure` if the store failed since ``seen``: what the
+        caller read from it before may be ahead of what it holds."""
+        if self.failures != seen:
+            raise StoreFailure(self.error or "writes were lost since this was read")
 
     async def run_flusher(self) -> None:
-        """Commit whatever was written, once per scheduler tick, forever."""
+        """Commit whatever was written, once per scheduler tick, forever.
+
+        A failed commit is its writers' failure, not the flusher's end. While
+        the store is failing, it probes every `PROBE_INTERVAL_S`.
+        """
         self._flusher_running = True
         try:
             while True:
-                await self._dirty.wait()
-                self._dirty = trio.Event()
+                with trio.move_on_after(PROBE_INTERVAL_S if self.error else math.inf):
+                    await self._dirty.wait()
                 # One more tick: every task that is runnable now adds its writes first.
                 await trio.lowlevel.checkpoint()
-                self.commit()
+                try:
+                    if self.error is not None and not self._db.in_transaction:
+                        self._probe()
+                    self.commit()
+                except StoreFailure:
+                    pass  # its writers have it; the next write or probe tries again
+                # Reset only now: a failure during this commit must not wake us at once.
+                self._dirty = trio.Event()
         finally:
             self._flusher_running = False
-            self.commit()
+            with contextlib.suppress(StoreFailure):  # logged by _lose; nobody waits any more
+                self.commit()
+
+    def _probe(self) -> None:
+        """A write that needs room like a real one: `PROBE_BYTES` of fresh pages
+        (the row is replaced, never deleted, so its pages are written each time).
+        When it commits, writes of that size commit again."""
+        with self._tx(atomic=False) as db:
+            db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('store_probe', zeroblob(?))",
+                (PROBE_BYTES,),
+            )
 
     def _migrate(self) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -433,7 +604,7 @@ class Store:
                 if row is not None:
                     original = _row_to_message(row)
                     return Accepted(id=original.id, state="duplicate", message=original)
-            state: Literal["queued", "buffered"] = "queued" if registered else "buffered"
+            state = MessageState.QUEUED if registered else MessageState.BUFFERED
             message = self._insert(
                 db,
                 channel=inbound.channel,
@@ -494,72 +665,78 @@ class Store:
 
     def _evict_over_cap(self, db: sqlite3.Connection, channel: str, cap: int) -> None:
         (count,) = db.execute(
-            "SELECT COUNT(*) FROM messages WHERE channel = ? AND state = 'buffered'", (channel,)
+            f"SELECT COUNT(*) FROM messages WHERE channel = ? AND state IN {_BUFFERED}",
+            (channel,),
         ).fetchone()
         excess = count - cap
         if excess <= 0:
             return
+        ledger.check_message_move(MessageState.BUFFERED, MessageState.DROPPED)
         db.execute(
-            "UPDATE messages SET state = 'dropped', error = ? WHERE seq IN ("
-            "SELECT seq FROM messages WHERE channel = ? AND state = 'buffered' "
+            "UPDATE messages SET state = ?, error = ? WHERE seq IN ("
+            f"SELECT seq FROM messages WHERE channel = ? AND state IN {_BUFFERED} "
             "ORDER BY seq LIMIT ?)",
-            (f"buffer cap of {cap} messages exceeded", channel, excess),
+            (MessageState.DROPPED, f"buffer cap of {cap} messages exceeded", channel, excess),
         )
         log.warning(
             "buffer cap reached: oldest messages dropped",
             extra={"channel": channel, "dropped": excess, "cap": cap},
         )
+        if self.on_dropped is not None:
+            self.on_dropped(excess)
 
     def claim_open(self, channel: str) -> list[Message]:
         """Every open message of a channel, oldest first; `buffered` ones become `queued`.
 
         Called when an agent registers (R7 replay) and at start (R28 replay).
         """
+        ledger.check_message_move(MessageState.BUFFERED, MessageState.QUEUED)
         with self._tx() as db:
             db.execute(
-                "UPDATE messages SET state = 'queued' WHERE channel = ? AND state = 'buffered'",
-                (channel,),
+                f"UPDATE messages SET state = ? WHERE channel = ? AND state IN {_BUFFERED}",
+                (MessageState.QUEUED, channel),
             )
             rows = db.execute(
                 f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE channel = ? "
-                "AND state IN ('queued', 'working') ORDER BY seq",
+                f"AND state IN {_RUNNABLE} ORDER BY seq",
                 (channel,),
             ).fetchall()
         return [_row_to_message(row) for row in rows]
 
-    def release_open(self, channel: str) -> int:
-        """Deregister (R26): the channel's queued messages go back to `buffered`."""
+    def release_open(self, channel: str, *, buffer_cap: int) -> int:
+        """Deregister (R26): the channel's queued messages go back to `buffered`,
+        and the cap of R7 holds for them as for new ones (the oldest are `dropped`)."""
+        ledger.check_message_move(MessageState.QUEUED, MessageState.BUFFERED)
         with self._tx() as db:
-            return db.execute(
-                "UPDATE messages SET state = 'buffered' WHERE channel = ? AND state = 'queued'",
-                (channel,),
+            released = db.execute(
+                f"UPDATE messages SET state = ? WHERE channel = ? AND state IN {_QUEUED}",
+                (MessageState.BUFFERED, channel),
             ).rowcount
+            self._evict_over_cap(db, channel, buffer_cap)
+        return released
 
     # -- the turn (R12, R16, R17, R21, R26, R28) ----------------------------------
 
-    def start_turn(self, messages: Sequence[Message], thread: ThreadRecord) -> None:
+    def start_turn(self, messages: Sequence[Message], thread: ThreadRecord) -> list[Message]:
         """Mark the turn's messages `working` (one more attempt) and write the start record.
 
         A single-threaded agent's record is its conversation's: the first turn
-        links it to the agent, later turns upsert it.
+        links it to the agent, later turns upsert it. Returns the started messages.
         """
+        started = ledger.started(messages, thread.id)
         with self._tx() as db:
-            if thread.mode == "single-threaded":
+            if thread.mode == "single-threaded" and thread.turn_count == 0:  # not linked yet
                 db.execute(
                     "INSERT INTO sessions (agent, thread_id) VALUES (?, ?) "
                     "ON CONFLICT (agent) DO UPDATE SET thread_id = excluded.thread_id",
                     (thread.agent, thread.id),
                 )
-            for message in messages:
-                db.execute(
-                    "UPDATE messages SET state = 'working', attempts = attempts + 1, "
-                    "thread_id = ? WHERE id = ?",
-                    (thread.id, message.id),
-                )
-                message.state = "working"
-                message.attempts += 1
-                message.thread_id = thread.id
+            db.executemany(
+                "UPDATE messages SET state = ?, attempts = ?, thread_id = ? WHERE id = ?",
+                [(m.state, m.attempts, m.thread_id, m.id) for m in started],
+            )
             self._write_thread(db, thread)
+        return started
 
     def _write_thread(self, db: sqlite3.Connection, thread: ThreadRecord) -> None:
         db.execute(
@@ -596,53 +773,53 @@ class Store:
         reply: str,
         error: str | None,
         persist_session: bool,
-    ) -> Message | None:
+    ) -> tuple[list[Message], Message | None, ThreadRecord]:
         """The end of a turn in one transaction (R16/R17/R19).
 
         Counts the turn (once, here), ends the thread record, stores the reply
         (if non-empty) as an outbound message answering the first message, moves
-        the inbound messages to their terminal state, and persists the session the
-        backend echoed (single-threaded agents only).
+        the inbound messages to ``state``, and persists the session the backend
+        echoed (single-threaded agents only). Returns the new records.
         """
+        ended = replace(thread, turn_count=thread.turn_count + 1, ended_at=utc_now())
+        for message in messages:
+            ledger.check_message_move(message.state, state)
         with self._tx() as db:
-            if thread.mode == "single-threaded" and persist_session and thread.session:
+            if ended.mode == "single-threaded" and persist_session and ended.session:
                 db.execute(
                     "UPDATE sessions SET session_id = ? WHERE agent = ?",
-                    (thread.session, thread.agent),
+                    (ended.session, ended.agent),
                 )
-            thread.turn_count += 1
-            thread.ended_at = utc_now()
-            self._write_thread(db, thread)
+            self._write_thread(db, ended)
             outbound = None
             if reply:
                 outbound = self._insert(
                     db,
-                    channel=thread.channel,
+                    channel=ended.channel,
                     direction="out",
                     content=reply,
-                    state="done",
+                    state=MessageState.DONE,
                     metadata={},
                     in_reply_to=messages[0].id,
-                    thread_id=thread.id,
+                    thread_id=ended.id,
                 )
-            for message in messages:
-                message.state = state
-                message.error = error
-                message.reply_id = outbound.id if outbound else None
-                db.execute(
-                    "UPDATE messages SET state = ?, error = ?, reply_id = ? WHERE id = ?",
-                    (state, error, message.reply_id, message.id),
-                )
-        return outbound
+            reply_id = outbound.id if outbound else None
+            settled = [replace(m, state=state, error=error, reply_id=reply_id) for m in messages]
+            db.executemany(
+                "UPDATE messages SET state = ?, error = ?, reply_id = ? WHERE id = ?",
+                [(m.state, m.error, m.reply_id, m.id) for m in settled],
+            )
+        return settled, outbound, ended
 
-    def set_remote_id(self, message: Message, remote_id: str) -> None:
+    def set_remote_id(self, message: Message, remote_id: str) -> Message:
         """Where a mirror keeps this message (e.g. the vault note id), in its metadata."""
-        message.metadata["remote_id"] = remote_id
+        updated = replace(message, metadata={**message.metadata, "remote_id": remote_id})
         with self._tx(atomic=False) as db:
             db.execute(
                 "UPDATE messages SET metadata = ? WHERE id = ?",
-                (json.dumps(message.metadata), message.id),
+                (json.dumps(updated.metadata), updated.id),
             )
+        return updated
 
     def rewrite_thread(self, thread: ThreadRecord) -> None:
         """R21: rewrite the same turn's record; the turn count does not move."""
@@ -651,22 +828,21 @@ class Store:
 
     def set_state(
         self, messages: Sequence[Message], state: MessageState, error: str | None = None
-    ) -> None:
+    ) -> list[Message]:
+        """Move messages to ``state`` (each move checked by the ledger); the new records."""
+        moved = ledger.moved(messages, state, error)
         with self._tx() as db:
-            for message in messages:
-                message.state = state
-                message.error = error
-                db.execute(
-                    "UPDATE messages SET state = ?, error = ? WHERE id = ?",
-                    (state, error, message.id),
-                )
+            db.executemany(
+                "UPDATE messages SET state = ?, error = ? WHERE id = ?",
+                [(m.state, m.error, m.id) for m in moved],
+            )
+        return moved
 
-    def end_thread(self, thread: ThreadRecord, status: ThreadStatus, output: str) -> None:
+    def end_thread(self, thread: ThreadRecord, status: ThreadStatus, output: str) -> ThreadRecord:
         """End a record without counting a turn (a cancelled turn never completed)."""
-        thread.status = status
-        thread.output = output
-        thread.ended_at = utc_now()
-        self.rewrite_thread(thread)
+        ended = ledger.thread_moved(thread, status, output=output, ended_at=utc_now())
+        self.rewrite_thread(ended)
+        return ended
 
     # -- reading ------------------------------------------------------------------
 
@@ -722,7 +898,7 @@ class Store:
 
     def count_buffered(self) -> int:
         (count,) = self._db.execute(
-            "SELECT COUNT(*) FROM messages WHERE state = 'buffered'"
+            f"SELECT COUNT(*) FROM messages WHERE state IN {_BUFFERED}"
         ).fetchone()
         return int(count)
 

@@ -13,6 +13,13 @@ the channel has one: reply with retry (R20, R21 on final failure), thread
 record -> event `done` (R24) -> callback (R22, R22a).
 A failed turn: thread record `error` + failure reply + state in one
 transaction (R16) -> event `error` -> mirror -> callback.
+
+When the store loses a turn's writes (`flushed()` raises `StoreFailure`), the
+turn stops right there, with no further write or side effect: its messages
+stay as the store last had them (`queued`, or `working` with the attempt
+counted) and the channel task replays them once the store commits again, as a
+restart would (R28). A turn also never starts on messages read before a store
+failure (``epoch``): they may be rows that were rolled back.
 """
 
 from __future__ import annotations
@@ -26,21 +33,25 @@ from typing import Any, Literal
 
 import trio
 
-from .backends.base import Backend, BackendError, EventKind
+from . import ledger
+from .backends.base import Backend
+from .backends.base import EventKind as BackendEventKind
+from .errors import BackendError, DeliveryError, StoreFailure, unwrap
 from .events import TurnEvents
+from .ledger import CallbackStatus, MessageState, Outcome, ThreadStatus
 from .model import (
     Accepted,
     AgentSpec,
+    EventKind,
     Inbound,
     Message,
     ThreadRecord,
     TurnEvent,
-    TurnResult,
     TurnSession,
     new_id,
 )
 from .store import Store
-from .transports.base import DeliveryError, Mirror, with_retry
+from .transports.base import Mirror, with_retry
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +76,9 @@ def failure_reply_text(reason: str) -> str:
     )
 
 
-def callback_text(channel: str, status: Literal["ok", "error"]) -> str:
+def callback_text(channel: str, status: CallbackStatus) -> str:
     """R22: the brief notification; the sender pulls the full result from the metadata."""
-    verb = "finished (ok)" if status == "ok" else "finished with an error"
+    verb = "finished (ok)" if status is CallbackStatus.OK else "finished with an error"
     return (
         f"[callback] {channel} {verb} — see source_message / source_thread in this "
         "note's metadata to pull the full result."
@@ -98,10 +109,52 @@ def add_usage(total: dict[str, Any] | None, turn: dict[str, Any] | None) -> dict
 
 def describe(exc: BaseException) -> str:
     """R15: an exception as a readable reason (a lone exception in a group is unwrapped)."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
+    exc = unwrap(exc)
     text = str(exc)
     return text if text else type(exc).__name__
+
+
+def callbacks_for(
+    messages: Sequence[Message],
+    *,
+    channel: str,
+    thread_id: str,
+    status: CallbackStatus,
+    reply_id: str | None,
+    remote_id: str | None,
+    remote: Callable[[str], bool],
+) -> list[tuple[Inbound, bool]]:
+    """R22/R23: the callback each requesting channel gets, and whether it goes to
+    the mirror (R22a: a sender served there gets it only there, with the
+    mirror's id of the reply). Pure: the turn routes what this returns."""
+    out = []
+    for message in messages:
+        reply_to = message.reply_to
+        if reply_to is None:
+            continue
+        depth = message.delegation_depth
+        if depth >= MAX_DELEGATION_DEPTH:
+            log.warning(
+                "delegation depth limit reached: no callback delivered",
+                extra={"channel": channel, "reply_to": reply_to, "depth": depth},
+            )
+            continue
+        metadata: dict[str, Any] = {
+            "callback": "true",
+            "status": status.value,
+            "source_channel": channel,
+            "source_thread": thread_id,
+        }
+        via_mirror = remote(reply_to)
+        source_message = remote_id if via_mirror else reply_id
+        if source_message is not None:
+            metadata["source_message"] = source_message
+        if "correlation_id" in message.metadata:
+            metadata["correlation_id"] = message.metadata["correlation_id"]
+        metadata["delegation_depth"] = str(depth + 1)
+        text = callback_text(channel, status)
+        out.append((Inbound(channel=reply_to, content=text, metadata=metadata), via_mirror))
+    return out
 
 
 @dataclass(slots=True)
@@ -111,18 +164,30 @@ class TurnDeps:
     store: Store
     events: TurnEvents
     backends: Mapping[str, Backend]
-    submit: Callable[[Inbound], Accepted]
     mirror: Mirror | None = None
-    #: (outcome, seconds, messages): outcome is ok, error, timeout or cancelled.
-    on_finished: Callable[[str, float, int], None] | None = None
+    #: (outcome, the messages' final state, seconds, messages): outcome is ok,
+    #: error, timeout or cancelled.
+    on_finished: Callable[[str, MessageState, float, int], None] | None = None
     on_outbound_retry: Callable[[], None] | None = None
 
 
 class Turn:
     """One run of an agent's backend for one or more messages of its channel."""
 
-    def __init__(self, deps: TurnDeps, agent: AgentSpec, messages: Sequence[Message]) -> None:
+    def __init__(
+        self,
+        deps: TurnDeps,
+        agent: AgentSpec,
+        messages: Sequence[Message],
+        *,
+        epoch: int,
+        submit: Callable[[Inbound], Accepted],
+    ) -> None:
+        """``epoch``: `Store.failures` when ``messages`` were read from the store;
+        ``submit``: where callbacks to local channels go (the registry's)."""
         self.deps = deps
+        self.epoch = epoch
+        self.submit = submit
         self.agent = agent
         self.messages = list(messages)
         self.channel = agent.channel
@@ -131,6 +196,8 @@ class Turn:
         mirror = deps.mirror
         self.mirror = mirror if mirror is not None and mirror.serves(self.channel) else None
         self._scope = trio.CancelScope()
+        #: The session the local store held when the turn began (R18: unchanged, unwritten).
+        self._resumed: str | None = None
         self._ended = False
         self._timed_out = False
         self._started = time.monotonic()
@@ -148,16 +215,16 @@ class Turn:
             channel=self.channel,
             agent=agent.name,
             mode=agent.mode,
-            status="working",
+            status=ThreadStatus.WORKING,
             input=self.prompt,
             message_id=self.messages[0].id,
         )
         if previous is None:
             return fresh
-        return replace(
+        return ledger.thread_moved(
             previous,
+            ThreadStatus.WORKING,
             channel=self.channel,
-            status="working",
             input=self.prompt,
             output="",
             ended_at=None,
@@ -178,6 +245,17 @@ class Turn:
                         extra={"channel": self.channel, "message_id": self.messages[0].id},
                     )
                 raise
+            except StoreFailure as exc:
+                log.warning(
+                    "turn stopped: the store lost its writes; it runs again once the store "
+                    "commits again",
+                    extra={
+                        "channel": self.channel,
+                        "message_id": self.messages[0].id,
+                        "reason": exc.reason,
+                    },
+                )
+                raise
 
     def cancel(self, reason: str) -> None:
         """Stop this turn and record it `cancelled` with ``reason`` (R26, R9 interrupt).
@@ -189,22 +267,36 @@ class Turn:
         """
         if not self._ended:
             self._ended = True
-            self._guard("thread record", self.deps.store.end_thread, self.thread, "error", reason)
-            self.deps.store.set_state(self.messages, "cancelled", reason)
-            self._publish("error", {"error": reason})
-            self._callbacks("error", None, None)
-            self._finished("cancelled")
+            outcome = ledger.cancelled(reason)
+            store = self.deps.store
+            # Each write on its own (R25); a store failure leaves the messages
+            # `working`, and they replay (R28).
+            try:
+                self.thread = store.end_thread(self.thread, outcome.thread_status, outcome.output)
+            except Exception:
+                log.exception("thread record failed", extra={"channel": self.channel})
+            try:
+                self.messages = store.set_state(self.messages, outcome.state, outcome.error)
+            except Exception:
+                log.exception("message states failed", extra={"channel": self.channel})
+            self._announce(outcome)
+            self._call_back(outcome.callback, None, None)
+            self._finished(outcome)
         self._scope.cancel()
 
     # -- the pipeline -------------------------------------------------------------
 
     async def _run(self) -> None:
+        # Each ensure_unchanged is followed by start_turn with no checkpoint between,
+        # so no store failure can slip in after the check.
         if any(message.attempts >= MAX_ATTEMPTS for message in self.messages):
+            self.deps.store.ensure_unchanged(self.epoch)
             self.deps.store.start_turn([], self.thread)
-            await self._fail(RESTARTS_REASON, echoed_session=None)
+            await self._conclude(self._failed(RESTARTS_REASON, session=None))
             return
         session = await self._session()
-        self.deps.store.start_turn(self.messages, self.thread)
+        self.deps.store.ensure_unchanged(self.epoch)
+        self.messages = self.deps.store.start_turn(self.messages, self.thread)
         await self.deps.store.flushed()  # the attempt counts even if we crash mid-turn (R28)
         await self._mirror_thread("start")
         backend = self.deps.backends.get(self.agent.backend)
@@ -217,12 +309,19 @@ class Turn:
                 self._timed_out = True
                 raise BackendError(f"turn timed out after {self.agent.timeout_s} s")
         except BackendError as exc:
-            await self._fail(exc.reason, echoed_session=exc.session_id)
+            outcome = self._failed(exc.reason, session=exc.session_id)
         except Exception as exc:
             log.exception("backend raised", extra={"channel": self.channel})
-            await self._fail(describe(exc), echoed_session=None)
+            outcome = self._failed(describe(exc), session=None)
         else:
-            await self._succeed(result)
+            outcome = ledger.succeeded(result.reply, result.session_id, result.usage)
+        await self._conclude(outcome)
+
+    def _failed(self, reason: str, *, session: str | None) -> Outcome:
+        log.warning("turn failed", extra={"channel": self.channel, "reason": reason})
+        return ledger.failed(
+            reason, failure_reply_text(reason), session=session, timed_out=self._timed_out
+        )
 
     async def _session(self) -> TurnSession:
         """R11: resume the stored session (single-threaded), else a fresh uuid.
@@ -232,7 +331,7 @@ class Turn:
         thread note holds.
         """
         if self.agent.mode == "single-threaded":
-            stored = self.deps.store.get_session(self.agent.name)
+            stored = self._resumed = self.deps.store.get_session(self.agent.name)
             if not stored and self.mirror is not None:
                 try:
                     with trio.move_on_after(MIRROR_TIMEOUT_S):
@@ -245,109 +344,84 @@ class Turn:
                 return TurnSession(id=stored, resume=True)
         return TurnSession(id=str(uuid.uuid4()), resume=False)
 
-    async def _succeed(self, result: TurnResult) -> None:
-        thread = self.thread
-        thread.status, thread.output = "ok", result.reply
-        thread.usage = add_usage(thread.usage, result.usage)
-        thread.session = result.session_id or thread.session
-        reply = await self._end("done", result.reply, error=None, persist_session=True)
-        try:
-            remote_id = await self._mirror_reply(reply)
-        except DeliveryError as error:
-            await self._undelivered(reply, error)
-            return
-        await self._mirror_thread("end")
-        self._settle("done")
-        self._publish("done", {"reply": result.reply})
-        self._callbacks("ok", reply, remote_id)
-        self._finished("ok")
+    async def _conclude(self, outcome: Outcome) -> None:
+        """Carry out how the turn ended, in the spec's order (R16-R24).
 
-    async def _undelivered(self, reply: Message | None, error: DeliveryError) -> None:
-        """R21: produced but not delivered. Same turn, same record: no second count."""
-        log.error(
-            "reply produced but not delivered",
-            extra={"channel": self.channel, "error": str(error)},
+        Store first, in one transaction, durable before anyone is told (a
+        viewer never sees a reply a crash could undo); then the mirror (a
+        vault), the final event, the callbacks, the metrics. The only decision
+        left here is R21: a reply the mirror refused for good revises the
+        outcome (`ledger.undelivered`) — the same turn, the same record.
+        """
+        self._ended = True
+        thread = ledger.thread_moved(
+            self.thread,
+            outcome.thread_status,
+            output=outcome.output,
+            usage=add_usage(self.thread.usage, outcome.usage),
+            session=outcome.session or self.thread.session,
         )
-        thread = self.thread
-        thread.status = "error"
-        thread.output = (
-            f"reply produced but NOT delivered (outbound write failed: {error}). "
-            f"Undelivered reply text: {reply.content if reply else ''}"
+        # A mirrored channel's messages stay `working` until the reply has landed
+        # there too (below): `done` means delivered everywhere.
+        self.messages, reply, self.thread = self.deps.store.end_turn(
+            self.messages,
+            thread,
+            state=MessageState.WORKING if self.mirror is not None else outcome.state,
+            reply=outcome.reply,
+            error=outcome.error,
+            # R18: only an echoed session is kept, and only a new one needs writing.
+            persist_session=outcome.session is not None and outcome.session != self._resumed,
         )
-        self._guard("thread record", self.deps.store.rewrite_thread, thread)
-        self.deps.store.set_state(self.messages, "failed", f"outbound write failed: {error}")
+        await self.deps.store.flushed()
+        if outcome.announce_first:
+            self._announce(outcome)
+        remote_id, refused = await self._mirror_reply(reply, outcome)
+        if refused is not None:
+            outcome = ledger.undelivered(outcome, str(refused))
+            log.error(
+                "reply produced but not delivered",
+                extra={"channel": self.channel, "error": str(refused)},
+            )
+            self.thread = replace(self.thread, status=outcome.thread_status, output=outcome.output)
+            self._guard("thread record", self.deps.store.rewrite_thread, self.thread)
+            self.messages = self.deps.store.set_state(self.messages, outcome.state, outcome.error)
         await self._mirror_thread("end")
-        if error.transient and reply is not None and self.mirror is not None:
-            # The reply is safe in the local store; the outbox keeps trying to
-            # deliver it, and turns the records to ok when it lands.
-            self._guard("outbox", self.mirror.defer_reply, reply, thread)
-        self._publish("error", {"error": f"reply produced but not saved: {error}"})
-        self._callbacks("error", None, None)
-        self._finished("error")
+        if refused is not None:
+            if refused.transient and reply is not None and self.mirror is not None:
+                # The reply is safe in the local store; the outbox keeps trying to
+                # deliver it, and turns the records to ok when it lands.
+                self._guard("outbox", self.mirror.defer_reply, reply, self.thread)
+        elif self.mirror is not None:
+            self.messages = self.deps.store.set_state(self.messages, outcome.state, outcome.error)
+        if not outcome.announce_first:
+            self._announce(outcome)
+        delivered = reply if outcome.ok else None
+        self._call_back(outcome.callback, delivered, remote_id)
+        self._finished(outcome)
 
-    async def _fail(self, reason: str, *, echoed_session: str | None) -> None:
-        """R16: record, tell live viewers, post the failure reply, call back."""
-        log.warning("turn failed", extra={"channel": self.channel, "reason": reason})
-        thread = self.thread
-        thread.status, thread.output = "error", reason
-        thread.session = echoed_session or thread.session
-        reply = await self._end(
-            "failed",
-            failure_reply_text(reason),
-            error=reason,
-            persist_session=echoed_session is not None,
-        )
-        self._publish("error", {"error": reason})
+    async def _mirror_reply(
+        self, reply: Message | None, outcome: Outcome
+    ) -> tuple[str | None, DeliveryError | None]:
+        """R20: write the reply to the mirror (if any): (its id there, None), or,
+        for a successful turn's reply refused for good, (None, the error)."""
+        if self.mirror is None or reply is None:
+            return None, None
+        mirror, inbound = self.mirror, self.messages[0]
         try:
-            await self._mirror_reply(reply)
+            remote_id = await with_retry(
+                lambda: mirror.write_reply(reply, inbound),
+                channel=self.channel,
+                on_retry=self.deps.on_outbound_retry,
+            )
         except DeliveryError as error:
+            if outcome.ok:
+                return None, error
             log.error(
                 "failure reply not delivered", extra={"channel": self.channel, "error": str(error)}
             )
-        await self._mirror_thread("end")
-        self._settle("failed", reason)
-        self._callbacks("error", None, None)
-        self._finished("timeout" if self._timed_out else "error")
-
-    async def _end(
-        self,
-        state: Literal["done", "failed"],
-        reply: str,
-        *,
-        error: str | None,
-        persist_session: bool,
-    ) -> Message | None:
-        self._ended = True
-        # A mirrored channel's messages stay `working` until the reply has landed
-        # there too (`_settle`): `done` means delivered everywhere.
-        outbound = self.deps.store.end_turn(
-            self.messages,
-            self.thread,
-            state="working" if self.mirror is not None else state,
-            reply=reply,
-            error=error,
-            persist_session=persist_session,
-        )
-        # Durable before anyone is told: a viewer never sees a reply a crash could undo.
-        await self.deps.store.flushed()
-        return outbound
-
-    def _settle(self, state: Literal["done", "failed"], error: str | None = None) -> None:
-        if self.mirror is not None:
-            self.deps.store.set_state(self.messages, state, error)
-
-    async def _mirror_reply(self, reply: Message | None) -> str | None:
-        """R20: write the reply to the mirror (if any); its id there, or raise."""
-        if self.mirror is None or reply is None:
-            return None
-        mirror = self.mirror
-        remote_id = await with_retry(
-            lambda: mirror.write_reply(reply, self.messages[0]),
-            channel=self.channel,
-            on_retry=self.deps.on_outbound_retry,
-        )
+            return None, None
         self._guard("remote id", self.deps.store.set_remote_id, reply, remote_id)
-        return remote_id
+        return remote_id, None
 
     async def _mirror_thread(self, phase: Literal["start", "end"]) -> None:
         """The thread record, mirrored best-effort (R25): never retried, never fatal."""
@@ -362,71 +436,62 @@ class Turn:
                 extra={"channel": self.channel, "phase": phase, "error": describe(exc)},
             )
 
-    def _callbacks(
-        self, status: Literal["ok", "error"], reply: Message | None, remote_id: str | None
+    def _call_back(
+        self, status: CallbackStatus, reply: Message | None, remote_id: str | None
     ) -> None:
-        """R22/R23: tell each requesting channel that this turn ended.
-
-        A sender served by the mirror gets the callback only there (R22a), with
-        the mirror's id of the reply; a local sender gets it locally.
-        """
+        """R22/R22a: route each callback — the mirror's senders only there."""
         mirror = self.deps.mirror
-        for message in self.messages:
-            reply_to = message.reply_to
-            if reply_to is None:
-                continue
-            depth = message.delegation_depth
-            if depth >= MAX_DELEGATION_DEPTH:
-                log.warning(
-                    "delegation depth limit reached: no callback delivered",
-                    extra={"channel": self.channel, "reply_to": reply_to, "depth": depth},
-                )
-                continue
-            metadata: dict[str, Any] = {
-                "callback": "true",
-                "status": status,
-                "source_channel": self.channel,
-                "source_thread": self.thread.id,
-            }
-            remote = mirror is not None and mirror.serves(reply_to)
-            source_message = remote_id if remote else (reply.id if reply else None)
-            if source_message is not None:
-                metadata["source_message"] = source_message
-            if "correlation_id" in message.metadata:
-                metadata["correlation_id"] = message.metadata["correlation_id"]
-            metadata["delegation_depth"] = str(depth + 1)
-            inbound = Inbound(
-                channel=reply_to, content=callback_text(self.channel, status), metadata=metadata
-            )
+        serves = mirror.serves if mirror is not None else (lambda _: False)
+        for inbound, remote in callbacks_for(
+            self.messages,
+            channel=self.channel,
+            thread_id=self.thread.id,
+            status=status,
+            reply_id=reply.id if reply else None,
+            remote_id=remote_id,
+            remote=serves,
+        ):
             if remote and mirror is not None:
                 self._guard("callback", mirror.queue_callback, inbound)
             else:
-                self._guard("callback", self.deps.submit, inbound)
+                self._guard("callback", self.submit, inbound)
 
     # -- side effects that must never break the turn (R25) ------------------------
 
-    def _emit(self, kind: EventKind, data: dict[str, Any]) -> None:
-        self._publish(kind, data)
+    def _emit(self, kind: BackendEventKind, data: dict[str, Any]) -> None:
+        self._publish(EventKind(kind), data)
 
-    def _publish(
-        self, kind: Literal["init", "text", "tool", "done", "error"], data: dict[str, Any]
-    ) -> None:
+    def _announce(self, outcome: Outcome) -> None:
+        """R24: the turn's one final event."""
+        if outcome.event_ok:
+            self._publish(EventKind.DONE, {"reply": outcome.event_text})
+        else:
+            self._publish(EventKind.ERROR, {"error": outcome.event_text})
+
+    def _publish(self, kind: EventKind, data: dict[str, Any]) -> None:
         event = TurnEvent(kind=kind, message_id=self.messages[0].id, data=data)
         self._guard("turn event", self.deps.events.publish, self.channel, event)
 
-    def _finished(self, outcome: str) -> None:
+    def _finished(self, outcome: Outcome) -> None:
         elapsed = time.monotonic() - self._started
         log.info(
             "turn finished",
             extra={
                 "channel": self.channel,
                 "message_id": self.messages[0].id,
-                "outcome": outcome,
+                "outcome": outcome.metric,
                 "duration_ms": round(elapsed * 1000, 1),
             },
         )
         if self.deps.on_finished is not None:
-            self._guard("turn metrics", self.deps.on_finished, outcome, elapsed, len(self.messages))
+            self._guard(
+                "turn metrics",
+                self.deps.on_finished,
+                outcome.metric,
+                outcome.state,
+                elapsed,
+                len(self.messages),
+            )
 
     def _guard(self, what: str, fn: Callable[..., object], *args: Any) -> None:
         try:

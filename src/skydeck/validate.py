@@ -181,6 +181,37 @@ def _depth(value: object) -> int:
     raise BadRequest("delegation_depth must be a non-negative integer", field="delegation_depth")
 
 
+#: `POST /api/inbound/batch`: at most this many messages (and the 1 MiB body limit).
+MAX_BATCH = 1000
+
+
+def batch(body: dict[str, Any]) -> list[object]:
+    """The batch body's ``messages``: a non-empty list of at most `MAX_BATCH` items
+    (each is then checked on its own, so one bad item fails only itself)."""
+    unknown = sorted(set(body) - {"messages"})
+    if unknown:
+        raise BadRequest(f"unknown field {unknown[0]!r}", field=unknown[0])
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not 1 <= len(messages) <= MAX_BATCH:
+        raise BadRequest(
+            f"messages must be a list of 1 to {MAX_BATCH} inbound bodies", field="messages"
+        )
+    return messages
+
+
+def batch_item(item: object) -> Inbound:
+    """One message of a batch: a plain inbound body (a vault trigger is not one)."""
+    if not isinstance(item, dict):
+        raise BadRequest("each message must be a JSON object")
+    if "note" in item:
+        raise BadRequest(
+            "unknown field 'note' (vault triggers go to /api/vault/inbound)", field="note"
+        )
+    parsed = inbound(item)
+    assert parsed is not None  # only a vault note is ever ignored
+    return parsed
+
+
 def inbound(body: dict[str, Any], *, channel: str | None = None) -> Inbound | None:
     """A webhook body (plain or Parachute Vault trigger) as an `Inbound`.
 

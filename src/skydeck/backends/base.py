@@ -24,15 +24,6 @@ EventKind = Literal["init", "text", "tool"]
 Emit = Callable[[EventKind, dict[str, Any]], None]
 
 
-class BackendError(Exception):
-    """A failed turn. ``session_id`` is set when the backend saw one echoed before failing."""
-
-    def __init__(self, reason: str, *, session_id: str | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.session_id = session_id
-
-
 class Backend(Protocol):
     async def deliver(
         self, agent: AgentSpec, prompt: str, session: TurnSession, emit: Emit

@@ -41,9 +41,10 @@ from pathlib import Path
 
 import trio
 
+from ..errors import BackendError
 from ..model import AgentSpec, TurnResult, TurnSession
 from ..procs import ProcessRegistry
-from .base import BackendError, Emit
+from .base import Emit
 from .claude_stream import StreamOutcome, StreamParser
 from .claude_warm import WarmConfig, WarmPool, WarmSpec
 from .claude_warm_protocol import Fingerprint, Stopped, Surprise

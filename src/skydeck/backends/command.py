@@ -11,9 +11,10 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
+from ..errors import BackendError
 from ..model import AgentSpec, TurnResult, TurnSession
 from ..procs import ProcessRegistry
-from .base import BackendError, Emit
+from .base import Emit
 from .output import HeadBuffer, TailBuffer, cut_reply
 from .process import (
     STDERR_TAIL,

@@ -15,6 +15,7 @@ from typing import Literal, Protocol, TypeVar
 
 import trio
 
+from ..errors import DeliveryError
 from ..model import AgentSpec, Inbound, Message, ThreadRecord
 
 log = logging.getLogger(__name__)
@@ -23,17 +24,6 @@ OUTBOUND_MAX_RETRIES = 2
 OUTBOUND_BACKOFF_S = 0.25
 
 T = TypeVar("T")
-
-
-class DeliveryError(Exception):
-    def __init__(self, reason: str, *, status: int | None = None) -> None:
-        super().__init__(reason if status is None else f"{reason} ({status})")
-        self.status = status
-
-    @property
-    def transient(self) -> bool:
-        """No status (network error, timeout) or a 5xx may pass; a 4xx will not."""
-        return self.status is None or 500 <= self.status <= 599
 
 
 class Mirror(Protocol):

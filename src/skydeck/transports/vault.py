@@ -20,9 +20,10 @@ from urllib.parse import quote
 import httpx
 import trio
 
+from ..errors import DeliveryError, StoreFailure
+from ..ledger import MessageState, ThreadStatus, thread_moved
 from ..model import AgentSpec, Inbound, Message, ThreadRecord, utc_now
 from ..store import Store
-from .base import DeliveryError
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -241,20 +242,13 @@ class VaultMirror:
         backoff = 1.0
         while True:
             self._wake = trio.Event()
-            failed = False
-            for seq, kind, payload, _attempts in self.store.outbox_items():
-                try:
-                    await self._deliver(kind, payload)
-                except DeliveryError as exc:
-                    self.store.outbox_failed(seq, str(exc))
-                    if exc.transient:
-                        failed = True
-                        break  # the vault is down: keep the order, wait, try again
-                    log.error("vault refused an outbox item; dropped", extra={"kind": kind})
-                    self.store.outbox_done(seq)
-                    continue
-                self.store.outbox_done(seq)
-            await self.store.flushed()
+            try:
+                failed = await self._deliver_all()
+            except StoreFailure as exc:
+                # The store is failing: the items are still there (or back, if their
+                # removal was lost) and go again after the backoff, at least once.
+                log.warning("outbox paused: the store failed", extra={"reason": exc.reason})
+                failed = True
             if failed:
                 with trio.move_on_after(backoff):
                     await trio.sleep_forever()
@@ -262,6 +256,23 @@ class VaultMirror:
             else:
                 backoff = 1.0
                 await self._wake.wait()
+
+    async def _deliver_all(self) -> bool:
+        """Deliver the outbox in order; True if it stopped at a transient failure."""
+        for seq, kind, payload, _attempts in self.store.outbox_items():
+            try:
+                await self._deliver(kind, payload)
+            except DeliveryError as exc:
+                self.store.outbox_failed(seq, str(exc))
+                if exc.transient:
+                    await self.store.flushed()
+                    return True  # the vault is down: keep the order, wait, try again
+                log.error("vault refused an outbox item; dropped", extra={"kind": kind})
+                self.store.outbox_done(seq)
+                continue
+            self.store.outbox_done(seq)
+        await self.store.flushed()
+        return False
 
     async def _deliver(self, kind: str, payload: dict[str, Any]) -> None:
         if kind == "callback":
@@ -304,11 +315,11 @@ class VaultMirror:
             return
         remote_id = await self.write_reply(reply, inbound)
         self.store.set_remote_id(reply, remote_id)
-        self.store.set_state(self.store.answered_by(reply.id), "done")
+        self.store.set_state(self.store.answered_by(reply.id), MessageState.DONE)
         # A single-threaded conversation's record may show a later turn by now:
         # only a record still showing this turn is flipped back to ok.
         if thread.message_id == inbound.id:
-            thread.status, thread.output = "ok", reply.content
+            thread = thread_moved(thread, ThreadStatus.OK, output=reply.content)
             self.store.rewrite_thread(thread)
             try:
                 await self.write_thread(thread, "end", inbound)
