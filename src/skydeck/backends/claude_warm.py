@@ -297,6 +297,10 @@ class WarmPool:
         assert proc.lock.locked() and proc.process is not None
         stdin = proc.process.stdin
         assert stdin is not None
+        if proc.protocol.broken is not None:
+            # It spoke before it was spoken to (a line, stderr, an exit): before init.
+            await proc.gone.wait()
+            return proc.protocol.broken
         line = proc.protocol.start_turn(prompt, max_reply_bytes=max_reply_bytes)
         proc.begin(emit)
         try:
