@@ -60,6 +60,7 @@ test: lint typecheck pytest
 bench: $(STAMP) $(CLAUDE)
 	$(BIN)/python bench/queue_throughput.py
 	$(BIN)/python bench/turn_overhead.py
+	$(BIN)/python bench/warm_turns.py
 	$(BIN)/python bench/http_ingest.py
 	$(BIN)/python bench/scheduler.py
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,8 @@ class Step:
     error_type: str = "api_error"
     message: str = "Internal server error"
     stall: bool = False
+    #: A releasable stall: the answer waits until the test sets this event.
+    hold: trio.Event | None = None
 
 
 @dataclass
@@ -35,6 +37,8 @@ class FakeAnthropic:
     side_requests: int = 0
     default_text: str = "Hello from fake API."
     url: str = ""
+    #: Called with each real request's body as it arrives (a test's probe).
+    on_request: Callable[[dict[str, Any]], None] | None = None
 
     def script(self, *steps: Step) -> None:
         self.steps.extend(steps)
@@ -85,9 +89,13 @@ class FakeAnthropic:
                 return self._answer(body, Step(text='{"title": "Fake title"}'))
             self.requests.append(body)
             self.headers.append({k.lower(): v for k, v in request.headers.items()})
+            if self.on_request is not None:
+                self.on_request(body)
             step = self.steps.popleft() if self.steps else Step(text=self.default_text)
             if step.stall:
                 await trio.sleep_forever()
+            if step.hold is not None:
+                await step.hold.wait()
             if step.status is not None:
                 error = {
                     "type": "error",

@@ -1,82 +1,38 @@
 """The claude backend with the real Claude Code CLI (the pinned npm package that
-`make test` installs) against a fake Anthropic API on loopback (R11-R18, R30, R33, R14)."""
+`make test` installs) against a fake Anthropic API on loopback (R11-R18, R30, R33, R14).
+
+Every test runs twice: with warm mode on (the default, a long-lived CLI per
+single-threaded agent) and with ``SKYDECK_CLAUDE_WARM=off`` (a process per turn)."""
 
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pytest
 import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve
 
+from claude_rig import API_KEY, DAEMON_SECRET, Rig, claude_processes, claude_rig
 from fake_anthropic import FakeAnthropic, Step
-from helpers import make_store, post, reply_of, running_registry, settle
-from skydeck.backends.claude import ClaudeBackend, find_claude
-from skydeck.model import AgentSpec, TurnEvent
-from skydeck.registry import Registry
-from skydeck.store import Store
+from helpers import post, reply_of, settle
+from skydeck.backends.claude_warm import WarmConfig
+from skydeck.model import TurnEvent
 from skydeck.turn import failure_reply_text
 
-DAEMON_SECRET = "daemon-secret-7f3a"
 # Turn timeouts in the stall tests leave the CLI (0.5 s to start, more on a busy
 # box) ample time to reach the fake API before the turn is cut.
-API_KEY = "sk-ant-fake-key"
 
 
-@dataclass
-class Rig:
-    api: FakeAnthropic
-    store: Store
-    registry: Registry
-    workspaces: Path
-
-    def add(self, name: str, **kwargs: object) -> AgentSpec:
-        spec = AgentSpec(name=name, channel=name, backend="claude", **kwargs)  # type: ignore[arg-type]
-        return self.registry.create(spec)
-
-    async def turn(self, channel: str, prompt: str, timeout: float = 60):  # type: ignore[no-untyped-def]
-        (message,) = await settle(self.store, [post(self.registry, channel, prompt)], timeout)
-        return message
-
-
-@pytest.fixture
-async def rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Rig]:
-    executable = find_claude()
-    assert executable is not None, "the pinned claude CLI is missing: `make test` installs it"
-    api = FakeAnthropic()
-    config = Config()
-    config.bind = ["127.0.0.1:0"]
-    config.accesslog = None
-    async with trio.open_nursery() as nursery:
-        (url,) = await nursery.start(serve, api.app(), config)
-        api.url = url
-        monkeypatch.setenv("ANTHROPIC_BASE_URL", url)
-        monkeypatch.setenv("ANTHROPIC_API_KEY", API_KEY)
-        monkeypatch.setenv("SKYDECK_TOKEN", DAEMON_SECRET)
-        monkeypatch.setenv("SKYDECK_JWT_SECRET", DAEMON_SECRET)
-        store = make_store(tmp_path)
-        workspaces = tmp_path / "workspaces"
-        backend = ClaudeBackend(executable, workspaces, retry_delays=(0.2, 0.4))
-        async with running_registry(store, backends={"claude": backend}) as registry:
-            yield Rig(api, store, registry, workspaces)
-        nursery.cancel_scope.cancel()
-
-
-def claude_processes(workspace: Path) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cwd", "name"]):
-        try:
-            if proc.info["cwd"] and Path(proc.info["cwd"]) == workspace:
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
+@pytest.fixture(params=["on", "off"], ids=["warm", "cold"])
+async def rig(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Rig]:
+    monkeypatch.setenv("SKYDECK_CLAUDE_WARM", request.param)
+    async with claude_rig(tmp_path, monkeypatch, WarmConfig.from_env(os.environ)) as rig:
+        yield rig
 
 
 async def test_r11_new_session_then_resume_carries_history(rig: Rig) -> None:

@@ -25,6 +25,7 @@ async def wait_done(client: httpx.AsyncClient, message_id: str) -> dict[str, Any
 async def test_post_then_read_the_reply_over_real_http(daemon: Daemon) -> None:
     client = daemon.client
     health = (await client.get("/health")).json()
+    assert health.pop("claude_warm")["processes"] == [], "no warm claude process yet"
     assert health == {
         "status": "ok",
         "store": "ok",

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from skydeck.backends.claude_warm import WarmConfig
 from skydeck.service import KEEPALIVE_S, ConfigError, Settings
 
 
@@ -37,3 +38,11 @@ def test_defaults_are_the_dataclass_defaults() -> None:
 def test_a_bad_number_is_one_sentence() -> None:
     with pytest.raises(ConfigError, match="port must be a number, not 'eighty'"):
         Settings.from_env({"SKYDECK_PORT": "eighty"})
+
+
+def test_w9_w10_warm_claude_settings_come_from_the_environment() -> None:
+    env = {"SKYDECK_CLAUDE_WARM_MAX": "2", "SKYDECK_CLAUDE_WARM_IDLE_S": "30"}
+    assert Settings.from_env(env).claude_warm == WarmConfig(max_processes=2, idle_s=30)
+    assert not Settings.from_env({"SKYDECK_CLAUDE_WARM": "off"}).claude_warm.active
+    with pytest.raises(ConfigError, match="SKYDECK_CLAUDE_WARM must be on or off, not 'maybe'"):
+        Settings.from_env({"SKYDECK_CLAUDE_WARM": "maybe"})

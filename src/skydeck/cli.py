@@ -409,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.epilog = (
         f"{serve.epilog}\n\n"
         "set in the environment only: SKYDECK_JWT_SECRET (HS256 JWTs), SKYDECK_JWKS_URL and\n"
-        "SKYDECK_JWT_ISSUER (Parachute hub tokens), SKYDECK_CLAUDE_BIN, SKYDECK_LOG_LEVEL"
+        "SKYDECK_JWT_ISSUER (Parachute hub tokens), SKYDECK_CLAUDE_BIN, SKYDECK_LOG_LEVEL,\n"
+        "SKYDECK_CLAUDE_WARM (on/off), SKYDECK_CLAUDE_WARM_MAX, SKYDECK_CLAUDE_WARM_IDLE_S"
     )
     serve.add_argument("--host", help="bind address (default 127.0.0.1, env SKYDECK_HOST)")
     serve.add_argument("--port", type=int, help="port (default 1941, env SKYDECK_PORT or PORT)")

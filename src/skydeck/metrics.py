@@ -75,10 +75,30 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.claude_warm_spawns = Counter(
+            "skydeck_claude_warm_spawns",
+            "Warm claude processes started, by why the agent needed a new one (W2-W14)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.claude_cold_fallbacks = Counter(
+            "skydeck_claude_cold_fallbacks",
+            "Single-threaded claude turn attempts run cold, by reason (W6, W10)",
+            ["reason"],
+            registry=self.registry,
+        )
 
     def watch_queues(self, depths: Callable[[], Iterable[tuple[str, int]]]) -> None:
         """Queue depth per agent, read from the registry at each scrape."""
         self.registry.register(_QueueCollector(depths))
+
+    def watch_claude_warm(self, count: Callable[[], int]) -> None:
+        gauge = Gauge(
+            "skydeck_claude_warm_processes",
+            "Warm claude processes alive (closing ones included)",
+            registry=self.registry,
+        )
+        gauge.set_function(count)
 
     def watch_outbox(self, pending: Callable[[], int]) -> None:
         gauge = Gauge(

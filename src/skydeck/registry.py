@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from .backends.base import release_agent
 from .errors import Conflict, NotFound, StoreFailure, Unavailable
 from .events import TurnEvents
 from .ledger import AgentStatus, MessageState
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 DEFAULT_BUFFER_CAP = 1000
 DEFAULT_MAX_TURNS = 4
 REMOVED_REASON = "agent removed"
+RESET_REASON = "the conversation was reset"
 INTERRUPTED_REASON = "interrupted by a newer message"
 
 
@@ -182,6 +184,7 @@ class Registry:
         """R27: the next turn of a single-threaded agent starts a fresh conversation."""
         agent = self.get(name)
         self.store.clear_session(name)
+        release_agent(self.deps.backends, name, RESET_REASON)  # W13
         mirror = self.deps.mirror
         if mirror is not None and mirror.serves(agent.channel):
             mirror.clear_session(agent)
@@ -297,6 +300,7 @@ class Registry:
             task.turn.cancel(REMOVED_REASON)
         task.scope.cancel()
         task.send.close()
+        release_agent(self.deps.backends, name, REMOVED_REASON)  # W15
         released = self.store.release_open(task.agent.channel, buffer_cap=self.buffer_cap)
         log.info(
             "agent deregistered",

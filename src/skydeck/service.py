@@ -1,6 +1,7 @@
 """Wires the store, the registry and the HTTP app into one Trio nursery.
 
     Service.run
+    ├── WarmPool.run           (warm claude processes, W2; closed after the registry, W16)
     ├── Registry.serve         (a task per registered channel, the store flusher)
     ├── Scheduler.run          (cron jobs: sleeps until the next due slot)
     ├── VaultMirror.run_outbox, VaultSync.run   (with --vault-url)
@@ -39,6 +40,7 @@ from .auth import JWKS_REFRESH_S, JWKS_TTL_S, Auth, HubKeys
 from .backends import CommandBackend, EchoBackend
 from .backends.base import Backend
 from .backends.claude import ClaudeBackend, find_claude, has_credentials
+from .backends.claude_warm import WarmConfig
 from .definitions import VaultSync
 from .errors import StoreFailure, unwrap
 from .events import TurnEvents
@@ -176,6 +178,8 @@ class Settings:
     allowed_origins: tuple[str, ...] = ()
     keepalive_s: float = KEEPALIVE_S
     body_timeout_s: float = BODY_TIMEOUT_S
+    #: Warm claude processes (SKYDECK_CLAUDE_WARM, _MAX, _IDLE_S).
+    claude_warm: WarmConfig = field(default_factory=WarmConfig)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **flags: Any) -> Settings:
@@ -190,6 +194,11 @@ class Settings:
             if raw is None:
                 continue
             values[spec.name] = _parse_setting(spec.name, spec.type, raw)
+        if "claude_warm" not in values:
+            try:
+                values["claude_warm"] = WarmConfig.from_env(env)  # its three variables
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         return cls(**values)
 
     def origin_policy(self) -> OriginPolicy:
@@ -252,15 +261,21 @@ class Service:
         workspaces = settings.data_dir / "workspaces"
         self.claude_bin = find_claude()
         self.processes = ProcessRegistry(self.store)
+        self.claude = ClaudeBackend(
+            self.claude_bin,
+            workspaces,
+            on_retry=self.metrics.backend_retries.inc,
+            processes=self.processes,
+            warm=settings.claude_warm,
+            on_warm_spawn=lambda reason: self.metrics.claude_warm_spawns.labels(reason).inc(),
+            on_cold_fallback=lambda reason: self.metrics.claude_cold_fallbacks.labels(reason).inc(),
+        )
+        self.warm = self.claude.pool
+        self.metrics.watch_claude_warm(lambda: self.warm.count if self.warm else 0)
         backends: dict[str, Backend] = {
             "echo": EchoBackend(),
             "command": CommandBackend(workspaces, self.processes),
-            "claude": ClaudeBackend(
-                self.claude_bin,
-                workspaces,
-                on_retry=self.metrics.backend_retries.inc,
-                processes=self.processes,
-            ),
+            "claude": self.claude,
         }
         self.vault: VaultMirror | None = None
         if settings.vault_url:
@@ -344,6 +359,8 @@ class Service:
             # Before any message replays: a killed daemon's turns may still be running.
             await self.processes.kill_leftovers()
             async with trio.open_nursery() as nursery:
+                if self.warm is not None:
+                    await nursery.start(self.warm.run)
                 registry_scope = trio.CancelScope()
 
                 async def run_registry(task_status: TaskStatus[None]) -> None:
@@ -380,21 +397,29 @@ class Service:
                 # only then does the HTTP server stop listening.
                 await self.registry.drain(self.settings.grace_s)
                 registry_scope.cancel()
+                if self.warm is not None:
+                    await self.warm.close()  # W16: no warm process outlives the daemon
                 self._http_done.set()
         finally:
             self.store.close()
             self._lock.close()
 
     def _health_extra(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {
+            "claude_warm": self.warm.health()
+            if self.warm is not None
+            else {"max": 0, "idle_timeout_s": self.settings.claude_warm.idle_s, "processes": []}
+        }
         if self.vault is None or self.sync is None:
-            return {}
+            return extra
         return {
+            **extra,
             "vault": {
                 "url": self.vault.client.base_url,
                 "outbox": self.vault.pending(),
                 "definitions": len(self.vault.definitions),
                 "problems": self.sync.health(),
-            }
+            },
         }
 
     @property

@@ -1,4 +1,5 @@
-"""R30: the real Claude Code CLI, one ``claude -p`` process per turn.
+"""R30: the real Claude Code CLI: a warm process per single-threaded agent, else
+one ``claude -p`` process per turn.
 
 The CLI's wire facts (flags, stream lines, error shapes) are in
 ``shared/spec/claude-cli.md``; `claude_stream` parses the stream, this module
@@ -15,6 +16,15 @@ runs processes and decides what a failure means:
 Stopping a turn (timeout, deregister, interrupt, shutdown) is cancellation:
 the process tree is stopped by `open_group_process`, and nothing is retried,
 because no return code is ever looked at.
+
+Warm mode (`claude_warm`, ``shared/spec/claude-warm.md``): a single-threaded
+agent's turn leases the agent's long-lived process from the `WarmPool` and
+writes one stdin line; the result is judged exactly as a cold one (W5), and an
+R33 retry writes the same line to the same process. Any protocol surprise
+drops the process; before the turn's ``system/init`` the turn then runs cold
+as if nothing happened, after it the cold rules apply and the rest of the turn
+runs cold (W6). A multi-threaded agent, or a turn the pool cannot take (cap
+reached with every process busy), runs cold.
 """
 
 from __future__ import annotations
@@ -24,7 +34,8 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -35,6 +46,8 @@ from ..model import AgentSpec, TurnResult, TurnSession
 from ..procs import ProcessRegistry
 from .base import Emit
 from .claude_stream import StreamOutcome, StreamParser
+from .claude_warm import WarmConfig, WarmPool, WarmSpec
+from .claude_warm_protocol import Fingerprint, Stopped, Surprise
 from .output import Overlong, TailBuffer
 from .process import (
     STDERR_TAIL,
@@ -91,6 +104,17 @@ class _ResumeNotFound(Exception):
     pass
 
 
+class _RunCold(Exception):
+    """W6: a surprise before the turn's init; the turn runs cold, no R33 attempt counted."""
+
+
+@dataclass(slots=True)
+class _Plan:
+    """How the rest of one turn runs: warm until a surprise says otherwise (W6)."""
+
+    warm: bool
+
+
 class ClaudeBackend:
     def __init__(
         self,
@@ -100,12 +124,26 @@ class ClaudeBackend:
         retry_delays: Sequence[float] = RETRY_DELAYS_S,
         on_retry: Callable[[], None] | None = None,
         processes: ProcessRegistry | None = None,
+        warm: WarmConfig | None = None,
+        on_warm_spawn: Callable[[str], None] | None = None,
+        on_cold_fallback: Callable[[str], None] | None = None,
     ) -> None:
         self.executable = executable
         self.workspaces = workspaces
         self.processes = processes
         self.retry_delays = tuple(retry_delays)
         self.on_retry = on_retry
+        #: Runs in the service nursery (`Service.run`); None when warm mode is off.
+        self.pool: WarmPool | None = None
+        if warm is not None and warm.active and executable is not None:
+            self.pool = WarmPool(
+                warm, processes=processes, on_spawn=on_warm_spawn, on_fallback=on_cold_fallback
+            )
+
+    def release(self, agent_name: str, reason: str) -> None:
+        """W13/W15: the registry reset, removed or moved the agent; its process goes."""
+        if self.pool is not None:
+            self.pool.release(agent_name, reason)
 
     async def deliver(
         self, agent: AgentSpec, prompt: str, session: TurnSession, emit: Emit
@@ -115,10 +153,18 @@ class ClaudeBackend:
                 "no claude executable found: run `make test` (installs the pinned CLI) "
                 "or set SKYDECK_CLAUDE_BIN"
             )
+        plan = _Plan(warm=self.pool is not None and agent.mode == "single-threaded")
+        if self.pool is not None and not plan.warm:
+            self.pool.release(agent.name, "the agent is multi-threaded")  # W1
         delays = iter(self.retry_delays)
         healed = False
         while True:
             try:
+                if plan.warm:
+                    try:
+                        return await self._warm_attempt(agent, prompt, session, emit, plan)
+                    except _RunCold:
+                        continue
                 return await self._attempt(agent, prompt, session, emit)
             except _ResumeNotFound:
                 if healed:
@@ -147,6 +193,12 @@ class ClaudeBackend:
                 await trio.sleep(delay)
 
     def argv(self, agent: AgentSpec, prompt: str, session: TurnSession) -> list[str]:
+        """A cold turn's argv: R30, the session flag, ``--`` and the prompt."""
+        flag = "--resume" if session.resume else "--session-id"
+        return [*self.base_argv(agent), flag, session.id, "--", prompt]
+
+    def base_argv(self, agent: AgentSpec) -> list[str]:
+        """R30's argv without the session and the prompt."""
         assert self.executable is not None
         argv = [
             self.executable,
@@ -164,8 +216,17 @@ class ClaudeBackend:
             argv += ["--model", agent.model]
         if agent.system_prompt:
             argv += ["--system-prompt", agent.system_prompt]
-        argv += ["--resume" if session.resume else "--session-id", session.id]
-        return [*argv, "--", prompt]
+        return argv
+
+    def warm_spec(self, agent: AgentSpec, session: TurnSession) -> WarmSpec:
+        """W2/W11: the warm argv (claude-warm.md §1) and its fingerprint, for this turn."""
+        assert self.executable is not None
+        home = workspace_for(self.workspaces, agent)
+        argv = [*self.base_argv(agent), "--input-format", "stream-json"]
+        env = self.env(agent, home)
+        stat = _stat(self.executable, env)
+        fingerprint = Fingerprint.of(self.executable, stat, argv, env, str(home))
+        return WarmSpec(agent, argv, env, home, session, fingerprint)
 
     def env(self, agent: AgentSpec, home: Path) -> dict[str, str]:
         defaults = {
@@ -178,6 +239,33 @@ class ClaudeBackend:
             # each agent runs in its own workspace with a minimal environment.
             defaults["IS_SANDBOX"] = "1"
         return minimal_env(agent, home, passthrough=CREDENTIAL_KEYS, defaults=defaults)
+
+    async def _warm_attempt(
+        self, agent: AgentSpec, prompt: str, session: TurnSession, emit: Emit, plan: _Plan
+    ) -> TurnResult:
+        """One attempt on the agent's warm process (W3-W6), or cold if the pool says so."""
+        pool = self.pool
+        assert pool is not None
+        async with pool.lease(self.warm_spec(agent, session)) as proc:
+            if proc is None:
+                return await self._attempt(agent, prompt, session, emit)
+            verdict = await pool.turn(proc, prompt, emit, max_reply_bytes=agent.max_reply_bytes)
+            if isinstance(verdict, Stopped):
+                raise BackendError(verdict.reason)
+            if isinstance(verdict, Surprise):
+                plan.warm = False
+                if verdict.before_init:
+                    pool.fallback("surprise")
+                    raise _RunCold()
+                outcome = verdict.outcome or StreamOutcome()
+                if verdict.returncode is not None:
+                    # It exited on its own: judged as a cold process would be.
+                    return self._judge(outcome, verdict.returncode, "", session)
+                raise _Retry(f"the warm claude process {verdict.reason}", outcome)
+            outcome = verdict.outcome
+            if outcome.api_status in (401, 403):
+                pool.close_after_turn(proc, "auth")  # W5: the next spawn reads them again
+            return replace(self._judge(outcome, 0, "", session), usage=verdict.usage)
 
     async def _attempt(
         self, agent: AgentSpec, prompt: str, session: TurnSession, emit: Emit
@@ -231,3 +319,12 @@ class ClaudeBackend:
             stderr.strip() or f"claude {describe_exit(returncode)} without a result",
             session_id=outcome.session_id,
         )
+
+
+def _stat(executable: str, env: Mapping[str, str]) -> os.stat_result | None:
+    """The binary on disk (W11: a new CLI from `make claude` restarts warm processes)."""
+    path = executable if "/" in executable else shutil.which(executable, path=env.get("PATH"))
+    try:
+        return os.stat(path) if path else None
+    except OSError:
+        return None

@@ -137,6 +137,10 @@ class StreamParser:
             return self._skip("not JSON", text)
         if not isinstance(message, dict):
             return self._skip("not an object", text)
+        return self.feed_message(message)
+
+    def feed_message(self, message: dict[str, Any]) -> list[tuple[EventKind, dict[str, Any]]]:
+        """One stdout line already parsed (the warm protocol parses it to judge it first)."""
         session = message.get("session_id")
         if isinstance(session, str) and session and self.outcome.session_id is None:
             self.outcome.session_id = session
