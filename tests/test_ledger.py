@@ -100,9 +100,13 @@ def test_a_terminal_message_never_moves_again() -> None:
 #: keys (`{"ok": false, "error": ...}`); `working` is in, through the other two.
 STATE_WORDS = {s.value for vocabulary in (MessageState, AgentStatus) for s in vocabulary}
 SQL_QUOTED = re.compile(r"'([a-z]+)'")
-#: Another vocabulary that shares spellings (the event kinds `queued` and `done`),
-#: defined once, as an enum of its own.
-OTHER_VOCABULARIES = {("model.py", "EventKind")}
+#: Other vocabularies that share spellings (the event kinds `queued` and `done`, a
+#: warm process that is `idle`), each defined once, as an enum of its own.
+OTHER_VOCABULARIES = {
+    ("model.py", "EventKind"),
+    ("backends/claude_warm.py", "WarmState"),
+    ("backends/claude_warm.py", "Ending"),
+}
 
 
 def literals_outside_the_ledger(root: Path) -> list[str]:

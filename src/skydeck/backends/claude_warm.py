@@ -37,6 +37,7 @@ import math
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +64,28 @@ if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
 log = logging.getLogger(__name__)
+
+
+class WarmState(StrEnum):
+    """What a warm process is doing (`/health`)."""
+
+    BUSY = "busy"
+    IDLE = "idle"
+    CLOSING = "closing"
+
+
+class Ending(StrEnum):
+    """Why the pool closed a warm process (logs, the next spawn's reason); a
+    definition or session mismatch, or an auth failure, names its own."""
+
+    SHUTDOWN = "shutdown"
+    RELEASED = "released"
+    STOPPED = "stopped"
+    SURPRISE = "surprise"
+    RECYCLED = "recycled"
+    EVICTED = "evicted"
+    IDLE = "idle"
+
 
 DEFAULT_WARM_MAX = 4
 DEFAULT_WARM_IDLE_S = 600.0
@@ -241,7 +264,7 @@ class WarmPool:
         each gets `CLOSE_WAIT_S`, then its group is stopped. Returns when none is left."""
         self._closing = True
         for proc in list(self._by_agent.values()):
-            self._stop(proc, "shutdown", kill=proc.lock.locked())
+            self._stop(proc, Ending.SHUTDOWN, kill=proc.lock.locked())
         while self._by_agent:
             await next(iter(self._by_agent.values())).gone.wait()
         self._closed.set()
@@ -252,7 +275,7 @@ class WarmPool:
         ``reason`` unless it is being cancelled anyway)."""
         proc = self._by_agent.get(agent_name)
         if proc is not None:
-            self._stop(proc, "released", kill=proc.lock.locked(), detail=reason)
+            self._stop(proc, Ending.RELEASED, kill=proc.lock.locked(), detail=reason)
 
     def health(self) -> dict[str, Any]:
         """For /health: each process with its agent, pid, turns, RSS and idle seconds."""
@@ -265,7 +288,11 @@ class WarmPool:
                 {
                     "agent": name,
                     "pid": pid,
-                    "state": "closing" if proc.closing else "busy" if busy else "idle",
+                    "state": WarmState.CLOSING
+                    if proc.closing
+                    else WarmState.BUSY
+                    if busy
+                    else WarmState.IDLE,
                     "turns": proc.protocol.turns,
                     "rss_bytes": rss_bytes(pid),
                     "idle_s": None if busy else round(now - proc.last_used, 1),
@@ -316,7 +343,7 @@ class WarmPool:
         except BaseException:
             if proc.verdict is None:
                 # W7/W8: the turn was stopped (timeout, interrupt, removal): so is the process.
-                self._stop(proc, "stopped", kill=True)
+                self._stop(proc, Ending.STOPPED, kill=True)
                 with trio.CancelScope(shield=True):
                     await proc.gone.wait()
             raise
@@ -349,7 +376,7 @@ class WarmPool:
                 if proc is None:
                     self.fallback("surprise_limit")
                     return None
-                self._stop(proc, "surprise")  # killed already; W12: cold only once it is gone
+                self._stop(proc, Ending.SURPRISE)  # killed already; W12: cold only once it is gone
                 await proc.gone.wait()
                 continue
             if proc is not None:
@@ -377,7 +404,9 @@ class WarmPool:
                 if victim is None:
                     self.fallback("cap")  # W10: every process is busy; no waiting
                     return None
-                self._stop(victim, "evicted", detail=f"cap of {self.config.max_processes} reached")
+                self._stop(
+                    victim, Ending.EVICTED, detail=f"cap of {self.config.max_processes} reached"
+                )
                 await victim.gone.wait()
                 continue
             return await self._spawn(spec)
@@ -423,7 +452,7 @@ class WarmPool:
                 max_rss_bytes=self.recycle_rss_bytes,
             )
             if why is not None:
-                self._stop(proc, "recycled", detail=why)
+                self._stop(proc, Ending.RECYCLED, detail=why)
             else:
                 proc.set_idle_deadline(proc.last_used + self.config.idle_s)
         proc.lock.release()
@@ -458,7 +487,7 @@ class WarmPool:
                 "agent stays cold until the daemon restarts: too many warm surprises",
                 extra={"agent": proc.agent, "limit": self.surprises.limit},
             )
-        self._stop(proc, "surprise", kill=True, detail=surprise.reason)
+        self._stop(proc, Ending.SURPRISE, kill=True, detail=surprise.reason)
         proc.finish(surprise)
 
     async def _serve(self, proc: WarmProcess, *, task_status: TaskStatus[None]) -> None:
@@ -544,7 +573,7 @@ class WarmPool:
                 proc.idle_scope = scope
                 await trio.sleep_forever()
             if proc.evictable and trio.current_time() >= proc.idle_deadline:
-                self._stop(proc, "idle", detail=f"idle for {self.config.idle_s:g} s")
+                self._stop(proc, Ending.IDLE, detail=f"idle for {self.config.idle_s:g} s")
 
     async def _closer(self, proc: WarmProcess, process: trio.Process) -> None:
         await proc.close_asked.wait()
