@@ -141,3 +141,16 @@ def test_tokens_never_reach_the_logs(tmp_path: Path, caplog: pytest.LogCaptureFi
     caplog.set_level("DEBUG")
     trio.run(main)
     assert TOKEN not in caplog.text and SECRET not in caplog.text
+
+
+def test_scopes_follow_the_route_not_the_path_text() -> None:
+    """A job named `run` or `reset` is an ordinary job (review finding)."""
+    from skydeck.auth import scope_for
+
+    assert scope_for("PATCH", "/api/jobs/run") == "agent:write"
+    assert scope_for("DELETE", "/api/jobs/run") == "agent:write"
+    assert scope_for("GET", "/api/jobs/reset") == "agent:read"
+    assert scope_for("POST", "/api/jobs/run/run") == "agent:send"
+    assert scope_for("POST", "/api/agents/reset/reset") == "agent:admin"
+    assert scope_for("DELETE", "/api/agents/reset") == "agent:write"
+    assert scope_for("POST", "/api/channels/reset/messages") == "agent:send"

@@ -228,3 +228,15 @@ def test_argv_puts_the_prompt_after_double_dash() -> None:
     assert "--strict-mcp-config" in argv and "--verbose" in argv
     new = backend.argv(AgentSpec(name="a", channel="a"), "hi", TurnSession(id="n", resume=False))
     assert new[new.index("--session-id") + 1] == "n" and "--model" not in new
+
+
+def test_a_non_finite_cost_from_the_stream_is_not_kept() -> None:
+    """D6 through the back door: json.loads reads NaN and 1e400 from a stream line."""
+    for cost in ("NaN", "Infinity", "1e400"):
+        parser = StreamParser()
+        line = (
+            '{"type":"result","subtype":"success","is_error":false,"result":"hi",'
+            f'"session_id":"{SID}","total_cost_usd":{cost},"usage":{{"output_tokens":3}}}}'
+        )
+        parser.feed(line)
+        assert parser.outcome.usage == {"output_tokens": 3}, cost

@@ -29,6 +29,7 @@ ALLOWED = {
     ("buffered", "dropped"),  # over the cap (R7)
     ("queued", "working"),  # a turn starts (R12)
     ("queued", "buffered"),  # deregister (R26)
+    ("queued", "cancelled"),  # a turn stopped before it started (R9, R26)
     ("working", "working"),  # a restart re-runs it (R28); a mirror has not landed yet
     ("working", "done"),
     ("working", "failed"),
@@ -40,6 +41,7 @@ THREAD_ALLOWED = {
     ("working", "ok"),
     ("working", "error"),
     ("ok", "working"),  # the next turn of a single-threaded conversation (R4)
+    ("ok", "error"),  # R21: the mirror refused the stored reply for good
     ("error", "working"),
     ("error", "ok"),  # a late delivery (R21)
 }

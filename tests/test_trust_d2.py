@@ -237,3 +237,21 @@ async def test_trust_d2_failed_insert_fails_its_whole_group_and_is_not_run(
         while len(transcript := store.list_messages("demo", limit=100).messages) < 2:
             await trio.sleep(0.02)
     assert [m.content for m in transcript] == ["after", "echo: after"], "no lost write ran"
+
+
+async def test_trust_d2_a_batch_is_all_or_nothing_under_a_store_failure(daemon: Daemon) -> None:
+    """POST /api/inbound/batch: a 507 keeps no item and runs none (issue 13 with D2)."""
+    store = daemon.service.store
+    db = store._db
+    (pages,) = db.execute("PRAGMA page_count").fetchone()
+    db.execute(f"PRAGMA max_page_count = {pages + 2}")
+    items = [{"channel": "demo", "content": f"small {i}"} for i in range(3)]
+    items.append({"channel": "demo", "content": "y" * 200_000})
+    response = await daemon.client.post("/api/inbound/batch", json={"messages": items})
+    assert response.status_code == 507, response.text
+    db.execute("PRAGMA max_page_count = 1073741823")
+    with trio.fail_after(10):
+        while (await daemon.client.get("/health")).status_code != 200:
+            await trio.sleep(0.05)
+    await trio.sleep(0.5)  # a dispatched item would have run by now
+    assert store.list_messages("demo", limit=100).messages == [], "nothing kept, nothing ran"

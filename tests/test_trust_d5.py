@@ -200,3 +200,12 @@ def test_trust_d5_restart_kills_leftovers_before_messages_replay(rig: Rig) -> No
     with sqlite3.connect(rig.data / "skydeck.db") as db:
         assert db.execute("SELECT COUNT(*) FROM processes").fetchone() == (0,)
     assert rig.daemon.stop() == 0
+
+
+def test_trust_d5_a_program_that_kills_its_reaper_still_loses_its_group(rig: Rig) -> None:
+    """`kill -9 $PPID` (the reaper): what is left in the turn's process group dies."""
+    mark = rig.marker()
+    rig.agent("rogue", ["sh", "-c", f"cat >/dev/null; kill -9 $PPID; sleep {mark} & echo hi"])
+    message = rig.settle(rig.post("rogue"), timeout=30)
+    assert message["state"] in ("done", "failed")
+    wait_until(lambda: not marked(mark), 10, "the helper left in the group is gone")

@@ -17,7 +17,7 @@ from helpers import (
     running_registry,
     settle,
 )
-from skydeck.model import Inbound, TurnEvent
+from skydeck.model import AgentSpec, Inbound, TurnEvent
 from skydeck.turn import failure_reply_text
 
 TAIL = "\n\nThis is often temporary; please try again in a moment."
@@ -295,6 +295,25 @@ async def test_r28_message_interrupted_three_times_fails_without_running(
     )
 
 
+async def test_r28_r9_an_exhausted_message_fails_alone_in_a_collect_batch(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """The messages a collect agent gathers behind an exhausted one still run."""
+    store = make_store(tmp_path)
+    backend = ScriptBackend()
+    crashy, *rest = (
+        store.accept_inbound(Inbound(channel="c", content=text), registered=True, buffer_cap=10)
+        for text in ("crashy", "two", "three")
+    )
+    with store._tx() as db:
+        db.execute("UPDATE messages SET state='working', attempts=3 WHERE id=?", (crashy.id,))
+    async with running_registry(store, backend, agents=[agent("c", queue_mode="collect")]):
+        failed, two, three = await settle(store, [crashy.id, *(a.id for a in rest)])
+    assert (failed.state, failed.error) == ("failed", "interrupted 3 times by daemon restarts")
+    assert (two.state, three.state) == ("done", "done")
+    assert backend.prompts("c") == ["two\n\nthree"], "joined, without the exhausted one"
+
+
 async def test_r24_every_turn_ends_with_exactly_one_done_or_error(
     tmp_path: Path, autojump_clock: trio.abc.Clock
 ) -> None:
@@ -404,3 +423,42 @@ def test_schema_4_migrates_a_version_3_store_and_keeps_old_records(tmp_path: Pat
     columns = [row[1] for row in store._db.execute("PRAGMA table_info(sessions)")]
     assert columns == ["agent", "session_id", "thread_id"]
     store.close()
+
+
+async def test_r26_a_turn_stopped_during_mirror_delivery_is_settled_not_rerun(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """Cut between its end record and the mirror's retries: the message ends
+    (`done`) and the outbox gets the stored reply; nothing is left to run twice."""
+    store = make_store(tmp_path)
+    mirror = FlakyMirror(failures=[None, None])  # lands on the 3rd attempt, 0.75 s in
+    async with running_registry(store, mirror=mirror, agents=[agent("a")]) as registry:
+        message_id = post(registry, "a", "hello")
+        await trio.sleep(0.3)  # end record stored, the mirror retrying
+        registry.remove("a")
+        (message,) = await settle(store, [message_id])
+    assert message.state == "done"
+    assert [r.id for r in mirror.deferred] == [message.reply_id], "the outbox delivers it"
+
+
+class SlowSessionMirror(FlakyMirror):
+    async def read_session(self, agent: AgentSpec) -> str | None:
+        await trio.sleep(5)
+        return None
+
+
+async def test_r9_a_turn_stopped_before_it_started_is_cancelled_not_stranded(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """Interrupted while it waited on the mirror's session read (R9): the first
+    message is `cancelled` in the store, not left `queued` and forgotten."""
+    store = make_store(tmp_path)
+    mirror = SlowSessionMirror(failures=[])
+    spec = agent("i", queue_mode="interrupt")
+    async with running_registry(store, mirror=mirror, agents=[spec]) as registry:
+        first = post(registry, "i", "first")
+        await trio.sleep(1)  # reading the mirrored session
+        second = post(registry, "i", "second")
+        old, new = await settle(store, [first, second])
+    assert (old.state, old.error) == ("cancelled", "interrupted by a newer message")
+    assert new.state == "done"

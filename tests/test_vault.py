@@ -267,6 +267,14 @@ async def test_vault_down_then_back_delivers_the_reply_and_loses_nothing(rig: Ri
     ]
     assert [c["metadata"]["status"] for c in callbacks] == ["error"], "no second callback"
     assert (await rig.client.get("/health")).json()["vault"]["outbox"] == 0
+    # At least once: an item whose removal was lost comes again; it changes nothing.
+    message = (await rig.client.get(f"/api/messages/{ack['id']}")).json()
+    assert rig.service.vault is not None
+    await rig.service.vault._deliver(
+        "reply", {"message_id": message["reply_id"], "thread_id": message["thread_id"]}
+    )
+    assert len(rig.vault.tagged("#agent/message/outbound")) == 1
+    assert (await rig.client.get(f"/api/messages/{ack['id']}")).json()["state"] == "done"
 
 
 async def test_duplicate_trigger_delivery_runs_one_turn(rig: Rig) -> None:

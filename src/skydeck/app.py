@@ -42,7 +42,7 @@ from .errors import (
 )
 from .guard import NOT_JSON, SECURITY_HEADERS, OriginPolicy, Refusal, is_json
 from .metrics import Metrics
-from .model import AgentSpec
+from .model import Accepted, AgentSpec
 from .registry import Registry
 from .scheduler import Scheduler
 from .store import Store
@@ -310,13 +310,22 @@ def create_app(
         fails them all (507), as for a single post.
         """
         results: list[dict[str, Any]] = []
-        for index, item in enumerate(validate.batch(await json_body())):
-            try:
-                accepted = registry.submit(validate.batch_item(item))
-            except BadRequest as error:
-                results.append({"error": error.message, "field": error.field, "index": index})
-            else:
-                results.append({"id": accepted.id, "state": accepted.state})
+        accepted: list[Accepted] = []
+        items = validate.batch(await json_body())
+        # All or nothing in the store: a failed write undoes every item of this
+        # post (a 507 then keeps nothing); only after it does any item reach a
+        # channel task, so nothing runs that a rollback took back.
+        with store.atomic():
+            for index, item in enumerate(items):
+                try:
+                    one = registry.accept(validate.batch_item(item))
+                except BadRequest as error:
+                    results.append({"error": error.message, "field": error.field, "index": index})
+                else:
+                    accepted.append(one)
+                    results.append({"id": one.id, "state": one.state})
+        for one in accepted:
+            registry.dispatch(one)
         await store.flushed()  # R28: every acknowledged item is committed first
         return {"results": results}
 

@@ -62,13 +62,19 @@ class Forbidden(Exception):
 
 
 def scope_for(method: str, path: str) -> Scope:
-    """The scope a route needs (http-api.md, Auth)."""
-    if path.endswith("/reset"):
+    """The scope a route needs (http-api.md, Auth), by the route's shape.
+
+    Matched on path segments, not text: a job named ``run`` (``/api/jobs/run``)
+    is written with `agent:write` like any job, and ``/api/jobs/reset`` is no reset.
+    """
+    parts = path.strip("/").split("/")
+    resource = parts[1] if len(parts) > 1 and parts[0] == "api" else None
+    if resource == "agents" and len(parts) == 4 and parts[3] == "reset" and method == "POST":
         return "agent:admin"
-    if path.startswith(("/api/agents", "/api/jobs")):
+    if resource in ("agents", "jobs"):
         if method in ("GET", "HEAD"):
             return "agent:read"
-        if path.startswith("/api/jobs/") and path.endswith("/run"):
+        if resource == "jobs" and len(parts) == 4 and parts[3] == "run":
             return "agent:send"
         return "agent:write"
     if method in ("GET", "HEAD"):

@@ -10,7 +10,8 @@ records they are given.
 Message states (behavior.md, "Message states")::
 
     buffered ──> queued ──> working ──> done | failed | cancelled
-       │  ^        │          │ ^
+       │  ^        │ └────────────────────────────────> cancelled (stopped before it started)
+       │  │        │          │ ^
        │  └────────┘          └─┘ (a restart re-runs a working message, R28;
        v  (deregister, R26)        a mirrored turn stays working until delivered)
     dropped (over the cap, R7)          failed ──> done (a late delivery, R21)
@@ -61,7 +62,11 @@ TERMINAL_STATES: frozenset[MessageState] = frozenset(MessageState) - OPEN_STATES
 #: The allowed moves of a message: state -> the states it may go to.
 MESSAGE_MOVES: dict[MessageState, frozenset[MessageState]] = {
     MessageState.BUFFERED: frozenset({MessageState.QUEUED, MessageState.DROPPED}),
-    MessageState.QUEUED: frozenset({MessageState.WORKING, MessageState.BUFFERED}),
+    # cancelled: a turn stopped (interrupt, removal) before it started, while it
+    # waited on a mirror's session read
+    MessageState.QUEUED: frozenset(
+        {MessageState.WORKING, MessageState.BUFFERED, MessageState.CANCELLED}
+    ),
     MessageState.WORKING: frozenset(
         {
             MessageState.WORKING,
@@ -78,10 +83,11 @@ MESSAGE_MOVES: dict[MessageState, frozenset[MessageState]] = {
 
 #: The allowed moves of a thread record. A single-threaded conversation's one
 #: record goes back to `working` at each turn (R4), also from `working` when a
-#: restart re-runs the turn it was in (R28); `error -> ok` is R21's late delivery.
+#: restart re-runs the turn it was in (R28); `ok -> error` is R21 (the mirror refused
+#: the stored reply for good) and `error -> ok` its late delivery.
 THREAD_MOVES: dict[ThreadStatus, frozenset[ThreadStatus]] = {
     ThreadStatus.WORKING: frozenset({ThreadStatus.WORKING, ThreadStatus.OK, ThreadStatus.ERROR}),
-    ThreadStatus.OK: frozenset({ThreadStatus.WORKING}),
+    ThreadStatus.OK: frozenset({ThreadStatus.WORKING, ThreadStatus.ERROR}),
     ThreadStatus.ERROR: frozenset({ThreadStatus.WORKING, ThreadStatus.OK}),
 }
 

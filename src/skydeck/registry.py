@@ -35,7 +35,7 @@ from .events import TurnEvents
 from .ledger import AgentStatus, MessageState
 from .model import Accepted, AgentSpec, EventKind, Inbound, Message, TurnEvent
 from .store import Store
-from .turn import Turn, TurnDeps
+from .turn import MAX_ATTEMPTS, Turn, TurnDeps
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -51,6 +51,18 @@ DEFAULT_MAX_TURNS = 4
 REMOVED_REASON = "agent removed"
 RESET_REASON = "the conversation was reset"
 INTERRUPTED_REASON = "interrupted by a newer message"
+
+
+def turn_batches(messages: list[Message]) -> list[list[Message]]:
+    """The turns a channel task's batch runs as, in order.
+
+    A message a restart interrupted `MAX_ATTEMPTS` times is failed on its own
+    (R28), never joined with the messages a `collect` agent gathered behind it:
+    they still run, as one turn of their own.
+    """
+    exhausted = [[m] for m in messages if m.attempts >= MAX_ATTEMPTS]
+    rest = [m for m in messages if m.attempts < MAX_ATTEMPTS]
+    return exhausted + ([rest] if rest else [])
 
 
 @dataclass(eq=False)
@@ -314,27 +326,8 @@ class Registry:
                 batch = [message]
                 if task.agent.queue_mode == "collect":
                     batch.extend(self._drain_nowait(task.receive))
-                task.waiting_for_slot = True
-                async with self.limiter:
-                    task.waiting_for_slot = False
-                    if self._stopping:
-                        await trio.sleep_forever()  # R29: no new turn; it replays at start
-                    task.turn = Turn(
-                        self.deps, task.agent, batch, epoch=task.epoch, submit=self.submit
-                    )
-                    self._running += 1
-                    try:
-                        await task.turn.run()
-                    except StoreFailure:
-                        pass  # the turn stopped where its writes were lost; replayed below
-                    except Exception:
-                        # R25: a bug in a side effect never kills the channel.
-                        log.exception("turn crashed", extra={"channel": task.agent.channel})
-                    finally:
-                        task.turn = None
-                        self._running -= 1
-                        if self._running == 0:
-                            self._idle.set()
+                for turn_batch in turn_batches(batch):
+                    await self._run_turn(task, turn_batch)
                 task.holding = False
                 while task.epoch != self.store.failures:
                     # Writes were lost since the queue was read: once the store
@@ -344,6 +337,27 @@ class Registry:
                     if task.epoch != self.store.failures:  # not already done by _resync
                         with contextlib.suppress(StoreFailure):
                             self._reload(task)
+
+    async def _run_turn(self, task: ChannelTask, batch: list[Message]) -> None:
+        task.waiting_for_slot = True
+        async with self.limiter:
+            task.waiting_for_slot = False
+            if self._stopping:
+                await trio.sleep_forever()  # R29: no new turn; it replays at start
+            task.turn = Turn(self.deps, task.agent, batch, epoch=task.epoch, submit=self.submit)
+            self._running += 1
+            try:
+                await task.turn.run()
+            except StoreFailure:
+                pass  # the turn stopped where its writes were lost; replayed by the caller
+            except Exception:
+                # R25: a bug in a side effect never kills the channel.
+                log.exception("turn crashed", extra={"channel": task.agent.channel})
+            finally:
+                task.turn = None
+                self._running -= 1
+                if self._running == 0:
+                    self._idle.set()
 
     @staticmethod
     def _drain_nowait(receive: trio.MemoryReceiveChannel[Message]) -> list[Message]:

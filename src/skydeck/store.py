@@ -743,7 +743,8 @@ class Store:
             "INSERT INTO threads (id, channel, agent, mode, status, input, output, session, "
             "turn_count, usage, started_at, ended_at, message_id) "
             "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET "
-            "status = excluded.status, input = excluded.input, output = excluded.output, "
+            "channel = excluded.channel, status = excluded.status, input = excluded.input, "
+            "output = excluded.output, "
             "session = excluded.session, turn_count = excluded.turn_count, "
             "usage = excluded.usage, ended_at = excluded.ended_at, "
             "message_id = excluded.message_id",

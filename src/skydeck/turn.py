@@ -28,7 +28,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import trio
@@ -198,7 +198,11 @@ class Turn:
         self._scope = trio.CancelScope()
         #: The session the local store held when the turn began (R18: unchanged, unwritten).
         self._resumed: str | None = None
+        #: Whether the turn wrote its start record (R12).
+        self._began = False
         self._ended = False
+        #: Set by `_conclude` until the messages are terminal: (outcome, stored reply).
+        self._unsettled: tuple[Outcome, Message | None] | None = None
         self._timed_out = False
         self._started = time.monotonic()
 
@@ -239,6 +243,9 @@ class Turn:
             try:
                 await self._run()
             except trio.Cancelled:
+                # Cut between its end record and its mirror (interrupt, removal,
+                # shutdown): settle it now, or it would run again at next start.
+                self._settle_now()
                 if not self._ended:
                     log.info(
                         "turn stopped before it ended; it runs again at next start",
@@ -270,9 +277,13 @@ class Turn:
             outcome = ledger.cancelled(reason)
             store = self.deps.store
             # Each write on its own (R25); a store failure leaves the messages
-            # `working`, and they replay (R28).
+            # `working`, and they replay (R28). A turn stopped before it started
+            # (waiting on the mirror's session) wrote no record to end.
             try:
-                self.thread = store.end_thread(self.thread, outcome.thread_status, outcome.output)
+                if self._began:
+                    self.thread = store.end_thread(
+                        self.thread, outcome.thread_status, outcome.output
+                    )
             except Exception:
                 log.exception("thread record failed", extra={"channel": self.channel})
             try:
@@ -297,6 +308,7 @@ class Turn:
         session = await self._session()
         self.deps.store.ensure_unchanged(self.epoch)
         self.messages = self.deps.store.start_turn(self.messages, self.thread)
+        self._began = True
         await self.deps.store.flushed()  # the attempt counts even if we crash mid-turn (R28)
         await self._mirror_thread("start")
         backend = self.deps.backends.get(self.agent.backend)
@@ -372,6 +384,8 @@ class Turn:
             # R18: only an echoed session is kept, and only a new one needs writing.
             persist_session=outcome.session is not None and outcome.session != self._resumed,
         )
+        if self.mirror is not None:
+            self._unsettled = (outcome, reply)
         await self.deps.store.flushed()
         if outcome.announce_first:
             self._announce(outcome)
@@ -382,22 +396,42 @@ class Turn:
                 "reply produced but not delivered",
                 extra={"channel": self.channel, "error": str(refused)},
             )
-            self.thread = replace(self.thread, status=outcome.thread_status, output=outcome.output)
+            self.thread = ledger.thread_moved(
+                self.thread, outcome.thread_status, output=outcome.output
+            )
             self._guard("thread record", self.deps.store.rewrite_thread, self.thread)
             self.messages = self.deps.store.set_state(self.messages, outcome.state, outcome.error)
+            self._unsettled = None
         await self._mirror_thread("end")
         if refused is not None:
             if refused.transient and reply is not None and self.mirror is not None:
                 # The reply is safe in the local store; the outbox keeps trying to
                 # deliver it, and turns the records to ok when it lands.
                 self._guard("outbox", self.mirror.defer_reply, reply, self.thread)
-        elif self.mirror is not None:
+        elif self._unsettled is not None:
             self.messages = self.deps.store.set_state(self.messages, outcome.state, outcome.error)
+            self._unsettled = None
         if not outcome.announce_first:
             self._announce(outcome)
         delivered = reply if outcome.ok else None
         self._call_back(outcome.callback, delivered, remote_id)
         self._finished(outcome)
+
+    def _settle_now(self) -> None:
+        """A mirrored turn stopped after its end record: its messages take their
+        terminal state now, and the outbox delivers the stored reply later (a
+        successful turn's; a failure reply is not worth a retry)."""
+        if self._unsettled is None:
+            return
+        outcome, reply = self._unsettled
+        self._unsettled = None
+        try:
+            self.messages = self.deps.store.set_state(self.messages, outcome.state, outcome.error)
+        except Exception:  # the store is failing: they stay `working` and replay (R28)
+            log.exception("settling the stopped turn failed", extra={"channel": self.channel})
+            return
+        if outcome.ok and reply is not None and self.mirror is not None:
+            self._guard("outbox", self.mirror.defer_reply, reply, self.thread)
 
     async def _mirror_reply(
         self, reply: Message | None, outcome: Outcome

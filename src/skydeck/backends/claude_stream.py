@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,7 +118,9 @@ class StreamOutcome:
                 if isinstance(raw.get(key), int):
                     usage[key] = raw[key]
         cost = self.result.get("total_cost_usd")
-        if isinstance(cost, int | float):
+        # A NaN or 1e400 from the stream (json.loads takes both) would make every
+        # later page of thread records invalid JSON (issue 11, D6): finite only.
+        if isinstance(cost, int | float) and not isinstance(cost, bool) and math.isfinite(cost):
             usage["cost_usd"] = cost
         return usage or None
 

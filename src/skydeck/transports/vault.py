@@ -262,12 +262,18 @@ class VaultMirror:
         for seq, kind, payload, _attempts in self.store.outbox_items():
             try:
                 await self._deliver(kind, payload)
+            except StoreFailure:
+                raise
             except DeliveryError as exc:
                 self.store.outbox_failed(seq, str(exc))
                 if exc.transient:
                     await self.store.flushed()
                     return True  # the vault is down: keep the order, wait, try again
                 log.error("vault refused an outbox item; dropped", extra={"kind": kind})
+                self.store.outbox_done(seq)
+                continue
+            except Exception:  # a bug in one item never stops the outbox or the daemon
+                log.exception("outbox item failed; dropped", extra={"kind": kind})
                 self.store.outbox_done(seq)
                 continue
             self.store.outbox_done(seq)
@@ -313,12 +319,20 @@ class VaultMirror:
         inbound = self.store.get_message(reply.in_reply_to)
         if inbound is None:
             return
-        remote_id = await self.write_reply(reply, inbound)
-        self.store.set_remote_id(reply, remote_id)
-        self.store.set_state(self.store.answered_by(reply.id), MessageState.DONE)
+        # At least once: an item whose removal was lost (a crash, a full disk)
+        # comes again. Only what is not delivered yet is delivered and moved.
+        if "remote_id" not in reply.metadata:
+            remote_id = await self.write_reply(reply, inbound)
+            self.store.set_remote_id(reply, remote_id)
+        undone = [
+            m
+            for m in self.store.answered_by(reply.id)
+            if m.state in (MessageState.FAILED, MessageState.WORKING)
+        ]
+        self.store.set_state(undone, MessageState.DONE)
         # A single-threaded conversation's record may show a later turn by now:
-        # only a record still showing this turn is flipped back to ok.
-        if thread.message_id == inbound.id:
+        # only a record still showing this turn (and not ok yet) is flipped back to ok.
+        if thread.message_id == inbound.id and thread.status is ThreadStatus.ERROR:
             thread = thread_moved(thread, ThreadStatus.OK, output=reply.content)
             self.store.rewrite_thread(thread)
             try:
