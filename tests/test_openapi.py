@@ -27,6 +27,7 @@ from daemon_process import DaemonProcess
 from skydeck import openapi, validate
 from skydeck.app import BODY_TIMEOUT_S, MAX_BODY_BYTES
 from skydeck.auth import scope_for
+from skydeck.ledger import MessageState, ThreadStatus
 from skydeck.model import (
     BACKENDS,
     MODES,
@@ -107,10 +108,21 @@ def test_response_schemas_are_what_to_json_renders() -> None:
     schemas = built()["components"]["schemas"]
     records: dict[str, Message | ThreadRecord | Job] = {
         "Message": Message(
-            id="m", seq=1, channel="c", direction="in", content="x", state="done", created_at="t"
+            id="m",
+            seq=1,
+            channel="c",
+            direction="in",
+            content="x",
+            state=MessageState.DONE,
+            created_at="t",
         ),
         "Thread": ThreadRecord(
-            id="t", channel="c", agent="a", mode="multi-threaded", status="ok", input="x"
+            id="t",
+            channel="c",
+            agent="a",
+            mode="multi-threaded",
+            status=ThreadStatus.OK,
+            input="x",
         ),
         "Job": Job(name="j", channel="c", schedule="* * * * *", content="x"),
     }
@@ -144,10 +156,16 @@ async def test_a_whole_number_written_with_a_fraction_is_that_integer(daemon_url
     async with httpx.AsyncClient(base_url=daemon_url, headers=AUTH) as client:
         created = await client.post(
             "/api/agents",
-            json={"name": "whole", "channel": "whole", "backend": "echo", "timeout_s": 60.0},
+            json={
+                "name": "whole",
+                "channel": "whole",
+                "backend": "echo",
+                "timeout_s": 60.0,
+                "max_reply_bytes": 2e3,
+            },
         )
         assert created.status_code == 201, created.text
-        assert created.json()["timeout_s"] == 60
+        assert (created.json()["timeout_s"], created.json()["max_reply_bytes"]) == (60, 2000)
         assert (
             await client.post(
                 "/api/agents", json={"name": "half", "channel": "half", "timeout_s": 60.5}

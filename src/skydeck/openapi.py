@@ -17,6 +17,7 @@ Pure code, no I/O: `document()` returns a dict; `app.py` serves it.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import types
 import zoneinfo
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -24,12 +25,12 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 from . import __version__
 from .auth import scope_for
 from .guard import JSON_MEDIA_TYPE, SECURITY_HEADERS
+from .ledger import AgentStatus, MessageState
 from .model import (
     BACKENDS,
     MODES,
     NAME_PATTERN,
     QUEUE_MODES,
-    Accepted,
     AgentSpec,
     Job,
     Message,
@@ -41,14 +42,17 @@ from .validate import (
     _PLAIN_FIELDS,
     INT_MAX,
     INT_MIN,
+    MAX_BATCH,
     MAX_NUMBER_DIGITS,
+    MAX_REPLY_BYTES,
     MAX_TIMEOUT_S,
+    MIN_REPLY_BYTES,
     OUTBOUND_TAGS,
 )
 
 OPENAPI_VERSION = "3.1.0"
-#: What `Registry.status` reports for an agent (R5).
-AGENT_STATUSES = ("idle", "working", "queued")
+#: What an inbound post is acknowledged with (`Accepted.state`; R8's `duplicate`).
+ACK_STATES = (MessageState.QUEUED.value, MessageState.BUFFERED.value, "duplicate")
 #: The fields `Message.to_json` leaves out (internal row number, external id).
 MESSAGE_HIDDEN = ("seq", "external_id")
 
@@ -99,11 +103,13 @@ def schema_of(hint: Any) -> Schema:
         return {"type": "boolean"}
     if hint is int:
         return {"type": "integer", "minimum": INT_MIN, "maximum": INT_MAX}
+    if isinstance(hint, type) and issubclass(hint, enum.StrEnum):
+        return {"type": "string", "enum": [member.value for member in hint]}
     if origin is Literal:
         return {"type": "string", "enum": list(args)}
     if origin in (Union, types.UnionType):
         present = [arg for arg in args if arg is not type(None)]
-        (only,) = present  # model.py's unions are all `X | None`
+        (only,) = present  # model.py's unions in records are all `X | None`
         return nullable(schema_of(only))
     if origin is list:
         return {"type": "array", "items": schema_of(args[0])}
@@ -190,6 +196,12 @@ def agent_fields() -> Schema:
         ),
         "env": {"type": "object", "additionalProperties": {"type": "string"}},
         "timeout_s": {"type": "integer", "minimum": 1, "maximum": MAX_TIMEOUT_S},
+        "max_reply_bytes": {
+            "type": "integer",
+            "minimum": MIN_REPLY_BYTES,
+            "maximum": MAX_REPLY_BYTES,
+            "description": "the longest reply kept, in UTF-8 bytes; the rest is cut",
+        },
     }
     return _with_defaults({field: table[field] for field in sorted(_AGENT_FIELDS)}, AgentSpec)
 
@@ -332,9 +344,8 @@ def json_value() -> Schema:
 
 
 def schemas() -> Schema:
-    accepted_state = get_type_hints(Accepted)["state"]
     agent_extra = {
-        "status": {"type": "string", "enum": list(AGENT_STATUSES)},
+        "status": schema_of(AgentStatus),
         "queued": {"type": "integer", "minimum": 0},
     }
     agent = agent_fields()
@@ -363,7 +374,7 @@ def schemas() -> Schema:
                     "type": "string",
                     "description": "the message id (the original's for a duplicate)",
                 },
-                "state": schema_of(accepted_state),
+                "state": {"type": "string", "enum": list(ACK_STATES)},
             },
             ("ok", "id", "state"),
             description="acknowledged only once the message is committed to the store (R28)",
@@ -468,6 +479,10 @@ def error_responses(*, max_body: int, body_timeout_s: float) -> Schema:
             "(the DNS-rebinding defence)"
         ),
         "Unavailable": error("the daemon is shutting down; nothing was stored"),
+        "StoreFailure": error(
+            "the store could not commit (a full disk, an I/O error): nothing of the request "
+            "was kept, so it may be sent again"
+        ),
     }
 
 
@@ -563,7 +578,7 @@ def operations() -> dict[tuple[str, str], Schema]:
             "name": name,
             "channel": name,
             "backend": {"type": "string", "enum": list(BACKENDS)},
-            "status": {"type": "string", "enum": list(AGENT_STATUSES)},
+            "status": schema_of(AgentStatus),
             "queued": {"type": "integer", "minimum": 0},
         },
         ("name", "channel", "backend", "status", "queued"),
@@ -580,6 +595,11 @@ def operations() -> dict[tuple[str, str], Schema]:
         },
         ("url", "outbox", "definitions", "problems"),
     )
+    health_body = {
+        "agents": {"type": "array", "items": health_agent},
+        "buffered": {"type": "integer", "minimum": 0},
+        "vault": vault,
+    }
     return {
         ("get", "/"): {
             "operationId": "web_ui",
@@ -630,18 +650,27 @@ def operations() -> dict[tuple[str, str], Schema]:
                 "200": response(
                     "serving",
                     _object(
-                        {
-                            "status": {"const": "ok"},
-                            "agents": {"type": "array", "items": health_agent},
-                            "buffered": {"type": "integer", "minimum": 0},
-                            "vault": vault,
-                        },
-                        ("status", "agents", "buffered"),
+                        {"status": {"const": "ok"}, "store": {"const": "ok"}, **health_body},
+                        ("status", "store", "agents", "buffered"),
                     ),
                 ),
                 "503": response(
-                    "shutting down",
-                    _object({"status": {"const": "stopping"}}, ("status",)),
+                    "shutting down, or the store cannot commit (a full disk): nothing new is "
+                    "acknowledged until a commit succeeds again, which the daemon notices itself",
+                    {
+                        "oneOf": [
+                            _object({"status": {"const": "stopping"}}, ("status",)),
+                            _object(
+                                {
+                                    "status": {"const": "error"},
+                                    "store": {"const": "error"},
+                                    "error": {"type": "string", "minLength": 1},
+                                    **health_body,
+                                },
+                                ("status", "store", "error", "agents", "buffered"),
+                            ),
+                        ]
+                    },
                 ),
             },
         },
@@ -655,6 +684,70 @@ def operations() -> dict[tuple[str, str], Schema]:
             "summary": "Post a message (the webhook): a plain body or a Parachute Vault trigger",
             "requestBody": _body(ref("PlainInbound"), ref("VaultTrigger")),
             "responses": {**inbound_ack, "503": {"$ref": "#/components/responses/Unavailable"}},
+        },
+        ("post", "/api/inbound/batch"): {
+            "operationId": "inbound_batch",
+            "summary": "Post many plain messages in one commit; answered in order",
+            "requestBody": {
+                "required": True,
+                "content": {
+                    JSON_MEDIA_TYPE: {
+                        "schema": _object(
+                            {
+                                "messages": {
+                                    "type": "array",
+                                    "minItems": 1,
+                                    "maxItems": MAX_BATCH,
+                                    "items": ref("JsonValue"),
+                                    "description": (
+                                        "plain inbound bodies (PlainInbound); an item that "
+                                        "is not one gets its error in its place and fails "
+                                        "nothing else"
+                                    ),
+                                }
+                            },
+                            ("messages",),
+                        ),
+                        "example": {"messages": [{"channel": "demo", "content": "hello"}]},
+                    }
+                },
+            },
+            "responses": {
+                **_ok(
+                    "every item committed or refused, in order (R28; R8 per item)",
+                    _object(
+                        {
+                            "results": {
+                                "type": "array",
+                                "items": {
+                                    "oneOf": [
+                                        _object(
+                                            {
+                                                "id": {"type": "string"},
+                                                "state": {
+                                                    "type": "string",
+                                                    "enum": list(ACK_STATES),
+                                                },
+                                            },
+                                            ("id", "state"),
+                                        ),
+                                        _object(
+                                            {
+                                                "error": {"type": "string", "minLength": 1},
+                                                "field": nullable({"type": "string"}),
+                                                "index": {"type": "integer", "minimum": 0},
+                                            },
+                                            ("error", "field", "index"),
+                                        ),
+                                    ]
+                                },
+                            }
+                        },
+                        ("results",),
+                    ),
+                ),
+                "503": {"$ref": "#/components/responses/Unavailable"},
+            },
         },
         ("post", "/api/vault/inbound"): {
             "operationId": "vault_inbound",
@@ -840,6 +933,8 @@ def _errors_for(method: str, path: str, operation: Schema) -> Schema:
         shared["404"] = "NotFound"
     if (method, path) in CONFLICTS:
         shared["409"] = "Conflict"
+    if method != "get":
+        shared["507"] = "StoreFailure"  # every write commits before it answers
     return {status: {"$ref": f"#/components/responses/{name}"} for status, name in shared.items()}
 
 

@@ -386,12 +386,8 @@ def _agent_fields(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
             )
         out["timeout_s"] = timeout
     if "max_reply_bytes" in body:
-        cap = body["max_reply_bytes"]
-        if (
-            not isinstance(cap, int)
-            or isinstance(cap, bool)
-            or not MIN_REPLY_BYTES <= cap <= MAX_REPLY_BYTES
-        ):
+        cap = _whole(body["max_reply_bytes"])
+        if cap is None or not MIN_REPLY_BYTES <= cap <= MAX_REPLY_BYTES:
             raise BadRequest(
                 f"max_reply_bytes must be an integer from {MIN_REPLY_BYTES} to {MAX_REPLY_BYTES}",
                 field="max_reply_bytes",
