@@ -24,6 +24,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from . import __version__
 from .auth import scope_for
+from .backends.claude_warm import WarmState
 from .guard import JSON_MEDIA_TYPE, SECURITY_HEADERS
 from .ledger import AgentStatus, MessageState
 from .model import (
@@ -595,9 +596,33 @@ def operations() -> dict[tuple[str, str], Schema]:
         },
         ("url", "outbox", "definitions", "problems"),
     )
+    count = {"type": "integer", "minimum": 0}
+    warm = _object(
+        {
+            "max": count,
+            "idle_timeout_s": {"type": "number", "minimum": 0},
+            "processes": {
+                "type": "array",
+                "items": _object(
+                    {
+                        "agent": name,
+                        "pid": nullable({"type": "integer"}),
+                        "state": schema_of(WarmState),
+                        "turns": count,
+                        "rss_bytes": nullable(count),
+                        "idle_s": nullable({"type": "number", "minimum": 0}),
+                    },
+                    ("agent", "pid", "state", "turns", "rss_bytes", "idle_s"),
+                ),
+            },
+        },
+        ("max", "idle_timeout_s", "processes"),
+        description="the warm claude processes (issue 14)",
+    )
     health_body = {
         "agents": {"type": "array", "items": health_agent},
-        "buffered": {"type": "integer", "minimum": 0},
+        "buffered": count,
+        "claude_warm": warm,
         "vault": vault,
     }
     return {
