@@ -33,6 +33,7 @@ ROUTES = [
     ("GET", "/api/channels/demo/messages"),
     ("GET", "/api/messages/some-id"),
     ("GET", "/api/threads"),
+    ("GET", "/api/openapi.json"),
     ("GET", "/metrics"),
     ("GET", "/api/jobs"),
     ("POST", "/api/jobs"),

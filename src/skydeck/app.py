@@ -7,12 +7,13 @@ http-api.md; bad input is never a 500.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import shutil
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import trio
 from hypercorn.typing import (
@@ -25,9 +26,10 @@ from hypercorn.typing import (
 from quart import Response, request, send_from_directory
 from quart.json.provider import DefaultJSONProvider
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.exceptions import NotFound as NoRoute
 
-from . import __version__, validate
+from . import __version__, openapi, validate
 from .auth import Auth, Forbidden, Unauthorized, scope_for
 from .backends.claude import ClaudeBackend
 from .errors import (
@@ -158,6 +160,7 @@ def create_app(
     app.config["BODY_TIMEOUT"] = body_timeout_s
     app.json = StrictJSONProvider(app)
     policy = origins or OriginPolicy()
+    api_document = openapi.document(max_body=max_body, body_timeout_s=body_timeout_s)
 
     def agent_json(agent: AgentSpec) -> dict[str, Any]:
         status, queued = registry.status(agent.name)
@@ -231,6 +234,9 @@ def create_app(
             413: f"request body is over the {max_body} byte limit",
         }
         body, status = _error(status, messages.get(status, error.name))
+        if isinstance(error, MethodNotAllowed) and error.valid_methods:
+            # RFC 9110 (15.5.6): a 405 names the methods the route does take.
+            return body, status, {"Allow": ", ".join(sorted(error.valid_methods))}
         if status in (408, 413):
             # The rest of the body was never read: this connection cannot carry
             # another request, so tell the client to open a new one.
@@ -243,6 +249,21 @@ def create_app(
         return _error(500, "internal error (logged on the daemon)")
 
     # -- routes -------------------------------------------------------------------
+
+    serve_static = cast(Callable[..., Awaitable[Response]], app.view_functions["static"])
+
+    async def static(filename: str) -> Response:
+        # A name longer than the file system takes (ENAMETOOLONG) is no file here,
+        # not a 500 (schemathesis found it with a 300-byte name).
+        try:
+            response = await serve_static(filename=filename)
+        except OSError as exc:
+            if exc.errno != errno.ENAMETOOLONG:
+                raise
+            raise NoRoute() from None
+        return response
+
+    app.view_functions["static"] = static
 
     @app.get("/")
     async def web_ui() -> Response:
@@ -266,6 +287,10 @@ def create_app(
             "health": "/health",
             "backends": backends,
         }
+
+    @app.get("/api/openapi.json")
+    async def openapi_document() -> Json:
+        return api_document
 
     @app.get("/health")
     async def health() -> Json:

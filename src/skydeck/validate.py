@@ -172,11 +172,30 @@ def _optional_str(body: dict[str, Any], field: str) -> str | None:
     return value
 
 
+def _whole(value: object) -> int | None:
+    """A JSON integer. RFC 8259 has one number type, so ``5.0`` is 5 (as JSON Schema
+    says too: a client whose numbers are all doubles sends what it means)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
 def _depth(value: object) -> int:
     """R23, plain JSON body: a non-negative integer or a numeric string."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str) and value.isascii() and value.isdigit():
+    whole = _whole(value)
+    if whole is not None and whole >= 0:
+        return whole
+    # int() refuses more digits than MAX_NUMBER_DIGITS (a ValueError, not a BadRequest).
+    if (
+        isinstance(value, str)
+        and value.isascii()
+        and value.isdigit()
+        and len(value) <= MAX_NUMBER_DIGITS
+    ):
         return int(value)
     raise BadRequest("delegation_depth must be a non-negative integer", field="delegation_depth")
 
@@ -241,8 +260,10 @@ def inbound(body: dict[str, Any], *, channel: str | None = None) -> Inbound | No
     if correlation_id is not None:
         metadata["correlation_id"] = correlation_id
     if body.get("delegation_depth") is not None:
-        _depth(body["delegation_depth"])
-        metadata["delegation_depth"] = body["delegation_depth"]
+        raw = body["delegation_depth"]
+        depth = _depth(raw)
+        # A numeric string is kept as received; a number as the integer it is (3.0 -> 3).
+        metadata["delegation_depth"] = raw if isinstance(raw, str) else depth
     return Inbound(channel=target, content=content, external_id=external_id, metadata=metadata)
 
 
@@ -358,23 +379,15 @@ def _agent_fields(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
             raise BadRequest("env must be an object of string values", field="env")
         out["env"] = env
     if "timeout_s" in body:
-        timeout = body["timeout_s"]
-        if (
-            not isinstance(timeout, int)
-            or isinstance(timeout, bool)
-            or not 1 <= timeout <= MAX_TIMEOUT_S
-        ):
+        timeout = _whole(body["timeout_s"])
+        if timeout is None or not 1 <= timeout <= MAX_TIMEOUT_S:
             raise BadRequest(
                 f"timeout_s must be an integer from 1 to {MAX_TIMEOUT_S}", field="timeout_s"
             )
         out["timeout_s"] = timeout
     if "max_reply_bytes" in body:
-        cap = body["max_reply_bytes"]
-        if (
-            not isinstance(cap, int)
-            or isinstance(cap, bool)
-            or not MIN_REPLY_BYTES <= cap <= MAX_REPLY_BYTES
-        ):
+        cap = _whole(body["max_reply_bytes"])
+        if cap is None or not MIN_REPLY_BYTES <= cap <= MAX_REPLY_BYTES:
             raise BadRequest(
                 f"max_reply_bytes must be an integer from {MIN_REPLY_BYTES} to {MAX_REPLY_BYTES}",
                 field="max_reply_bytes",
