@@ -255,7 +255,16 @@ def plain_fields() -> Schema:
     return {field: table[field] for field in sorted(_PLAIN_FIELDS)}
 
 
-def _object(properties: Schema, required: tuple[str, ...] = (), **more: Any) -> Schema:
+def _object(
+    properties: Schema,
+    required: tuple[str, ...] = (),
+    *,
+    optional: tuple[str, ...] | None = None,
+    **more: Any,
+) -> Schema:
+    """A closed object; ``optional`` says which keys may be missing (all others required)."""
+    if optional is not None:
+        required = tuple(key for key in properties if key not in optional)
     schema: Schema = {"type": "object", "properties": properties, "additionalProperties": False}
     if required:
         schema["required"] = list(required)
@@ -582,7 +591,7 @@ def operations() -> dict[tuple[str, str], Schema]:
             "status": schema_of(AgentStatus),
             "queued": {"type": "integer", "minimum": 0},
         },
-        ("name", "channel", "backend", "status", "queued"),
+        optional=(),
     )
     vault = _object(
         {
@@ -676,7 +685,7 @@ def operations() -> dict[tuple[str, str], Schema]:
                     "serving",
                     _object(
                         {"status": {"const": "ok"}, "store": {"const": "ok"}, **health_body},
-                        ("status", "store", "agents", "buffered"),
+                        optional=("claude_warm", "vault"),
                     ),
                 ),
                 "503": response(
@@ -692,7 +701,7 @@ def operations() -> dict[tuple[str, str], Schema]:
                                     "error": {"type": "string", "minLength": 1},
                                     **health_body,
                                 },
-                                ("status", "store", "error", "agents", "buffered"),
+                                optional=("claude_warm", "vault"),
                             ),
                         ]
                     },
