@@ -462,3 +462,32 @@ async def test_r9_a_turn_stopped_before_it_started_is_cancelled_not_stranded(
         old, new = await settle(store, [first, second])
     assert (old.state, old.error) == ("cancelled", "interrupted by a newer message")
     assert new.state == "done"
+
+
+def test_r23_garbage_depths_from_a_vault_are_0() -> None:
+    from skydeck.ledger import MessageState
+    from skydeck.model import Message
+
+    def depth(raw: object) -> int:
+        message = Message(
+            id="m",
+            seq=1,
+            channel="c",
+            direction="in",
+            content="x",
+            state=MessageState.QUEUED,
+            created_at="t",
+            metadata={"delegation_depth": raw},
+        )
+        return message.delegation_depth
+
+    assert [depth(v) for v in ("3", " 7 ", 5, True, "²", "9" * 5000, "-1", "x")] == [
+        3,
+        7,
+        5,
+        0,
+        0,
+        0,
+        0,
+        0,
+    ]

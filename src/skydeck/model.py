@@ -146,8 +146,11 @@ class Message:
             return 0
         if isinstance(raw, int):
             return max(raw, 0)
-        if isinstance(raw, str) and raw.strip().isdigit():
-            return int(raw.strip())
+        text = raw.strip() if isinstance(raw, str) else ""
+        # ASCII digits only (`"²".isdigit()` is true, and int() refuses it), and short
+        # enough for int(): a garbage depth is 0, never an exception in a turn.
+        if text.isascii() and text.isdigit() and len(text) <= 18:
+            return int(text)
         return 0
 
     def to_json(self) -> dict[str, Any]:
