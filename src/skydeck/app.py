@@ -214,7 +214,7 @@ def create_app(
 
     @app.errorhandler(SkydeckError)
     async def skydeck_error(error: SkydeckError) -> Json:
-        return _error(status_of(error), error.message, getattr(error, "field", None))
+        return _error(status_of(error), error.message, error.field)
 
     @app.errorhandler(Unauthorized)
     async def unauthorized(_: Unauthorized) -> Json:

@@ -25,18 +25,19 @@ from __future__ import annotations
 
 
 class SkydeckError(Exception):
-    def __init__(self, message: str) -> None:
+    """``field`` names the one field at fault, when there is one (input and state errors)."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.field = field
 
 
 # -- input --------------------------------------------------------------------------
 
 
 class InputError(SkydeckError):
-    def __init__(self, message: str, *, field: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
+    pass
 
 
 class BadRequest(InputError):
@@ -55,9 +56,7 @@ class InvalidNote(InputError):
 
 
 class StateError(SkydeckError):
-    def __init__(self, message: str, *, field: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
+    pass
 
 
 class NotFound(StateError):
