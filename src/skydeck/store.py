@@ -38,7 +38,7 @@ import logging
 import math
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -489,10 +489,13 @@ class Store:
         rows = self._db.execute("SELECT spec FROM jobs ORDER BY name").fetchall()
         return [Job(**json.loads(row[0])) for row in rows]
 
-    def atomic(self) -> AbstractContextManager[sqlite3.Connection]:
+    @contextmanager
+    def atomic(self) -> Iterator[None]:
         """Several writes that must land together (or not at all), e.g. a job's
-        fired slot and the message it posted."""
-        return self._tx()
+        fired slot and the message it posted. The connection stays inside the
+        store: callers make their writes through its methods."""
+        with self._tx():
+            yield
 
     # -- outbox: mirror writes that must not be lost -------------------------------
 
