@@ -103,10 +103,6 @@ class WarmProtocol:
         self._cost_seen = 0.0
 
     @property
-    def in_flight(self) -> bool:
-        return self._parser is not None
-
-    @property
     def outcome(self) -> StreamOutcome | None:
         return None if self._parser is None else self._parser.outcome
 
