@@ -61,6 +61,17 @@ class DaemonProcess:
         return code
 
 
+def serve_once(data_dir: Path, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """`skydeck serve` on ``data_dir``, for a start expected to give up (exit 2)."""
+    return subprocess.run(
+        [SKYDECK, "serve", "--port", "0", "--no-demo", "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=clean_env(),
+    )
+
+
 def cli(url: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [SKYDECK, "--url", url, *args],

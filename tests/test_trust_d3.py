@@ -10,7 +10,6 @@ import contextlib
 import os
 import signal
 import sqlite3
-import subprocess
 import sys
 import time
 from contextlib import closing
@@ -18,20 +17,9 @@ from pathlib import Path
 
 import httpx
 
-from daemon_process import SKYDECK, DaemonProcess, clean_env
+from daemon_process import DaemonProcess, serve_once
 
 SLOW_ECHO = "import sys, time; text = sys.stdin.read(); time.sleep(0.1); print(text)"
-
-
-def serve(data: Path) -> subprocess.CompletedProcess[str]:
-    """`skydeck serve` on ``data``, expected to give up at once."""
-    return subprocess.run(
-        [SKYDECK, "serve", "--port", "0", "--no-demo", "--data-dir", str(data)],
-        capture_output=True,
-        text=True,
-        timeout=20,
-        env=clean_env(),
-    )
 
 
 def test_trust_d3_second_daemon_on_one_data_dir_exits_2_and_runs_nothing(tmp_path: Path) -> None:
@@ -47,7 +35,7 @@ def test_trust_d3_second_daemon_on_one_data_dir_exits_2_and_runs_nothing(tmp_pat
                 for i in range(10)
             ]
             started = time.monotonic()
-            second = serve(data)
+            second = serve_once(data, timeout=20)
             assert time.monotonic() - started < 5
             assert second.returncode == 2
             assert second.stderr == (

@@ -23,20 +23,10 @@ import httpx
 import pytest
 import trio
 
-from daemon_process import SKYDECK, DaemonProcess, clean_env
+from daemon_process import DaemonProcess, serve_once
 from skydeck.service import Service, Settings
 
 ROOT = os.geteuid() == 0
-
-
-def serve(data: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [SKYDECK, "serve", "--port", "0", "--no-demo", "--data-dir", str(data)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=clean_env(),
-    )
 
 
 def stored_daemon_data(data: Path, messages: int = 200) -> None:
@@ -115,7 +105,7 @@ def test_trust_d8_start_up_failure_is_one_line_naming_the_path_and_exit_2(
     setup = case(data)
     expected = next(setup)
     try:
-        result = serve(data)
+        result = serve_once(data)
     finally:
         next(setup, None)
     assert "Traceback" not in result.stderr
@@ -135,7 +125,7 @@ def test_trust_d8_corruption_found_after_the_store_opened_is_one_line(tmp_path: 
     with db_path.open("r+b") as file:
         file.seek((root - 1) * page_size)
         file.write(b"\xff" * page_size)
-    result = serve(data)
+    result = serve_once(data)
     assert "Traceback" not in result.stderr
     assert result.stderr == (
         f"skydeck: cannot open the store {db_path}: database disk image is malformed\n"
