@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
@@ -31,7 +30,7 @@ from werkzeug.exceptions import NotFound as NoRoute
 
 from . import __version__, openapi, validate
 from .auth import Auth, Forbidden, Unauthorized, scope_for
-from .backends.claude import ClaudeBackend
+from .backends.base import can_run
 from .errors import (
     BadRequest,
     Conflict,
@@ -276,9 +275,7 @@ def create_app(
         # an agent whose every turn would fail: claude needs its CLI (an agent on it
         # is still allowed, the CLI may be installed later); echo and command always run.
         backends = {
-            name: not isinstance(backend, ClaudeBackend)
-            or (backend.executable is not None and shutil.which(backend.executable) is not None)
-            for name, backend in sorted(registry.deps.backends.items())
+            name: can_run(backend) for name, backend in sorted(registry.deps.backends.items())
         }
         return {
             "name": "skydeck",

@@ -35,6 +35,17 @@ class Releasing(Protocol):
     def release(self, agent_name: str, reason: str) -> None: ...
 
 
+@runtime_checkable
+class Probing(Protocol):
+    def available(self) -> bool: ...
+
+
+def can_run(backend: Backend) -> bool:
+    """Whether a backend's turns can run here (`GET /api` reports it): one that
+    needs an outside program says so through `Probing`; the others always can."""
+    return not isinstance(backend, Probing) or backend.available()
+
+
 def release_agent(backends: Mapping[str, Backend], agent_name: str, reason: str) -> None:
     """Let every backend that keeps processes between turns drop this agent's (W13, W15).
 

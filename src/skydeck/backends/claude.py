@@ -192,6 +192,10 @@ class ClaudeBackend:
                     session = TurnSession(id=echoed, resume=True)
                 await trio.sleep(delay)
 
+    def available(self) -> bool:
+        """A claude executable resolves (a path set to a missing file does not)."""
+        return self.executable is not None and shutil.which(self.executable) is not None
+
     def argv(self, agent: AgentSpec, prompt: str, session: TurnSession) -> list[str]:
         """A cold turn's argv: R30, the session flag, ``--`` and the prompt."""
         flag = "--resume" if session.resume else "--session-id"
