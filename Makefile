@@ -16,7 +16,7 @@ CLAUDE := .tools/claude/node_modules/.bin/claude
 # Debian's Chromium for the browser tests (Playwright drives it; it downloads no browser).
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: run test lint typecheck pytest bench claude clean
+.PHONY: run test lint typecheck pytest bench claude clean postgres
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ $(CHROMIUM):
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
+# PostgreSQL for the multi-host tests (tests/pg.py starts a throw-away cluster from these
+# binaries); Debian's package, installed only when no initdb is there yet.
+postgres:
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; }
+
 run: $(RUN_STAMP)
 	$(BIN)/skydeck serve
 
@@ -52,7 +58,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 # pytest exits 5 when it collected no test: make treats that as a failure, so an empty run never passes.
-pytest: $(STAMP) $(CLAUDE) $(CHROMIUM)
+pytest: $(STAMP) $(CLAUDE) $(CHROMIUM) postgres
 	$(BIN)/python -m pytest -q
 
 test: lint typecheck pytest
