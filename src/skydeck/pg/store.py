@@ -1,0 +1,1292 @@
+"""The PostgreSQL store: the same operations as the SQLite one, for several hosts.
+
+Writes: one writer session does group commit, as the SQLite store does, but
+awaited: a write joins the batch of the current scheduler tick, the batch
+runs on one thread hop as one transaction, and the write returns once it is
+committed (P18). So on PostgreSQL a write's return already means durable,
+and `flushed()` has nothing left to wait for. A batch whose statement fails
+for a reason of its own (a constraint) is rolled back and its writes re-run
+one transaction each, so one bad write fails only itself. A batch whose
+COMMIT outcome is unknown (the session broke) fails every write in it with
+`StoreUnreachable`: the caller never says "committed" (P6).
+
+Fencing (P11): every write a turn makes is one statement guarded by the CTE
+`f`, which finds the channel's lease still held by this incarnation under the
+turn's token, on a live host row, and holds it `FOR SHARE` until commit. If
+`f` is empty nothing changes and `FencedOut` is raised: a claim by another
+host committed first. Transitions are compare-and-set as well (a start from
+`queued`/`working`, an end from `working`), so a change made on another host
+(a deregistration, P22) beats a stale local queue the same way.
+
+Reads go to a small pool of autocommit sessions; definitions (agents, jobs)
+are their own transactions there, never in a batch (P18, P22).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Generic, Literal, TypeVar
+
+import psycopg
+import trio
+import trio.lowlevel
+
+from .. import ledger
+from ..errors import Conflict, CursorError
+from ..ledger import MessageState, ThreadStatus
+from ..model import (
+    Accepted,
+    AgentSpec,
+    Inbound,
+    Job,
+    Message,
+    ProcessRecord,
+    ThreadRecord,
+    new_id,
+    utc_now,
+)
+from . import schema
+from .driver import Connection, Session, StoreUnreachable, Timeouts, conninfo
+from .ownership import PgOwnership, application_name
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class FencedOut(Exception):
+    """A turn's write found its lease taken (or its messages moved on): nothing
+    was written, and the turn must stop with no further side effect (P11)."""
+
+    def __init__(self, channel: str, token: int) -> None:
+        super().__init__(f"write fenced: channel {channel} is no longer held under token {token}")
+        self.channel = channel
+        self.token = token
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """The lease a turn runs under: its channel (or ``role:<r>``) and token."""
+
+    channel: str
+    token: int
+
+
+def _ts(column: str) -> str:
+    """A timestamptz as the model's text: ISO 8601 UTC with milliseconds and ``Z``."""
+    return f"""to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')"""
+
+
+MESSAGE_COLUMNS = (
+    "seq, id, channel, direction, content, state, "
+    + _ts("created_at")
+    + ", metadata, external_id, in_reply_to, thread_id, reply_id, attempts, error"
+)
+THREAD_COLUMNS = (
+    "id, channel, agent, mode, status, input, output, session, turn_count, usage, "
+    + _ts("started_at")
+    + ", "
+    + _ts("ended_at")
+    + ", message_id"
+)
+_M_FIELDS = (
+    "seq",
+    "id",
+    "channel",
+    "direction",
+    "content",
+    "state",
+    "created_at",
+    "metadata",
+    "external_id",
+    "in_reply_to",
+    "thread_id",
+    "reply_id",
+    "attempts",
+    "error",
+)
+_T_FIELDS = (
+    "id",
+    "channel",
+    "agent",
+    "mode",
+    "status",
+    "input",
+    "output",
+    "session",
+    "turn_count",
+    "usage",
+    "started_at",
+    "ended_at",
+    "message_id",
+)
+
+# P11: the fence. Held FOR SHARE until commit: a claim either committed before
+# (and this finds a new token), or skips the channel until this commits.
+_FENCE = """f AS (
+    SELECT l.token FROM leases l
+    JOIN hosts h ON (h.host_id, h.incarnation) = (l.owner, l.incarnation)
+    WHERE l.name = %(fch)s AND l.owner = %(host)s AND l.incarnation = %(inc)s
+      AND l.token = %(token)s AND h.expires_at > now()
+    FOR SHARE OF l
+)"""
+
+
+def _message(row: Sequence[Any]) -> Message:
+    values = dict(zip(_M_FIELDS, row, strict=True))
+    values["metadata"] = json.loads(values["metadata"])
+    values["state"] = MessageState(values["state"])
+    return Message(**values)
+
+
+def _thread(row: Sequence[Any]) -> ThreadRecord:
+    values = dict(zip(_T_FIELDS, row, strict=True))
+    values["usage"] = json.loads(values["usage"]) if values["usage"] else None
+    values["status"] = ThreadStatus(values["status"])
+    return ThreadRecord(**values)
+
+
+def _cursor(cursor: str) -> int:
+    if not cursor.isdigit() or len(cursor) > 18:
+        raise CursorError(cursor)
+    return int(cursor)
+
+
+@dataclass(eq=False, slots=True)
+class _Pending(Generic[T]):
+    """One write waiting for its batch."""
+
+    fn: Callable[[Connection, _Tick], T]
+    done: trio.Event = field(default_factory=trio.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+
+@dataclass(slots=True)
+class _Tick:
+    """What a batch sends besides its writes: one `pg_notify` per distinct signal."""
+
+    notify: set[tuple[str, str]] = field(default_factory=set)
+
+
+class PostgresStore:
+    """The store of one host in a PostgreSQL cluster.
+
+    ``writer`` does group commit; ``readers`` serve reads and definitions;
+    ``ownership`` (on the control session) names this host and incarnation for
+    the fence. ``on_fenced`` counts fenced writes (`skydeck_fenced_writes_total`).
+    """
+
+    kind = "postgres"
+
+    def __init__(
+        self,
+        writer: Session,
+        readers: Sequence[Session],
+        ownership: PgOwnership,
+        *,
+        url: str = "",
+        on_dropped: Callable[[int], None] | None = None,
+        on_fenced: Callable[[], None] | None = None,
+    ) -> None:
+        self.url = url
+        self.writer = writer
+        self.ownership = ownership
+        self.on_dropped = on_dropped
+        self.on_fenced = on_fenced
+        #: Store failures so far: a batch lost or unconfirmed (never goes down).
+        self.failures = 0
+        #: Why the store is failing, until a batch commits again; None when healthy.
+        self.error: str | None = None
+        #: When it started failing (ISO, for /health), None when healthy.
+        self.failing_since: str | None = None
+        self._readers = list(readers)
+        self._free = trio.Semaphore(len(self._readers))
+        self._pending: list[_Pending[Any]] = []
+        self._dirty = trio.Event()
+        self._health_changed = trio.Event()
+        self._flusher_running = False
+
+    @property
+    def host(self) -> str:
+        return self.ownership.host_id
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    async def _write(self, fn: Callable[[Connection, _Tick], T]) -> T:
+        """Join this tick's batch; return once it committed (or raise its failure)."""
+        pending: _Pending[T] = _Pending(fn)
+        self._pending.append(pending)
+        self._dirty.set()
+        if not self._flusher_running:
+            await self._flush()
+        await pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        return pending.result  # type: ignore[no-any-return]
+
+    async def _read(self, fn: Callable[[Connection], T]) -> T:
+        async with self._free:
+            session = self._readers.pop()
+            try:
+                return await session.run(fn)
+            finally:
+                self._readers.append(session)
+
+    async def _solo(self, fn: Callable[[Connection], T]) -> T:
+        """A transaction of its own on a reader session (definitions, P18/P22)."""
+
+        def run(conn: Connection) -> T:
+            with conn.transaction():
+                return fn(conn)
+
+        return await self._read(run)
+
+    async def run_flusher(self) -> None:
+        """Commit every tick's writes as one batch, forever (P18)."""
+        self._flusher_running = True
+        try:
+            while True:
+                await self._dirty.wait()
+                self._dirty = trio.Event()
+                await trio.lowlevel.checkpoint()  # one more tick: the runnable writers join
+                await self._flush()
+        finally:
+            self._flusher_running = False
+            with trio.CancelScope(shield=True):
+                await self._flush()
+
+    async def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+
+        def run(conn: Connection) -> list[tuple[Any, BaseException | None]]:
+            tick = _Tick()
+            results: list[tuple[Any, BaseException | None]] = [
+                (item.fn(conn, tick), None) for item in batch
+            ]
+            _send_notifications(conn, tick)
+            return results
+
+        try:
+            outcomes = await self.writer.run(run)
+        except StoreUnreachable as exc:
+            self._failed(exc.reason)
+            for item in batch:
+                item.error = exc
+                item.done.set()
+            return
+        except Exception:
+            # One write's own error (a constraint, a bug) rolled the batch back:
+            # each runs again alone, so only it fails.
+            outcomes = [await self._alone(item) for item in batch]
+        self._healthy()
+        for item, (result, error) in zip(batch, outcomes, strict=True):
+            item.result, item.error = result, error
+            item.done.set()
+
+    async def _alone(self, item: _Pending[Any]) -> tuple[Any, BaseException | None]:
+        def run(conn: Connection) -> Any:
+            tick = _Tick()
+            result = item.fn(conn, tick)
+            _send_notifications(conn, tick)
+            return result
+
+        try:
+            return await self.writer.run(run), None
+        except StoreUnreachable as exc:
+            self._failed(exc.reason)
+            return None, exc
+        except Exception as exc:
+            return None, exc
+
+    def _failed(self, reason: str) -> None:
+        if self.error is None:
+            log.error("store failure: writes not confirmed", extra={"reason": reason})
+            self.failing_since = utc_now()
+        self.error = reason
+        self.failures += 1
+        self._notify()
+
+    def _healthy(self) -> None:
+        if self.error is not None:
+            log.warning("store recovered", extra={"failures": self.failures})
+            self.error = None
+            self.failing_since = None
+            self._notify()
+
+    def _notify(self) -> None:
+        self._health_changed.set()
+        self._health_changed = trio.Event()
+
+    async def flushed(self) -> None:
+        """Every write returned after its commit already: nothing is left to wait for."""
+        await trio.lowlevel.checkpoint()
+
+    async def recovered(self, seen: int) -> int:
+        """Wait until the store failed since ``seen`` and committed again; `failures`."""
+        while self.failures == seen or self.error is not None:
+            await self._health_changed.wait()
+        return self.failures
+
+    def ensure_unchanged(self, seen: int) -> None:
+        if self.failures != seen:
+            raise StoreUnreachable(self.error or "writes were lost since this was read")
+
+    async def close(self) -> None:
+        for session in (self.writer, *self._readers):
+            await session.close()
+
+    def _fence_params(self, fence: Fence) -> dict[str, Any]:
+        return {
+            "fch": fence.channel,
+            "token": fence.token,
+            "host": self.host,
+            "inc": self.ownership.incarnation,
+        }
+
+    def _check_deadline(self, fence: Fence) -> None:
+        """P10: a host past its own deadline sends no fenced write at all (a
+        resumed process fences itself before the database has to)."""
+        if not self.ownership.alive():
+            self._fenced(fence)
+
+    def _fenced(self, fence: Fence) -> None:
+        log.warning("write fenced", extra={"channel": fence.channel, "token": fence.token})
+        if self.on_fenced is not None:
+            self.on_fenced()
+        raise FencedOut(fence.channel, fence.token)
+
+    async def _fenced_write(self, fence: Fence, fn: Callable[[Connection, _Tick], T | None]) -> T:
+        """A turn's write: ``fn`` returns None when its statement found no fence."""
+        self._check_deadline(fence)
+        result = await self._write(fn)
+        if result is None:
+            self._fenced(fence)
+        return result  # type: ignore[return-value]
+
+    # -- meta -------------------------------------------------------------------------
+
+    async def get_meta(self, key: str) -> str | None:
+        def read(conn: Connection) -> str | None:
+            row = conn.execute("SELECT value FROM meta WHERE key = %s", (key,)).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._read(read)
+
+    async def set_meta(self, key: str, value: str) -> None:
+        def write(conn: Connection, tick: _Tick) -> None:
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES (%s, %s) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+        await self._write(write)
+
+    async def init_once(self, key: str) -> bool:
+        """True for exactly one caller per store and key (the demo agent, P4)."""
+
+        def claim(conn: Connection) -> bool:
+            row = conn.execute(
+                "INSERT INTO meta (key, value) VALUES (%s, '1') ON CONFLICT DO NOTHING "
+                "RETURNING key",
+                (key,),
+            ).fetchone()
+            return row is not None
+
+        return await self._solo(claim)
+
+    async def defs_version(self) -> int:
+        value = await self.get_meta("defs_version")
+        return int(value or 0)
+
+    # -- agents (P22) -----------------------------------------------------------------
+
+    async def save_agent(self, agent: AgentSpec, *, create: bool) -> None:
+        """Create (``create``; Conflict naming the field when name or channel is
+        taken) or update an agent, in its own transaction: the channel row is
+        written (waiting for accepts in flight, P18), a new channel's buffered
+        messages become queued (R7), and the others are told (NOTIFY)."""
+        spec = json.dumps(agent.to_json())
+
+        def save(conn: Connection) -> None:
+            old = conn.execute(
+                "SELECT channel FROM agents WHERE name = %s FOR UPDATE", (agent.name,)
+            ).fetchone()
+            if create and old is not None:
+                raise Conflict(f"an agent named {agent.name!r} already exists", field="name")
+            if not create and old is None:
+                raise Conflict(f"no agent named {agent.name!r}", field="name")
+            holder = conn.execute(
+                "SELECT name FROM agents WHERE channel = %s AND name <> %s",
+                (agent.channel, agent.name),
+            ).fetchone()
+            if holder is not None:
+                raise Conflict(
+                    f"channel {agent.channel!r} is already served by agent {holder[0]!r}",
+                    field="channel",
+                )
+            try:
+                with conn.transaction():
+                    if create:
+                        conn.execute(
+                            "INSERT INTO agents (name, channel, spec) VALUES (%s, %s, %s)",
+                            (agent.name, agent.channel, spec),
+                        )
+                    else:
+                        conn.execute(
+                            "UPDATE agents SET channel = %s, spec = %s WHERE name = %s",
+                            (agent.channel, spec, agent.name),
+                        )
+            except psycopg.errors.UniqueViolation as exc:  # a concurrent create won (R2)
+                if "channel" in str(exc):
+                    raise Conflict(
+                        f"channel {agent.channel!r} is already served by another agent",
+                        field="channel",
+                    ) from None
+                raise Conflict(
+                    f"an agent named {agent.name!r} already exists", field="name"
+                ) from None
+            moved_from = old[0] if old is not None and old[0] != agent.channel else None
+            if old is None or moved_from is not None:
+                conn.execute(
+                    "INSERT INTO channels (name, agent) VALUES (%s, %s) "
+                    "ON CONFLICT (name) DO UPDATE SET agent = excluded.agent",
+                    (agent.channel, agent.name),
+                )
+                conn.execute(
+                    "UPDATE messages SET state = 'queued' "
+                    "WHERE channel = %s AND state = 'buffered'",
+                    (agent.channel,),
+                )
+                if moved_from is None:
+                    conn.execute(
+                        "INSERT INTO leases (name) VALUES (%s) ON CONFLICT DO NOTHING",
+                        (agent.channel,),
+                    )
+                else:  # R3/P22: the moved agent keeps its host, under a fresh token
+                    conn.execute(
+                        "INSERT INTO leases (name, owner, incarnation, token, home, acquired_at) "
+                        "SELECT %s, owner, incarnation, nextval('fence_seq'), home, now() "
+                        "FROM leases WHERE name = %s "
+                        "ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, "
+                        "incarnation = excluded.incarnation, token = excluded.token, "
+                        "home = excluded.home, acquired_at = excluded.acquired_at",
+                        (agent.channel, moved_from),
+                    )
+                    _unregister_channel(conn, moved_from)
+                conn.execute("SELECT pg_notify('skydeck_wake', %s)", (agent.channel,))
+            _bump_defs(conn, f"agent:{agent.name}")
+
+        await self._solo(save)
+
+    async def delete_agent(self, name: str, *, buffer_cap: int) -> bool:
+        """R26 across the cluster: the row goes, the channel's queued messages go
+        back to `buffered` (compare-and-set beats the owner's stale queue), and the
+        owner, told by NOTIFY, cancels the running turn and releases the lease."""
+
+        def delete(conn: Connection) -> bool:
+            row = conn.execute(
+                "DELETE FROM agents WHERE name = %s RETURNING channel", (name,)
+            ).fetchone()
+            if row is None:
+                return False
+            conn.execute("DELETE FROM sessions WHERE agent = %s", (name,))
+            _unregister_channel(conn, row[0])
+            dropped = _evict_over_cap(conn, row[0], buffer_cap)
+            if dropped and self.on_dropped is not None:
+                self.on_dropped(dropped)
+            _bump_defs(conn, f"agent:{name}")
+            return True
+
+        return await self._solo(delete)
+
+    async def list_agents(self) -> list[AgentSpec]:
+        def read(conn: Connection) -> list[AgentSpec]:
+            rows = conn.execute("SELECT spec FROM agents ORDER BY name").fetchall()
+            return [AgentSpec(**json.loads(row[0])) for row in rows]
+
+        return await self._read(read)
+
+    async def get_agent(self, name: str) -> AgentSpec | None:
+        def read(conn: Connection) -> AgentSpec | None:
+            row = conn.execute("SELECT spec FROM agents WHERE name = %s", (name,)).fetchone()
+            return None if row is None else AgentSpec(**json.loads(row[0]))
+
+        return await self._read(read)
+
+    # -- jobs (P22, P23) --------------------------------------------------------------
+
+    async def save_job(self, job: Job) -> None:
+        spec = json.dumps(job.to_json())
+
+        def save(conn: Connection) -> None:
+            conn.execute(
+                "INSERT INTO jobs (name, spec) VALUES (%s, %s) "
+                "ON CONFLICT (name) DO UPDATE SET spec = excluded.spec",
+                (job.name, spec),
+            )
+            _bump_defs(conn, f"job:{job.name}")
+
+        await self._solo(save)
+
+    async def delete_job(self, name: str) -> bool:
+        def delete(conn: Connection) -> bool:
+            gone = conn.execute("DELETE FROM jobs WHERE name = %s", (name,)).rowcount > 0
+            if gone:
+                _bump_defs(conn, f"job:{name}")
+            return gone
+
+        return await self._solo(delete)
+
+    async def list_jobs(self) -> list[Job]:
+        def read(conn: Connection) -> list[Job]:
+            rows = conn.execute("SELECT spec FROM jobs ORDER BY name").fetchall()
+            return [Job(**json.loads(row[0])) for row in rows]
+
+        return await self._read(read)
+
+    async def fire_slot(
+        self, job: Job, slot: str, inbound: Inbound, fence: Fence, *, buffer_cap: int
+    ) -> Accepted | None:
+        """P23: fire ``slot`` once in the cluster. One fenced transaction takes the
+        slot (its primary key decides between rivals), stores the message (R8,
+        ``job:<name>:<slot>``) and the job's ``last_*`` fields. None: the slot was
+        taken already (a paused holder, a takeover), and nothing was written."""
+        self._check_deadline(fence)
+        params = self._fence_params(fence)
+
+        def fire(conn: Connection, tick: _Tick) -> Accepted | Literal[False] | None:
+            taken = conn.execute(
+                f"WITH {_FENCE} INSERT INTO job_slots (job, slot, outcome) "
+                "SELECT %(job)s, %(slot)s, 'fired' WHERE EXISTS (SELECT 1 FROM f) "
+                "ON CONFLICT DO NOTHING RETURNING 1".encode(),
+                {**params, "job": job.name, "slot": slot},
+            ).fetchone()
+            if taken is None:
+                alive = conn.execute(
+                    f"WITH {_FENCE} SELECT count(*) FROM f".encode(), params
+                ).fetchone()
+                return None if alive and alive[0] else False
+            accepted = self._accept(conn, tick, inbound, buffer_cap)
+            fired = replace(
+                job,
+                last_slot=slot,
+                last_outcome="fired",
+                last_message_id=accepted.id,
+            )
+            conn.execute(
+                "UPDATE job_slots SET message_id = %s WHERE job = %s AND slot = %s",
+                (accepted.id, job.name, slot),
+            )
+            conn.execute(
+                "UPDATE jobs SET spec = %s WHERE name = %s",
+                (json.dumps(fired.to_json()), job.name),
+            )
+            return accepted
+
+        outcome = await self._write(fire)
+        if outcome is False:
+            self._fenced(fence)
+        return outcome or None
+
+    async def skip_slot(self, job: Job, slot: str, reason: str, fence: Fence) -> bool:
+        """P23: record a skipped slot once in the cluster; False if it was taken."""
+        self._check_deadline(fence)
+        params = {**self._fence_params(fence), "job": job.name, "slot": slot}
+
+        def skip(conn: Connection, tick: _Tick) -> bool:
+            row = conn.execute(
+                f"WITH {_FENCE} INSERT INTO job_slots (job, slot, outcome) "
+                "SELECT %(job)s, %(slot)s, 'skipped' WHERE EXISTS (SELECT 1 FROM f) "
+                "ON CONFLICT DO NOTHING RETURNING 1".encode(),
+                params,
+            ).fetchone()
+            return row is not None
+
+        return await self._write(skip)
+
+    # -- inbound (P18, P19, P21) ------------------------------------------------------
+
+    async def accept_inbound(self, inbound: Inbound, *, buffer_cap: int) -> Accepted:
+        """Store a new inbound message in this tick's batch, or recognise a duplicate.
+
+        `queued` or `buffered` is decided here, from the channel row read `FOR
+        SHARE` (P18): a registration waits for this batch, or this sees it.
+        ``Accepted.owner`` is the channel's live owner (None: nobody yet).
+        """
+
+        def accept(conn: Connection, tick: _Tick) -> Accepted:
+            return self._accept(conn, tick, inbound, buffer_cap)
+
+        return await self._write(accept)
+
+    def _accept(self, conn: Connection, tick: _Tick, inbound: Inbound, buffer_cap: int) -> Accepted:
+        channel = inbound.channel
+        row = _lock_channel(conn, channel)
+        if row is None:
+            conn.execute(
+                "INSERT INTO channels (name) VALUES (%s) ON CONFLICT DO NOTHING", (channel,)
+            )
+            row = _lock_channel(conn, channel)
+            assert row is not None
+        agent, owner = row
+        state = MessageState.QUEUED if agent is not None else MessageState.BUFFERED
+        inserted = conn.execute(
+            "INSERT INTO messages (id, channel, direction, content, state, metadata, external_id) "
+            "VALUES (%s, %s, 'in', %s, %s, %s, %s) "
+            "ON CONFLICT (channel, external_id) WHERE external_id IS NOT NULL AND direction = 'in' "
+            f"DO NOTHING RETURNING {MESSAGE_COLUMNS}".encode(),
+            (
+                new_id(),
+                channel,
+                inbound.content,
+                state.value,
+                json.dumps(inbound.metadata),
+                inbound.external_id,
+            ),
+        ).fetchone()
+        if inserted is None:
+            # P21: the row that won was committed by another host after this
+            # statement's snapshot; only a second statement can see it.
+            original = conn.execute(
+                f"SELECT {MESSAGE_COLUMNS} FROM messages "
+                "WHERE channel = %s AND external_id = %s AND direction = 'in'".encode(),
+                (channel, inbound.external_id),
+            ).fetchone()
+            assert original is not None
+            message = _message(original)
+            return Accepted(id=message.id, state="duplicate", message=message, owner=owner)
+        message = _message(inserted)
+        if state is MessageState.BUFFERED:
+            dropped = _evict_over_cap(conn, channel, buffer_cap)
+            if dropped and self.on_dropped is not None:
+                self.on_dropped(dropped)
+        elif owner != self.host:
+            tick.notify.add(("skydeck_wake", channel))  # P19: the owner reads it by state
+        return Accepted(id=message.id, state=state, message=message, owner=owner)
+
+    async def claim_open(self, channel: str, fence: Fence) -> list[Message]:
+        """The channel's runnable messages, oldest first, for the owner holding
+        ``fence`` (R28/P15: read by state, never by a seq high-water mark)."""
+        self._check_deadline(fence)
+        params = self._fence_params(fence)
+
+        def read(conn: Connection, tick: _Tick) -> list[Message] | None:
+            rows = conn.execute(
+                f"WITH {_FENCE} SELECT {MESSAGE_COLUMNS} FROM messages "
+                "WHERE channel = %(fch)s AND state IN ('queued', 'working') "
+                "AND EXISTS (SELECT 1 FROM f) ORDER BY seq".encode(),
+                params,
+            ).fetchall()
+            alive = conn.execute(f"WITH {_FENCE} SELECT count(*) FROM f".encode(), params)
+            found = alive.fetchone()
+            if not found or not found[0]:
+                return None
+            return [_message(row) for row in rows]
+
+        return await self._fenced_write(fence, read)
+
+    async def open_counts(self) -> dict[str, tuple[int, int]]:
+        """R5 for channels owned elsewhere (P24): channel -> (working, queued)."""
+
+        def read(conn: Connection) -> dict[str, tuple[int, int]]:
+            rows = conn.execute(
+                "SELECT channel, count(*) FILTER (WHERE state = 'working'), "
+                "count(*) FILTER (WHERE state = 'queued') FROM messages "
+                "WHERE state IN ('queued', 'working') GROUP BY channel"
+            ).fetchall()
+            return {ch: (int(w), int(q)) for ch, w, q in rows}
+
+        return await self._read(read)
+
+    async def count_buffered(self) -> int:
+        def read(conn: Connection) -> int:
+            row = conn.execute("SELECT count(*) FROM messages WHERE state = 'buffered'").fetchone()
+            return int(row[0]) if row else 0
+
+        return await self._read(read)
+
+    # -- the turn (P11: every write fenced) -------------------------------------------
+
+    async def start_turn(
+        self, messages: Sequence[Message], thread: ThreadRecord, fence: Fence
+    ) -> tuple[list[Message], ThreadRecord]:
+        """The start record and the messages `working` (one more attempt), in one
+        fenced statement; the thread's ``started_at`` is the database's clock."""
+        started = ledger.started(messages, thread.id)
+        params = {
+            **self._fence_params(fence),
+            "ids": [m.id for m in messages],
+            "thread": thread.id,
+            "link": thread.mode == "single-threaded" and thread.turn_count == 0,
+            "none": not messages,
+            **_thread_params(thread),
+        }
+        # `ok`: the fence holds and every message is still startable (compare-and-set);
+        # everything below is gated on it, so the statement is all or nothing.
+        statement = f"""
+        WITH {_FENCE},
+        ok AS (
+            SELECT 1 FROM f WHERE (SELECT count(*) FROM messages
+                WHERE id = ANY(%(ids)s) AND state IN ('queued', 'working'))
+                = cardinality(%(ids)s::text[])
+        ),
+        m AS (
+            UPDATE messages SET state = 'working', attempts = attempts + 1,
+                thread_id = %(thread)s, host = %(host)s, fence = %(token)s
+            WHERE id = ANY(%(ids)s) AND EXISTS (SELECT 1 FROM ok)
+            RETURNING id
+        ),
+        s AS (
+            INSERT INTO sessions (agent, thread_id)
+            SELECT %(agent)s, %(thread)s WHERE %(link)s AND EXISTS (SELECT 1 FROM ok)
+            ON CONFLICT (agent) DO UPDATE SET thread_id = excluded.thread_id
+            RETURNING 1
+        ),
+        t AS (
+            INSERT INTO threads (id, channel, agent, mode, status, input, output, session,
+                turn_count, usage, started_at, ended_at, message_id, host, fence)
+            SELECT %(thread)s, %(channel)s, %(agent)s, %(mode)s, %(status)s, %(input)s,
+                %(output)s, %(session)s, %(turn_count)s, %(usage)s, clock_timestamp(), NULL,
+                %(message_id)s, %(host)s, %(token)s
+            WHERE EXISTS (SELECT 1 FROM ok)
+            ON CONFLICT (id) DO UPDATE SET channel = excluded.channel,
+                status = excluded.status, input = excluded.input, output = excluded.output,
+                session = excluded.session, turn_count = excluded.turn_count,
+                usage = excluded.usage, started_at = excluded.started_at, ended_at = NULL,
+                message_id = excluded.message_id, host = excluded.host, fence = excluded.fence
+            RETURNING {_ts("started_at")}
+        )
+        SELECT (SELECT * FROM t), (SELECT count(*) FROM m) + (SELECT count(*) FROM s)
+        """
+
+        def start(conn: Connection, tick: _Tick) -> str | None:
+            row = conn.execute(statement.encode(), params).fetchone()
+            return None if row is None or row[0] is None else str(row[0])
+
+        started_at = await self._fenced_write(fence, start)
+        return started, replace(thread, started_at=started_at)
+
+    async def end_turn(
+        self,
+        messages: Sequence[Message],
+        thread: ThreadRecord,
+        fence: Fence,
+        *,
+        state: MessageState,
+        reply: str,
+        error: str | None,
+        persist_session: bool,
+    ) -> tuple[list[Message], Message | None, ThreadRecord]:
+        """The end of a turn (R16/R17/R19) in one fenced statement: the record
+        counted and ended, the reply stored, the messages moved from `working`
+        to ``state``, the echoed session kept."""
+        for message in messages:
+            ledger.check_message_move(message.state, state)
+        ended = replace(thread, turn_count=thread.turn_count + 1)
+        reply_id = new_id() if reply else None
+        params = {
+            **self._fence_params(fence),
+            **_thread_params(ended),
+            "ids": [m.id for m in messages],
+            "state": state.value,
+            "error": error,
+            "reply": reply,
+            "reply_id": reply_id,
+            "first": messages[0].id if messages else None,
+            "persist": bool(ended.mode == "single-threaded" and persist_session and ended.session),
+        }
+        statement = f"""
+        WITH {_FENCE},
+        ok AS (
+            SELECT 1 FROM f WHERE (SELECT count(*) FROM messages
+                WHERE id = ANY(%(ids)s) AND state = 'working') = cardinality(%(ids)s::text[])
+        ),
+        t AS (
+            UPDATE threads SET status = %(status)s, input = %(input)s, output = %(output)s,
+                session = %(session)s, turn_count = %(turn_count)s, usage = %(usage)s,
+                ended_at = clock_timestamp(), message_id = %(message_id)s
+            WHERE id = %(id)s AND EXISTS (SELECT 1 FROM ok)
+            RETURNING {_ts("ended_at")}
+        ),
+        s AS (
+            UPDATE sessions SET session_id = %(session)s
+            WHERE agent = %(agent)s AND %(persist)s AND EXISTS (SELECT 1 FROM ok)
+            RETURNING 1
+        ),
+        r AS (
+            INSERT INTO messages (id, channel, direction, content, state, metadata,
+                in_reply_to, thread_id, host, fence)
+            SELECT %(reply_id)s, %(channel)s, 'out', %(reply)s, 'done', '{{}}', %(first)s,
+                %(id)s, %(host)s, %(token)s
+            WHERE %(reply_id)s::text IS NOT NULL AND EXISTS (SELECT 1 FROM ok)
+            RETURNING {MESSAGE_COLUMNS}
+        ),
+        m AS (
+            UPDATE messages SET state = %(state)s, error = %(error)s, reply_id = %(reply_id)s
+            WHERE id = ANY(%(ids)s) AND EXISTS (SELECT 1 FROM ok)
+            RETURNING id
+        )
+        SELECT (SELECT * FROM t), (SELECT count(*) FROM m) + (SELECT count(*) FROM s),
+            r.* FROM (SELECT 1) one LEFT JOIN r ON true
+        """
+
+        def end(conn: Connection, tick: _Tick) -> tuple[str, Message | None] | None:
+            row = conn.execute(statement.encode(), params).fetchone()
+            if row is None or row[0] is None:
+                return None
+            outbound = _message(row[2:]) if row[2] is not None else None
+            return str(row[0]), outbound
+
+        ended_at, outbound = await self._fenced_write(fence, end)
+        settled = [replace(m, state=state, error=error, reply_id=reply_id) for m in messages]
+        return settled, outbound, replace(ended, ended_at=ended_at)
+
+    async def set_state(
+        self,
+        messages: Sequence[Message],
+        state: MessageState,
+        fence: Fence,
+        error: str | None = None,
+    ) -> list[Message]:
+        """Move messages to ``state`` (each move checked), fenced and compare-and-set."""
+        moved = ledger.moved(messages, state, error)
+        params = {
+            **self._fence_params(fence),
+            "ids": [m.id for m in messages],
+            "from": [m.state.value for m in messages],
+            "state": state.value,
+            "error": error,
+        }
+
+        def write(conn: Connection, tick: _Tick) -> int | None:
+            row = conn.execute(
+                f"WITH {_FENCE}, m AS (UPDATE messages SET state = %(state)s, error = %(error)s "
+                "FROM unnest(%(ids)s::text[], %(from)s::text[]) AS w(id, state) "
+                "WHERE messages.id = w.id AND messages.state = w.state "
+                "AND EXISTS (SELECT 1 FROM f) RETURNING 1) "
+                "SELECT (SELECT count(*) FROM f), (SELECT count(*) FROM m)".encode(),
+                params,
+            ).fetchone()
+            assert row is not None
+            return None if not row[0] else int(row[1])
+
+        await self._fenced_write(fence, write)
+        return moved
+
+    async def rewrite_thread(self, thread: ThreadRecord, fence: Fence) -> None:
+        """R21: rewrite the same turn's record; the turn count does not move."""
+        params = {**self._fence_params(fence), **_thread_params(thread)}
+
+        def write(conn: Connection, tick: _Tick) -> bool | None:
+            row = conn.execute(
+                f"WITH {_FENCE}, t AS (UPDATE threads SET status = %(status)s, "
+                "input = %(input)s, output = %(output)s, session = %(session)s, "
+                "turn_count = %(turn_count)s, usage = %(usage)s, message_id = %(message_id)s "
+                "WHERE id = %(id)s AND EXISTS (SELECT 1 FROM f) RETURNING 1) "
+                "SELECT (SELECT count(*) FROM f)".encode(),
+                params,
+            ).fetchone()
+            return True if row and row[0] else None
+
+        await self._fenced_write(fence, write)
+
+    async def end_thread(
+        self, thread: ThreadRecord, status: ThreadStatus, output: str, fence: Fence
+    ) -> ThreadRecord:
+        """End a record without counting a turn (a cancelled turn never completed)."""
+        ended = ledger.thread_moved(thread, status, output=output)
+        params = {**self._fence_params(fence), **_thread_params(ended)}
+
+        def write(conn: Connection, tick: _Tick) -> str | None:
+            row = conn.execute(
+                f"WITH {_FENCE} UPDATE threads SET status = %(status)s, output = %(output)s, "
+                "ended_at = clock_timestamp() WHERE id = %(id)s AND EXISTS (SELECT 1 FROM f) "
+                f"RETURNING {_ts('ended_at')}".encode(),
+                params,
+            ).fetchone()
+            return None if row is None else str(row[0])
+
+        ended_at = await self._fenced_write(fence, write)
+        return replace(ended, ended_at=ended_at)
+
+    async def set_remote_id(self, message: Message, remote_id: str, fence: Fence) -> Message:
+        updated = replace(message, metadata={**message.metadata, "remote_id": remote_id})
+        params = {
+            **self._fence_params(fence),
+            "id": message.id,
+            "metadata": json.dumps(updated.metadata),
+        }
+
+        def write(conn: Connection, tick: _Tick) -> bool | None:
+            row = conn.execute(
+                f"WITH {_FENCE}, m AS (UPDATE messages SET metadata = %(metadata)s "
+                "WHERE id = %(id)s AND EXISTS (SELECT 1 FROM f) RETURNING 1) "
+                "SELECT (SELECT count(*) FROM f)".encode(),
+                params,
+            ).fetchone()
+            return True if row and row[0] else None
+
+        await self._fenced_write(fence, write)
+        return updated
+
+    async def get_session(self, agent: str) -> str | None:
+        def read(conn: Connection) -> str | None:
+            row = conn.execute(
+                "SELECT session_id FROM sessions WHERE agent = %s", (agent,)
+            ).fetchone()
+            return None if row is None else row[0]
+
+        return await self._read(read)
+
+    async def clear_session(self, agent: str) -> None:
+        """R27: forget the session; the conversation's record keeps counting."""
+
+        def write(conn: Connection, tick: _Tick) -> None:
+            conn.execute(
+                "UPDATE threads SET session = NULL WHERE id = "
+                "(SELECT thread_id FROM sessions WHERE agent = %s)",
+                (agent,),
+            )
+            conn.execute("UPDATE sessions SET session_id = NULL WHERE agent = %s", (agent,))
+
+        await self._write(write)
+
+    async def conversation(self, agent: str) -> ThreadRecord | None:
+        def read(conn: Connection) -> ThreadRecord | None:
+            row = conn.execute(
+                f"SELECT {THREAD_COLUMNS} FROM threads WHERE id = "
+                "(SELECT thread_id FROM sessions WHERE agent = %s)".encode(),
+                (agent,),
+            ).fetchone()
+            return None if row is None else _thread(row)
+
+        return await self._read(read)
+
+    # -- outbox (fenced by role:vault-outbox, P17) ------------------------------------
+
+    async def outbox_add(self, kind: str, payload: dict[str, Any], fence: Fence) -> int:
+        params = {**self._fence_params(fence), "kind": kind, "payload": json.dumps(payload)}
+
+        def write(conn: Connection, tick: _Tick) -> int | None:
+            row = conn.execute(
+                f"WITH {_FENCE} INSERT INTO outbox (kind, payload) "
+                "SELECT %(kind)s, %(payload)s WHERE EXISTS (SELECT 1 FROM f) "
+                "RETURNING seq".encode(),
+                params,
+            ).fetchone()
+            return None if row is None else int(row[0])
+
+        return await self._fenced_write(fence, write)
+
+    async def outbox_items(self) -> list[tuple[int, str, dict[str, Any], int]]:
+        def read(conn: Connection) -> list[tuple[int, str, dict[str, Any], int]]:
+            rows = conn.execute(
+                "SELECT seq, kind, payload, attempts FROM outbox ORDER BY seq"
+            ).fetchall()
+            return [(int(r[0]), r[1], json.loads(r[2]), int(r[3])) for r in rows]
+
+        return await self._read(read)
+
+    async def outbox_failed(self, seq: int, error: str) -> None:
+        def write(conn: Connection, tick: _Tick) -> None:
+            conn.execute(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = %s WHERE seq = %s",
+                (error, seq),
+            )
+
+        await self._write(write)
+
+    async def outbox_done(self, seq: int) -> None:
+        def write(conn: Connection, tick: _Tick) -> None:
+            conn.execute("DELETE FROM outbox WHERE seq = %s", (seq,))
+
+        await self._write(write)
+
+    async def outbox_count(self) -> int:
+        def read(conn: Connection) -> int:
+            row = conn.execute("SELECT count(*) FROM outbox").fetchone()
+            return int(row[0]) if row else 0
+
+        return await self._read(read)
+
+    # -- processes of this host (procs.ProcessRegistry) -------------------------------
+
+    async def add_process(self, record: ProcessRecord) -> None:
+        def write(conn: Connection, tick: _Tick) -> None:
+            conn.execute(
+                "INSERT INTO processes (host, boot_id, pid, start_time, agent, channel, "
+                "started_at) VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                (
+                    self.host,
+                    record.boot_id,
+                    record.pid,
+                    record.start_time,
+                    record.agent,
+                    record.channel,
+                    record.started_at,
+                ),
+            )
+
+        await self._write(write)
+
+    async def remove_process(self, record: ProcessRecord) -> None:
+        def write(conn: Connection, tick: _Tick) -> None:
+            conn.execute(
+                "DELETE FROM processes WHERE host = %s AND boot_id = %s AND pid = %s "
+                "AND start_time = %s",
+                (self.host, record.boot_id, record.pid, record.start_time),
+            )
+
+        await self._write(write)
+
+    async def list_processes(self) -> list[ProcessRecord]:
+        def read(conn: Connection) -> list[ProcessRecord]:
+            rows = conn.execute(
+                "SELECT pid, start_time, boot_id, agent, channel, started_at FROM processes "
+                "WHERE host = %s ORDER BY started_at",
+                (self.host,),
+            ).fetchall()
+            return [
+                ProcessRecord(
+                    pid=r[0],
+                    start_time=r[1],
+                    boot_id=r[2],
+                    agent=r[3],
+                    channel=r[4],
+                    started_at=r[5],
+                )
+                for r in rows
+            ]
+
+        return await self._read(read)
+
+    async def clear_processes(self) -> None:
+        def write(conn: Connection, tick: _Tick) -> None:
+            conn.execute("DELETE FROM processes WHERE host = %s", (self.host,))
+
+        await self._write(write)
+
+    # -- reading ----------------------------------------------------------------------
+
+    async def get_message(self, message_id: str) -> Message | None:
+        def read(conn: Connection) -> Message | None:
+            row = conn.execute(
+                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = %s".encode(), (message_id,)
+            ).fetchone()
+            return None if row is None else _message(row)
+
+        return await self._read(read)
+
+    async def list_messages(
+        self,
+        channel: str,
+        *,
+        limit: int,
+        after: str | None = None,
+        before: str | None = None,
+        tail: bool = False,
+    ) -> tuple[list[Message], str | None, str | None]:
+        """Cursor paging, oldest first: (messages, next, prev), as the SQLite store's Page."""
+        base = f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE channel = %s"
+
+        def read(conn: Connection) -> tuple[list[Message], str | None, str | None]:
+            if after is not None:
+                rows = conn.execute(
+                    f"{base} AND seq > %s ORDER BY seq LIMIT %s".encode(),
+                    (channel, _cursor(after), limit),
+                ).fetchall()
+            elif before is not None or tail:
+                bound = _cursor(before) if before is not None else 2**62
+                rows = conn.execute(
+                    f"{base} AND seq < %s ORDER BY seq DESC LIMIT %s".encode(),
+                    (channel, bound, limit),
+                ).fetchall()
+                rows.reverse()
+            else:
+                rows = conn.execute(
+                    f"{base} ORDER BY seq LIMIT %s".encode(), (channel, limit)
+                ).fetchall()
+            messages = [_message(row) for row in rows]
+            if not messages:
+                return [], None, None
+            first, last = messages[0].seq, messages[-1].seq
+            flags = conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM messages WHERE channel = %s AND seq > %s), "
+                "EXISTS (SELECT 1 FROM messages WHERE channel = %s AND seq < %s)",
+                (channel, last, channel, first),
+            ).fetchone()
+            assert flags is not None
+            return messages, str(last) if flags[0] else None, str(first) if flags[1] else None
+
+        return await self._read(read)
+
+    async def list_threads(
+        self, channel: str | None = None, limit: int = 500
+    ) -> list[ThreadRecord]:
+        def read(conn: Connection) -> list[ThreadRecord]:
+            if channel is None:
+                rows = conn.execute(
+                    f"SELECT {THREAD_COLUMNS} FROM threads ORDER BY seq DESC LIMIT %s".encode(),
+                    (limit,),
+                ).fetchall()
+            else:
+                rows = conn.execute(
+                    f"SELECT {THREAD_COLUMNS} FROM threads WHERE channel = %s "
+                    "ORDER BY seq DESC LIMIT %s".encode(),
+                    (channel, limit),
+                ).fetchall()
+            return [_thread(row) for row in reversed(rows)]
+
+        return await self._read(read)
+
+    async def answered_by(self, reply_id: str) -> list[Message]:
+        def read(conn: Connection) -> list[Message]:
+            rows = conn.execute(
+                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE reply_id = %s "
+                "AND direction = 'in' ORDER BY seq".encode(),
+                (reply_id,),
+            ).fetchall()
+            return [_message(row) for row in rows]
+
+        return await self._read(read)
+
+    async def get_thread(self, thread_id: str) -> ThreadRecord | None:
+        def read(conn: Connection) -> ThreadRecord | None:
+            row = conn.execute(
+                f"SELECT {THREAD_COLUMNS} FROM threads WHERE id = %s".encode(), (thread_id,)
+            ).fetchone()
+            return None if row is None else _thread(row)
+
+        return await self._read(read)
+
+
+def _lock_channel(conn: Connection, channel: str) -> tuple[str | None, str | None] | None:
+    """(agent, live owner) of a channel row, locked FOR SHARE until commit (P18)."""
+    row = conn.execute(
+        "SELECT c.agent, (SELECT l.owner FROM leases l JOIN hosts h "
+        "ON (h.host_id, h.incarnation) = (l.owner, l.incarnation) "
+        "WHERE l.name = c.name AND h.expires_at > now()) "
+        "FROM channels c WHERE c.name = %s FOR SHARE OF c",
+        (channel,),
+    ).fetchone()
+    return None if row is None else (row[0], row[1])
+
+
+def _unregister_channel(conn: Connection, channel: str) -> None:
+    """R26: no agent on the channel any more; its queued messages wait, buffered."""
+    conn.execute("UPDATE channels SET agent = NULL WHERE name = %s", (channel,))
+    conn.execute(
+        "UPDATE messages SET state = 'buffered' WHERE channel = %s AND state = 'queued'",
+        (channel,),
+    )
+
+
+def _evict_over_cap(conn: Connection, channel: str, cap: int) -> int:
+    """R7: the oldest buffered messages over the cap become `dropped`; how many."""
+    ledger.check_message_move(MessageState.BUFFERED, MessageState.DROPPED)
+    dropped = conn.execute(
+        "UPDATE messages SET state = 'dropped', error = %s WHERE seq IN ("
+        "SELECT seq FROM messages WHERE channel = %s AND state = 'buffered' "
+        "ORDER BY seq DESC OFFSET %s)",
+        (f"buffer cap of {cap} messages exceeded", channel, cap),
+    ).rowcount
+    if dropped > 0:
+        log.warning(
+            "buffer cap reached: oldest messages dropped",
+            extra={"channel": channel, "dropped": dropped, "cap": cap},
+        )
+    return max(dropped, 0)
+
+
+def _bump_defs(conn: Connection, what: str) -> None:
+    """P22: every definition change moves `defs_version` and tells the others."""
+    conn.execute("UPDATE meta SET value = (value::bigint + 1)::text WHERE key = 'defs_version'")
+    conn.execute("SELECT pg_notify('skydeck_defs', %s)", (what,))
+
+
+def _send_notifications(conn: Connection, tick: _Tick) -> None:
+    """One statement for a batch's notifications, in its commit (§0: a notifying
+    commit takes a database-wide lock, so once per tick)."""
+    if tick.notify:
+        channels, payloads = zip(*sorted(tick.notify), strict=True)
+        conn.execute(
+            "SELECT pg_notify(c, p) FROM unnest(%s::text[], %s::text[]) AS n(c, p)",
+            (list(channels), list(payloads)),
+        )
+
+
+def _thread_params(thread: ThreadRecord) -> dict[str, Any]:
+    return {
+        "id": thread.id,
+        "channel": thread.channel,
+        "agent": thread.agent,
+        "mode": thread.mode,
+        "status": thread.status.value,
+        "input": thread.input,
+        "output": thread.output,
+        "session": thread.session,
+        "turn_count": thread.turn_count,
+        "usage": json.dumps(thread.usage) if thread.usage is not None else None,
+        "message_id": thread.message_id,
+    }
+
+
+async def open_postgres(
+    url: str,
+    *,
+    host_id: str,
+    ttl_s: float,
+    schema_name: str = "skydeck",
+    readers: int = 4,
+    advertise_url: str | None = None,
+    version: str | None = None,
+    migrate: bool = True,
+    on_dropped: Callable[[int], None] | None = None,
+    on_fenced: Callable[[], None] | None = None,
+) -> PostgresStore:
+    """Connect, migrate (P4), join (P3) and open the sessions of P7, in that
+    order: the writer and readers carry the incarnation's application_name,
+    which only the join gives."""
+
+    def session(name: str, *, control: bool = False, autocommit: bool = False) -> Session:
+        return Session(
+            conninfo(
+                url,
+                application_name=name,
+                schema=schema_name,
+                timeouts=Timeouts.for_ttl(ttl_s, control=control),
+            ),
+            autocommit=autocommit,
+        )
+
+    def run_migration() -> schema.Migrated:
+        try:
+            with psycopg.connect(url, connect_timeout=5) as conn:
+                return schema.migrate(conn, schema_name, allowed=migrate)
+        except psycopg.OperationalError as exc:
+            raise StoreUnreachable(str(exc).strip().splitlines()[0]) from exc
+
+    await trio.to_thread.run_sync(run_migration)
+    control = session(f"skydeck/{host_id}/joining", control=True)
+    ownership = PgOwnership(
+        control, host_id=host_id, ttl_s=ttl_s, url=advertise_url, version=version
+    )
+    await ownership.join()
+    name = application_name(host_id, ownership.incarnation or 0)
+    store = PostgresStore(
+        session(name),
+        [session(name, autocommit=True) for _ in range(readers)],
+        ownership,
+        url=url,
+        on_dropped=on_dropped,
+        on_fenced=on_fenced,
+    )
+    await store.writer.connect()
+    return store
