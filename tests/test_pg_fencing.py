@@ -51,7 +51,6 @@ async def hosts(pg_url: str) -> AsyncIterator[Opener]:
         nursery.cancel_scope.cancel()
     for store in opened:
         await store.close()
-        await store.ownership.session.close()
 
 
 def fence_of(claimed: list[Claimed], channel: str) -> Fence:

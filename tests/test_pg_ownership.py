@@ -39,7 +39,9 @@ def sql(url: str, statement: str, *args: object) -> list[tuple[object, ...]]:
 
 
 def add_channels(url: str, *names: str) -> None:
+    """Channels with an agent, as a registration leaves them: claimable (P12)."""
     for name in names:
+        sql(url, "INSERT INTO channels (name, agent) VALUES (%s, %s)", name, name)
         sql(url, "INSERT INTO leases (name) VALUES (%s)", name)
 
 
@@ -226,8 +228,12 @@ async def test_a_claimer_that_is_itself_expired_claims_nothing(
     pg_url: str, hosts: Callable[[str], PgOwnership]
 ) -> None:
     add_channels(pg_url, "a")
+    sql(pg_url, "INSERT INTO leases (name) VALUES ('no-agent')")  # never claimable
     host = hosts("h1")
     await host.join()
+    (claimed,) = await host.claim(5)
+    assert claimed.lease.name == "a"
+    await host.release(["a"])
     sql(pg_url, "UPDATE hosts SET expires_at = now()")
     assert await host.claim(5) == []
 

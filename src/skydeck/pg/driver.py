@@ -194,6 +194,18 @@ class Session:
             except psycopg.Error:  # closing a broken session only fails the same way
                 log.debug("closing a broken session failed", exc_info=True)
 
+    async def rename(self, application_name: str) -> None:
+        """Carry another application_name from now on (a new incarnation, P3)."""
+        self._conninfo = psycopg.conninfo.make_conninfo(
+            self._conninfo, application_name=application_name
+        )
+        if self.connected:
+            await self.run(
+                lambda conn: conn.execute(
+                    "SELECT set_config('application_name', %s, false)", (application_name,)
+                )
+            )
+
     async def connect(self) -> None:
         """Open the session now (a `run` would do it too), so start-up fails early."""
         await self.run(lambda conn: None)

@@ -334,10 +334,16 @@ class PgOwnership:
     # -- leases (P9, P15) -----------------------------------------------------------
 
     async def claim(
-        self, room: int, wanted: Sequence[str] | None = None, *, roles: bool = False
+        self,
+        room: int,
+        wanted: Sequence[str] | None = None,
+        *,
+        roles: bool = False,
+        orphans: bool = False,
     ) -> list[Claimed]:
         """Take up to ``room`` claimable leases: channels (``wanted`` names only,
-        if given), or with ``roles`` the cluster roles. Never waits (P9).
+        if given; with ``orphans`` only those a dead owner held, P13), or with
+        ``roles`` the cluster roles. Never waits (P9).
 
         In the same transaction the claimed channels' orphaned `working` thread
         records are ended (P15), so the new owner's turns never overlap them.
@@ -345,12 +351,19 @@ class PgOwnership:
         if room <= 0:
             return []
         inc = self._inc()
-        if wanted is not None:
-            condition = "l.name = ANY(%(wanted)s)"
-        elif roles:
+        # P12: a channel is claimable only while it has an agent (a deleted one's
+        # lease row stays, so its owner can still record the cancelled turn).
+        has_agent = (
+            "EXISTS (SELECT 1 FROM channels ch WHERE ch.name = l.name AND ch.agent IS NOT NULL)"
+        )
+        if roles:
             condition = "l.name LIKE 'role:%%'"
+        elif wanted is not None:
+            condition = f"l.name = ANY(%(wanted)s) AND {has_agent}"
+        elif orphans:
+            condition = f"l.name NOT LIKE 'role:%%' AND l.owner IS NOT NULL AND {has_agent}"
         else:
-            condition = "l.name NOT LIKE 'role:%%'"
+            condition = f"l.name NOT LIKE 'role:%%' AND {has_agent}"
         lock = _LOCK_CANDIDATES.replace("{wanted}", condition).replace("{vacant}", _VACANT)
         take = _TAKE.replace("{vacant}", _VACANT)
         params: dict[str, object] = {

@@ -338,8 +338,26 @@ class PostgresStore:
             raise StoreUnreachable(self.error or "writes were lost since this was read")
 
     async def close(self) -> None:
-        for session in (self.writer, *self._readers):
+        for session in (self.writer, *self._readers, self.ownership.session):
             await session.close()
+
+    async def rename_sessions(self, application_name: str) -> None:
+        """P3: after a rejoin, every session carries the new incarnation's name."""
+        for session in (self.writer, *self._readers):
+            await session.rename(application_name)
+
+    async def cluster_size(self) -> tuple[int, int]:
+        """(channels with agents, live hosts), for the share rule (P13)."""
+
+        def read(conn: Connection) -> tuple[int, int]:
+            row = conn.execute(
+                "SELECT (SELECT count(*) FROM channels WHERE agent IS NOT NULL), "
+                "(SELECT count(*) FROM hosts WHERE expires_at > now())"
+            ).fetchone()
+            assert row is not None
+            return int(row[0]), int(row[1])
+
+        return await self._read(read)
 
     def _fence_params(self, fence: Fence) -> dict[str, Any]:
         return {
