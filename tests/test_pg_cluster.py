@@ -94,13 +94,13 @@ async def start(pg_url: str) -> AsyncIterator[Start]:
         yield start_host
         nursery.cancel_scope.cancel()
     for store in stores:
-        await store.close()
+        store.close()
 
 
 async def agents(store: PostgresStore, count: int) -> None:
     for n in range(count):
         name = f"a{n}"
-        await store.save_agent(AgentSpec(name=name, channel=name, backend="echo"), create=True)
+        await store.create_agent(AgentSpec(name=name, channel=name, backend="echo"), Fence(name))
 
 
 async def wait_for(check: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -142,7 +142,9 @@ async def test_a_post_to_the_non_owner_wakes_the_owner(start: Start) -> None:
     await wait_for(lambda: "a0" in r1.fences)
     c2 = (await start("h2")).cluster
     started = time.monotonic()
-    accepted = await c2.store.accept_inbound(Inbound(channel="a0", content="x"), buffer_cap=10)
+    accepted = await c2.store.accept_inbound(
+        Inbound(channel="a0", content="x"), registered=True, buffer_cap=10
+    )
     assert accepted.owner == "h1"
     await wait_for(lambda: "a0" in r1.woken, timeout=1.0)
     assert time.monotonic() - started < 0.5
@@ -175,7 +177,7 @@ async def test_a_host_whose_sessions_vanish_is_failed_over_in_two_scans(
     r2 = (await start("h2")).recorder
     # h1 "crashes": its loops stop and its sessions close, its row stays unexpired.
     h1.scope.cancel()
-    await h1.cluster.store.close()
+    h1.cluster.store.close()
     await h1.cluster.listener.close()
     started = time.monotonic()
     await wait_for(lambda: len(r2.fences) == 2, timeout=TTL + 2)

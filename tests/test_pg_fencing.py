@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 
 import psycopg
 import pytest
@@ -13,7 +14,7 @@ import trio
 
 from skydeck.errors import Conflict
 from skydeck.ledger import MessageState, ThreadStatus
-from skydeck.model import AgentSpec, Inbound, Job, Message, ThreadRecord, new_id
+from skydeck.model import Accepted, AgentSpec, Inbound, Job, Message, ThreadRecord, new_id
 from skydeck.pg.ownership import Claimed
 from skydeck.pg.store import Fence, FencedOut, PostgresStore, open_postgres
 
@@ -50,12 +51,12 @@ async def hosts(pg_url: str) -> AsyncIterator[Opener]:
         yield open_host
         nursery.cancel_scope.cancel()
     for store in opened:
-        await store.close()
+        store.close()
 
 
-def fence_of(claimed: list[Claimed], channel: str) -> Fence:
+def fence_of(store: PostgresStore, claimed: list[Claimed], channel: str) -> Fence:
     (lease,) = [c.lease for c in claimed if c.lease.name == channel]
-    return Fence(lease.name, lease.token)
+    return store.fence(lease.name, lease.token)
 
 
 def record(channel: str, message: Message) -> ThreadRecord:
@@ -74,17 +75,20 @@ async def test_pt12_a_stale_owner_is_fenced_and_the_new_owner_replays(
     pg_url: str, hosts: Opener
 ) -> None:
     h1, h2 = await hosts("h1"), await hosts("h2")
-    await h1.save_agent(AgentSpec(name="a", channel="c", backend="echo"), create=True)
-    accepted = await h2.accept_inbound(Inbound(channel="c", content="hi"), buffer_cap=CAP)
+    await h1.create_agent(AgentSpec(name="a", channel="c", backend="echo"), Fence("c"))
+    accepted = await h2.accept_inbound(
+        Inbound(channel="c", content="hi"), registered=True, buffer_cap=CAP
+    )
     assert (accepted.state, accepted.owner) == (MessageState.QUEUED, None)
-    old = fence_of(await h1.ownership.claim(10), "c")
+    old = fence_of(h1, await h1.ownership.claim(10), "c")
     (queued,) = await h1.claim_open("c", old)
-    started, thread = await h1.start_turn([queued], record("c", queued), old)
+    thread = record("c", queued)
+    started = await h1.start_turn([queued], thread, old)
     assert started[0].attempts == 1
 
     sql(pg_url, "UPDATE hosts SET expires_at = now() WHERE host_id = 'h1'")  # h1 "paused"
     claimed = await h2.ownership.claim(10)
-    new = fence_of(claimed, "c")
+    new = fence_of(h2, claimed, "c")
     assert new.token > old.token
     assert claimed[0].reason == "orphan"
     before = snapshot(pg_url)
@@ -107,8 +111,6 @@ async def test_pt12_a_stale_owner_is_fenced_and_the_new_owner_replays(
     with pytest.raises(FencedOut):
         await h1.set_remote_id(started[0], "remote", old)
     with pytest.raises(FencedOut):
-        await h1.outbox_add("reply", {"x": 1}, old)
-    with pytest.raises(FencedOut):
         await h1.claim_open("c", old)
     assert snapshot(pg_url) == before
 
@@ -118,14 +120,15 @@ async def test_pt12_a_stale_owner_is_fenced_and_the_new_owner_replays(
     assert orphan.output.startswith("interrupted: host h1 (incarnation ")
     (replayed,) = await h2.claim_open("c", new)
     assert (replayed.state, replayed.attempts) == (MessageState.WORKING, 1)
-    again, thread2 = await h2.start_turn([replayed], record("c", replayed), new)
+    thread2 = record("c", replayed)
+    again = await h2.start_turn([replayed], thread2, new)
     assert again[0].attempts == 2
     settled, reply, ended = await h2.end_turn(
         again, thread2, new, state=MessageState.DONE, reply="ok", error=None, persist_session=False
     )
     assert reply is not None and reply.content == "ok"
     assert settled[0].reply_id == reply.id
-    assert ended.ended_at is not None and ended.ended_at >= thread2.started_at
+    assert ended.ended_at is not None
     stored = await h1.get_message(queued.id)
     assert stored is not None and (stored.state, stored.attempts) == (MessageState.DONE, 2)
     assert sql(pg_url, "SELECT host, fence FROM threads WHERE id = %s", thread2.id) == [
@@ -137,9 +140,11 @@ async def test_pt12_a_claim_skips_a_channel_under_an_uncommitted_fenced_write(
     pg_url: str, hosts: Opener
 ) -> None:
     h1, h2 = await hosts("h1"), await hosts("h2")
-    await h1.save_agent(AgentSpec(name="a", channel="c", backend="echo"), create=True)
-    accepted = await h1.accept_inbound(Inbound(channel="c", content="hi"), buffer_cap=CAP)
-    old = fence_of(await h1.ownership.claim(10), "c")
+    await h1.create_agent(AgentSpec(name="a", channel="c", backend="echo"), Fence("c"))
+    accepted = await h1.accept_inbound(
+        Inbound(channel="c", content="hi"), registered=True, buffer_cap=CAP
+    )
+    old = fence_of(h1, await h1.ownership.claim(10), "c")
     assert h1.ownership.incarnation is not None
     with psycopg.connect(pg_url) as writer:  # h1's write, sent and not committed yet
         writer.execute("SET search_path = skydeck")
@@ -158,15 +163,15 @@ async def test_pt12_a_claim_skips_a_channel_under_an_uncommitted_fenced_write(
         assert await h2.ownership.claim(10) == []  # skipped, not waited for
         assert time.monotonic() - started < 0.05 + 0.05  # 50 ms, plus a thread hop's slack
         writer.commit()
-    new = fence_of(await h2.ownership.claim(10), "c")
+    new = fence_of(h2, await h2.ownership.claim(10), "c")
     (replayed,) = await h2.claim_open("c", new)
     assert (replayed.state, replayed.attempts) == (MessageState.WORKING, 1)  # h1's write
 
 
 async def test_a_past_deadline_fences_before_sending(pg_url: str, hosts: Opener) -> None:
     h1 = await hosts("h1")
-    await h1.save_agent(AgentSpec(name="a", channel="c", backend="echo"), create=True)
-    fence = fence_of(await h1.ownership.claim(10), "c")
+    await h1.create_agent(AgentSpec(name="a", channel="c", backend="echo"), Fence("c"))
+    fence = fence_of(h1, await h1.ownership.claim(10), "c")
     fenced: list[int] = []
     h1.on_fenced = lambda: fenced.append(1)
     h1.ownership.clock = lambda: time.monotonic() + TTL  # the process was paused past it
@@ -177,13 +182,15 @@ async def test_a_past_deadline_fences_before_sending(pg_url: str, hosts: Opener)
 
 async def test_p21_dedup_across_hosts_one_row_same_id(pg_url: str, hosts: Opener) -> None:
     stores = [await hosts(f"h{i}") for i in range(3)]
-    await stores[0].save_agent(AgentSpec(name="a", channel="c", backend="echo"), create=True)
+    await stores[0].create_agent(AgentSpec(name="a", channel="c", backend="echo"), Fence("c"))
     for n in range(50):
         answers: list[tuple[str, str]] = []
 
         async def post(store: PostgresStore, n: int, into: list[tuple[str, str]]) -> None:
             got = await store.accept_inbound(
-                Inbound(channel="c", content="x", external_id=f"e{n}"), buffer_cap=CAP
+                Inbound(channel="c", content="x", external_id=f"e{n}"),
+                registered=True,
+                buffer_cap=CAP,
             )
             into.append((str(got.state), got.id))
 
@@ -199,14 +206,16 @@ async def test_p18_p22_registration_replays_buffered_and_creates_conflict(
     pg_url: str, hosts: Opener
 ) -> None:
     h1, h2 = await hosts("h1"), await hosts("h2")
-    first = await h2.accept_inbound(Inbound(channel="c", content="early"), buffer_cap=CAP)
+    first = await h2.accept_inbound(
+        Inbound(channel="c", content="early"), registered=True, buffer_cap=CAP
+    )
     assert first.state is MessageState.BUFFERED
     version = await h1.defs_version()
     results: list[str] = []
 
     async def create(store: PostgresStore) -> None:
         try:
-            await store.save_agent(AgentSpec(name="a", channel="c", backend="echo"), create=True)
+            await store.create_agent(AgentSpec(name="a", channel="c", backend="echo"), Fence("c"))
             results.append("created")
         except Conflict as exc:
             results.append(f"409 {exc.field}")
@@ -218,34 +227,33 @@ async def test_p18_p22_registration_replays_buffered_and_creates_conflict(
     assert await h2.defs_version() == version + 1
     stored = await h1.get_message(first.id)
     assert stored is not None and stored.state is MessageState.QUEUED
-    later = await h2.accept_inbound(Inbound(channel="c", content="later"), buffer_cap=CAP)
+    later = await h2.accept_inbound(
+        Inbound(channel="c", content="later"), registered=True, buffer_cap=CAP
+    )
     assert later.state is MessageState.QUEUED
-    assert await h1.delete_agent("a", buffer_cap=CAP)
+    assert await h1.delete_agent("a")
     states = sql(pg_url, "SELECT state FROM messages ORDER BY seq")
     assert states == [("buffered",), ("buffered",)]
 
 
-async def test_p23_a_slot_fires_once_and_a_stale_scheduler_is_fenced(
-    pg_url: str, hosts: Opener
-) -> None:
+async def test_p23_a_slot_fires_once_across_schedulers(pg_url: str, hosts: Opener) -> None:
     h1, h2 = await hosts("h1"), await hosts("h2")
-    await h1.save_agent(AgentSpec(name="a", channel="c", backend="echo"), create=True)
+    await h1.create_agent(AgentSpec(name="a", channel="c", backend="echo"), Fence("c"))
     job = Job(name="j", channel="c", schedule="* * * * *", content="tick")
     await h1.save_job(job)
-    role = fence_of(await h1.ownership.claim(5, roles=True), "role:scheduler")
     inbound = Inbound(channel="c", content="tick", external_id="job:j:s1")
-    fired = await h1.fire_slot(job, "s1", inbound, role, buffer_cap=CAP)
-    assert fired is not None and fired.state is MessageState.QUEUED
-    assert await h1.fire_slot(job, "s1", inbound, role, buffer_cap=CAP) is None
-    assert not await h1.skip_slot(job, "s1", "late", role)
-    sql(pg_url, "UPDATE hosts SET expires_at = now() WHERE host_id = 'h1'")
-    taken = fence_of(await h2.ownership.claim(5, roles=True), "role:scheduler")
-    with pytest.raises(FencedOut):
-        await h1.fire_slot(job, "s2", inbound, role, buffer_cap=CAP)
-    assert await h2.skip_slot(job, "s2", "late", taken)
-    assert sql(pg_url, "SELECT job, slot, outcome FROM job_slots ORDER BY slot") == [
-        ("j", "s1", "fired"),
-        ("j", "s2", "skipped"),
+
+    def fired(accepted: Accepted) -> Job:
+        return replace(job, last_slot="s1", last_outcome="fired", last_message_id=accepted.id)
+
+    answers = []
+    for store in (h1, h2):  # the holder, then a paused former holder resuming
+        accepted, _ = await store.fire_slot(inbound, registered=True, buffer_cap=CAP, fired=fired)
+        answers.append((str(accepted.state), accepted.id))
+    assert [state for state, _ in answers] == ["queued", "duplicate"]
+    assert answers[0][1] == answers[1][1]
+    assert sql(pg_url, "SELECT job, slot, outcome, message_id FROM job_slots") == [
+        ("j", "s1", "fired", answers[0][1])
     ]
     (stored,) = await h2.list_jobs()
-    assert (stored.last_slot, stored.last_message_id) == ("s1", fired.id)
+    assert (stored.last_slot, stored.last_message_id) == ("s1", answers[0][1])

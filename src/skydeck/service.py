@@ -127,6 +127,18 @@ ENV: dict[str, tuple[str, ...]] = {
     "allowed_origins": ("SKYDECK_ALLOWED_ORIGINS",),
     "keepalive_s": ("SKYDECK_KEEPALIVE_S",),
     "body_timeout_s": ("SKYDECK_BODY_TIMEOUT_S",),
+    # Several hosts on one PostgreSQL (docs/multi-host.md, multi-host.md §1).
+    "store_url": ("SKYDECK_STORE_URL",),
+    "store_schema": ("SKYDECK_STORE_SCHEMA",),
+    "host_id": ("SKYDECK_HOST_ID",),
+    "advertise_url": ("SKYDECK_ADVERTISE_URL",),
+    "lease_ttl_s": ("SKYDECK_LEASE_TTL_S",),
+    "scan_interval_s": ("SKYDECK_SCAN_INTERVAL_S",),
+    "max_channels": ("SKYDECK_MAX_CHANNELS",),
+    "workspaces_shared": ("SKYDECK_WORKSPACES_SHARED",),
+    "fast_failover": ("SKYDECK_FAST_FAILOVER",),
+    "store_wait_s": ("SKYDECK_STORE_WAIT_S",),
+    "store_pool": ("SKYDECK_STORE_POOL",),
 }
 
 
@@ -144,6 +156,8 @@ def _parse_setting(name: str, kind: Any, raw: Any) -> Any:
         raise ConfigError(f"{name} must be a number, not {raw!r}") from None
     if kind == "Path":
         return Path(raw)
+    if kind == "bool":
+        return raw.strip().lower() in {"1", "true", "yes", "on"}
     if kind.startswith("tuple"):
         return tuple(item.strip() for item in raw.split(",") if item.strip())
     return raw
@@ -180,6 +194,20 @@ class Settings:
     body_timeout_s: float = BODY_TIMEOUT_S
     #: Warm claude processes (SKYDECK_CLAUDE_WARM, _MAX, _IDLE_S).
     claude_warm: WarmConfig = field(default_factory=WarmConfig)
+    #: None: the embedded SQLite file; a postgres:// URL: one host of a cluster (§1).
+    store_url: str | None = None
+    store_schema: str = "skydeck"
+    #: An R1 name; default ``<short hostname>-<port>``.
+    host_id: str | None = None
+    advertise_url: str | None = None
+    lease_ttl_s: float = 10.0
+    scan_interval_s: float = 1.0
+    max_channels: int = 0
+    workspaces_shared: bool = False
+    fast_failover: bool = True
+    store_wait_s: float = 0.0
+    store_pool: int = 4
+    migrate: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **flags: Any) -> Settings:

@@ -214,6 +214,10 @@ class Session:
         async with self._lock:
             await trio.to_thread.run_sync(self._drop)
 
+    def close_now(self) -> None:
+        """Close from the Trio thread, on the way out (closing a socket does not block)."""
+        self._drop()
+
 
 class Listener:
     """A LISTEN session read from Trio: no thread waits for a notification."""

@@ -28,7 +28,7 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, TypeVar
 
 import psycopg
 import trio
@@ -69,10 +69,12 @@ class FencedOut(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Fence:
-    """The lease a turn runs under: its channel (or ``role:<r>``) and token."""
+    """Who writes for a channel: a host (and its incarnation) holding it under ``token``."""
 
     channel: str
-    token: int
+    token: int = 0
+    host: str = "local"
+    incarnation: int = 0
 
 
 def _ts(column: str) -> str:
@@ -337,9 +339,10 @@ class PostgresStore:
         if self.failures != seen:
             raise StoreUnreachable(self.error or "writes were lost since this was read")
 
-    async def close(self) -> None:
+    def close(self) -> None:
+        """Close every session (on the way out: nothing is waiting on them)."""
         for session in (self.writer, *self._readers, self.ownership.session):
-            await session.close()
+            session.close_now()
 
     async def rename_sessions(self, application_name: str) -> None:
         """P3: after a rejoin, every session carries the new incarnation's name."""
@@ -363,9 +366,14 @@ class PostgresStore:
         return {
             "fch": fence.channel,
             "token": fence.token,
-            "host": self.host,
-            "inc": self.ownership.incarnation,
+            "host": fence.host,
+            "inc": fence.incarnation,
         }
+
+    def fence(self, channel: str, token: int) -> Fence:
+        """The fence of a lease this incarnation just claimed."""
+        assert self.ownership.incarnation is not None
+        return Fence(channel, token, self.host, self.ownership.incarnation)
 
     def _check_deadline(self, fence: Fence) -> None:
         """P10: a host past its own deadline sends no fenced write at all (a
@@ -425,7 +433,16 @@ class PostgresStore:
 
     # -- agents (P22) -----------------------------------------------------------------
 
-    async def save_agent(self, agent: AgentSpec, *, create: bool) -> None:
+    async def create_agent(self, agent: AgentSpec, fence: Fence) -> list[Message]:
+        """Register a new agent for the cluster. The channel's owner (whoever
+        claims it, P12) replays its open messages, so none come back here."""
+        await self._save_agent(agent, create=True)
+        return []
+
+    async def save_agent(self, agent: AgentSpec) -> None:
+        await self._save_agent(agent, create=False)
+
+    async def _save_agent(self, agent: AgentSpec, *, create: bool) -> None:
         """Create (``create``; Conflict naming the field when name or channel is
         taken) or update an agent, in its own transaction: the channel row is
         written (waiting for accepts in flight, P18), a new channel's buffered
@@ -503,10 +520,11 @@ class PostgresStore:
 
         await self._solo(save)
 
-    async def delete_agent(self, name: str, *, buffer_cap: int) -> bool:
+    async def delete_agent(self, name: str) -> bool:
         """R26 across the cluster: the row goes, the channel's queued messages go
         back to `buffered` (compare-and-set beats the owner's stale queue), and the
-        owner, told by NOTIFY, cancels the running turn and releases the lease."""
+        owner, told by NOTIFY, cancels the running turn (its `release_open`
+        applies R7's cap)."""
 
         def delete(conn: Connection) -> bool:
             row = conn.execute(
@@ -516,9 +534,6 @@ class PostgresStore:
                 return False
             conn.execute("DELETE FROM sessions WHERE agent = %s", (name,))
             _unregister_channel(conn, row[0])
-            dropped = _evict_over_cap(conn, row[0], buffer_cap)
-            if dropped and self.on_dropped is not None:
-                self.on_dropped(dropped)
             _bump_defs(conn, f"agent:{name}")
             return True
 
@@ -570,72 +585,43 @@ class PostgresStore:
         return await self._read(read)
 
     async def fire_slot(
-        self, job: Job, slot: str, inbound: Inbound, fence: Fence, *, buffer_cap: int
-    ) -> Accepted | None:
-        """P23: fire ``slot`` once in the cluster. One fenced transaction takes the
-        slot (its primary key decides between rivals), stores the message (R8,
-        ``job:<name>:<slot>``) and the job's ``last_*`` fields. None: the slot was
-        taken already (a paused holder, a takeover), and nothing was written."""
-        self._check_deadline(fence)
-        params = self._fence_params(fence)
+        self,
+        inbound: Inbound,
+        *,
+        registered: bool,
+        buffer_cap: int,
+        fired: Callable[[Accepted], Job],
+    ) -> tuple[Accepted, Job]:
+        """P23: a cron slot's message (R8 on ``job:<name>:<slot>``), the job as
+        ``fired`` makes it, and its `job_slots` row, in one transaction: a second
+        scheduler (a paused holder, a takeover) gets the same message back as a
+        duplicate and finds the slot taken."""
 
-        def fire(conn: Connection, tick: _Tick) -> Accepted | Literal[False] | None:
-            taken = conn.execute(
-                f"WITH {_FENCE} INSERT INTO job_slots (job, slot, outcome) "
-                "SELECT %(job)s, %(slot)s, 'fired' WHERE EXISTS (SELECT 1 FROM f) "
-                "ON CONFLICT DO NOTHING RETURNING 1".encode(),
-                {**params, "job": job.name, "slot": slot},
-            ).fetchone()
-            if taken is None:
-                alive = conn.execute(
-                    f"WITH {_FENCE} SELECT count(*) FROM f".encode(), params
-                ).fetchone()
-                return None if alive and alive[0] else False
+        def fire(conn: Connection, tick: _Tick) -> tuple[Accepted, Job]:
             accepted = self._accept(conn, tick, inbound, buffer_cap)
-            fired = replace(
-                job,
-                last_slot=slot,
-                last_outcome="fired",
-                last_message_id=accepted.id,
+            job = fired(accepted)
+            conn.execute(
+                "INSERT INTO job_slots (job, slot, outcome, message_id) "
+                "VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                (job.name, job.last_slot or "", job.last_outcome or "fired", accepted.id),
             )
             conn.execute(
-                "UPDATE job_slots SET message_id = %s WHERE job = %s AND slot = %s",
-                (accepted.id, job.name, slot),
+                "UPDATE jobs SET spec = %s WHERE name = %s", (json.dumps(job.to_json()), job.name)
             )
-            conn.execute(
-                "UPDATE jobs SET spec = %s WHERE name = %s",
-                (json.dumps(fired.to_json()), job.name),
-            )
-            return accepted
+            return accepted, job
 
-        outcome = await self._write(fire)
-        if outcome is False:
-            self._fenced(fence)
-        return outcome or None
-
-    async def skip_slot(self, job: Job, slot: str, reason: str, fence: Fence) -> bool:
-        """P23: record a skipped slot once in the cluster; False if it was taken."""
-        self._check_deadline(fence)
-        params = {**self._fence_params(fence), "job": job.name, "slot": slot}
-
-        def skip(conn: Connection, tick: _Tick) -> bool:
-            row = conn.execute(
-                f"WITH {_FENCE} INSERT INTO job_slots (job, slot, outcome) "
-                "SELECT %(job)s, %(slot)s, 'skipped' WHERE EXISTS (SELECT 1 FROM f) "
-                "ON CONFLICT DO NOTHING RETURNING 1".encode(),
-                params,
-            ).fetchone()
-            return row is not None
-
-        return await self._write(skip)
+        return await self._write(fire)
 
     # -- inbound (P18, P19, P21) ------------------------------------------------------
 
-    async def accept_inbound(self, inbound: Inbound, *, buffer_cap: int) -> Accepted:
+    async def accept_inbound(
+        self, inbound: Inbound, *, registered: bool, buffer_cap: int
+    ) -> Accepted:
         """Store a new inbound message in this tick's batch, or recognise a duplicate.
 
         `queued` or `buffered` is decided here, from the channel row read `FOR
-        SHARE` (P18): a registration waits for this batch, or this sees it.
+        SHARE` (P18), not from ``registered`` (what this host knows): a
+        registration on any host waits for this batch, or this sees it.
         ``Accepted.owner`` is the channel's live owner (None: nobody yet).
         """
 
@@ -643,6 +629,32 @@ class PostgresStore:
             return self._accept(conn, tick, inbound, buffer_cap)
 
         return await self._write(accept)
+
+    async def accept_batch(
+        self, items: Sequence[tuple[Inbound, bool]], *, buffer_cap: int
+    ) -> list[Accepted]:
+        """Many inbound messages in one transaction: all land, or none does."""
+
+        def accept(conn: Connection, tick: _Tick) -> list[Accepted]:
+            return [self._accept(conn, tick, inbound, buffer_cap) for inbound, _ in items]
+
+        return await self._write(accept)
+
+    async def release_open(self, channel: str, *, buffer_cap: int) -> int:
+        """Deregister (R26): the channel's queued messages go back to `buffered`,
+        under R7's cap."""
+
+        def release(conn: Connection, tick: _Tick) -> int:
+            released = conn.execute(
+                "UPDATE messages SET state = 'buffered' WHERE channel = %s AND state = 'queued'",
+                (channel,),
+            ).rowcount
+            dropped = _evict_over_cap(conn, channel, buffer_cap)
+            if dropped and self.on_dropped is not None:
+                self.on_dropped(dropped)
+            return released
+
+        return await self._write(release)
 
     def _accept(self, conn: Connection, tick: _Tick, inbound: Inbound, buffer_cap: int) -> Accepted:
         channel = inbound.channel
@@ -734,9 +746,9 @@ class PostgresStore:
 
     async def start_turn(
         self, messages: Sequence[Message], thread: ThreadRecord, fence: Fence
-    ) -> tuple[list[Message], ThreadRecord]:
+    ) -> list[Message]:
         """The start record and the messages `working` (one more attempt), in one
-        fenced statement; the thread's ``started_at`` is the database's clock."""
+        fenced statement; the stored ``started_at`` is the database's clock."""
         started = ledger.started(messages, thread.id)
         params = {
             **self._fence_params(fence),
@@ -788,8 +800,8 @@ class PostgresStore:
             row = conn.execute(statement.encode(), params).fetchone()
             return None if row is None or row[0] is None else str(row[0])
 
-        started_at = await self._fenced_write(fence, start)
-        return started, replace(thread, started_at=started_at)
+        await self._fenced_write(fence, start)
+        return started
 
     async def end_turn(
         self,
@@ -989,19 +1001,16 @@ class PostgresStore:
 
     # -- outbox (fenced by role:vault-outbox, P17) ------------------------------------
 
-    async def outbox_add(self, kind: str, payload: dict[str, Any], fence: Fence) -> int:
-        params = {**self._fence_params(fence), "kind": kind, "payload": json.dumps(payload)}
-
-        def write(conn: Connection, tick: _Tick) -> int | None:
+    async def outbox_add(self, kind: str, payload: dict[str, Any]) -> int:
+        def write(conn: Connection, tick: _Tick) -> int:
             row = conn.execute(
-                f"WITH {_FENCE} INSERT INTO outbox (kind, payload) "
-                "SELECT %(kind)s, %(payload)s WHERE EXISTS (SELECT 1 FROM f) "
-                "RETURNING seq".encode(),
-                params,
+                "INSERT INTO outbox (kind, payload) VALUES (%s, %s) RETURNING seq",
+                (kind, json.dumps(payload)),
             ).fetchone()
-            return None if row is None else int(row[0])
+            assert row is not None
+            return int(row[0])
 
-        return await self._fenced_write(fence, write)
+        return await self._write(write)
 
     async def outbox_items(self) -> list[tuple[int, str, dict[str, Any], int]]:
         def read(conn: Connection) -> list[tuple[int, str, dict[str, Any], int]]:
