@@ -49,7 +49,7 @@ from ..model import (
     utc_now,
 )
 from . import schema
-from .driver import Connection, Session, StoreUnreachable, Timeouts, conninfo
+from .driver import Connection, Session, StoreUnreachable, Timeouts, conninfo, describe
 from .ownership import PgOwnership, application_name
 
 log = logging.getLogger(__name__)
@@ -191,10 +191,12 @@ class PostgresStore:
         ownership: PgOwnership,
         *,
         url: str = "",
+        schema_name: str = "skydeck",
         on_dropped: Callable[[int], None] | None = None,
         on_fenced: Callable[[], None] | None = None,
     ) -> None:
         self.url = url
+        self.schema_name = schema_name
         self.writer = writer
         self.ownership = ownership
         self.on_dropped = on_dropped
@@ -215,6 +217,36 @@ class PostgresStore:
     @property
     def host(self) -> str:
         return self.ownership.host_id
+
+    async def open(self, *, wait_s: float = 0.0, migrate: bool = True) -> schema.Migrated:
+        """P4, P5, P3: migrate (or check the version), join, connect the sessions.
+
+        An unreachable store is retried for ``wait_s`` seconds (backoff 0.2 s
+        doubling to 2 s) before `StoreUnreachable` is raised; a schema this
+        version may not serve is `schema.SchemaError`; a live host id `HostInUse`.
+        """
+        deadline = trio.current_time() + wait_s
+        delay = 0.2
+        while True:
+            try:
+                migrated = await trio.to_thread.run_sync(self._migrate, migrate)
+                break
+            except StoreUnreachable:
+                if trio.current_time() + delay > deadline:
+                    raise
+            await trio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        incarnation = await self.ownership.join()
+        await self.rename_sessions(application_name(self.host, incarnation))
+        await self.writer.connect()
+        return migrated
+
+    def _migrate(self, allowed: bool) -> schema.Migrated:
+        try:
+            with psycopg.connect(self.url, connect_timeout=5) as conn:
+                return schema.migrate(conn, self.schema_name, allowed=allowed)
+        except psycopg.OperationalError as exc:
+            raise StoreUnreachable(describe(exc)) from exc
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -346,7 +378,7 @@ class PostgresStore:
 
     async def rename_sessions(self, application_name: str) -> None:
         """P3: after a rejoin, every session carries the new incarnation's name."""
-        for session in (self.writer, *self._readers):
+        for session in (self.writer, *self._readers, self.ownership.session):
             await session.rename(application_name)
 
     async def cluster_size(self) -> tuple[int, int]:
@@ -1265,7 +1297,7 @@ def _thread_params(thread: ThreadRecord) -> dict[str, Any]:
     }
 
 
-async def open_postgres(
+def build_postgres(
     url: str,
     *,
     host_id: str,
@@ -1274,46 +1306,39 @@ async def open_postgres(
     readers: int = 4,
     advertise_url: str | None = None,
     version: str | None = None,
-    migrate: bool = True,
     on_dropped: Callable[[int], None] | None = None,
     on_fenced: Callable[[], None] | None = None,
 ) -> PostgresStore:
-    """Connect, migrate (P4), join (P3) and open the sessions of P7, in that
-    order: the writer and readers carry the incarnation's application_name,
-    which only the join gives."""
+    """The store and its sessions (P7), not connected yet: `PostgresStore.open`
+    migrates, joins and connects, in the daemon's Trio run."""
 
-    def session(name: str, *, control: bool = False, autocommit: bool = False) -> Session:
+    def session(*, control: bool = False, autocommit: bool = False) -> Session:
         return Session(
             conninfo(
                 url,
-                application_name=name,
+                application_name=f"skydeck/{host_id}/joining",
                 schema=schema_name,
                 timeouts=Timeouts.for_ttl(ttl_s, control=control),
             ),
             autocommit=autocommit,
         )
 
-    def run_migration() -> schema.Migrated:
-        try:
-            with psycopg.connect(url, connect_timeout=5) as conn:
-                return schema.migrate(conn, schema_name, allowed=migrate)
-        except psycopg.OperationalError as exc:
-            raise StoreUnreachable(str(exc).strip().splitlines()[0]) from exc
-
-    await trio.to_thread.run_sync(run_migration)
-    control = session(f"skydeck/{host_id}/joining", control=True)
     ownership = PgOwnership(
-        control, host_id=host_id, ttl_s=ttl_s, url=advertise_url, version=version
+        session(control=True), host_id=host_id, ttl_s=ttl_s, url=advertise_url, version=version
     )
-    await ownership.join()
-    name = application_name(host_id, ownership.incarnation or 0)
-    store = PostgresStore(
-        session(name),
-        [session(name, autocommit=True) for _ in range(readers)],
+    return PostgresStore(
+        session(),
+        [session(autocommit=True) for _ in range(readers)],
         ownership,
         url=url,
+        schema_name=schema_name,
         on_dropped=on_dropped,
         on_fenced=on_fenced,
     )
-    await store.writer.connect()
+
+
+async def open_postgres(url: str, *, host_id: str, ttl_s: float, readers: int = 4) -> PostgresStore:
+    """`build_postgres` then `PostgresStore.open`: a joined store (tests, the bench)."""
+    store = build_postgres(url, host_id=host_id, ttl_s=ttl_s, readers=readers)
+    await store.open()
     return store
