@@ -16,7 +16,8 @@ import trio
 from skydeck.model import AgentSpec, Inbound
 from skydeck.pg.cluster import CHANNELS, Cluster, share
 from skydeck.pg.driver import Listener, Timeouts, conninfo
-from skydeck.pg.store import Fence, PostgresStore, open_postgres
+from skydeck.store import Fence
+from skydeck.store.postgres import PostgresStore, open_postgres
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus

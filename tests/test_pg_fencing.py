@@ -12,11 +12,12 @@ import psycopg
 import pytest
 import trio
 
-from skydeck.errors import Conflict
+from skydeck.errors import Conflict, FencedOut
 from skydeck.ledger import MessageState, ThreadStatus
 from skydeck.model import Accepted, AgentSpec, Inbound, Job, Message, ThreadRecord, new_id
 from skydeck.pg.ownership import Claimed
-from skydeck.pg.store import Fence, FencedOut, PostgresStore, open_postgres
+from skydeck.store import Fence
+from skydeck.store.postgres import PostgresStore, open_postgres
 
 TTL = 3.0
 CAP = 1000

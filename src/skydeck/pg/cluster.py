@@ -30,9 +30,10 @@ from typing import TYPE_CHECKING, Protocol
 import trio
 from prometheus_client import CollectorRegistry, Counter
 
+from ..store import Fence
+from ..store.postgres import PostgresStore
 from .driver import Listener, StoreUnreachable
 from .ownership import ROLE_PREFIX, Claimed, HostInUse, application_name
-from .store import Fence, PostgresStore
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus

@@ -35,7 +35,7 @@ import trio
 import trio.lowlevel
 
 from .. import ledger
-from ..errors import Conflict, CursorError
+from ..errors import Conflict, CursorError, FencedOut
 from ..ledger import MessageState, ThreadStatus
 from ..model import (
     Accepted,
@@ -48,33 +48,14 @@ from ..model import (
     new_id,
     utc_now,
 )
-from . import schema
-from .driver import Connection, Session, StoreUnreachable, Timeouts, conninfo, describe
-from .ownership import PgOwnership, application_name
+from ..pg import schema
+from ..pg.driver import Connection, Session, StoreUnreachable, Timeouts, conninfo, describe
+from ..pg.ownership import PgOwnership, application_name
+from . import Fence, Page
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-class FencedOut(Exception):
-    """A turn's write found its lease taken (or its messages moved on): nothing
-    was written, and the turn must stop with no further side effect (P11)."""
-
-    def __init__(self, channel: str, token: int) -> None:
-        super().__init__(f"write fenced: channel {channel} is no longer held under token {token}")
-        self.channel = channel
-        self.token = token
-
-
-@dataclass(frozen=True, slots=True)
-class Fence:
-    """Who writes for a channel: a host (and its incarnation) holding it under ``token``."""
-
-    channel: str
-    token: int = 0
-    host: str = "local"
-    incarnation: int = 0
 
 
 def _ts(column: str) -> str:
@@ -1151,11 +1132,11 @@ class PostgresStore:
         after: str | None = None,
         before: str | None = None,
         tail: bool = False,
-    ) -> tuple[list[Message], str | None, str | None]:
-        """Cursor paging, oldest first: (messages, next, prev), as the SQLite store's Page."""
+    ) -> Page:
+        """Cursor paging over a channel's transcript; every page is oldest first."""
         base = f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE channel = %s"
 
-        def read(conn: Connection) -> tuple[list[Message], str | None, str | None]:
+        def read(conn: Connection) -> Page:
             if after is not None:
                 rows = conn.execute(
                     f"{base} AND seq > %s ORDER BY seq LIMIT %s".encode(),
@@ -1174,7 +1155,7 @@ class PostgresStore:
                 ).fetchall()
             messages = [_message(row) for row in rows]
             if not messages:
-                return [], None, None
+                return Page(messages=[], next=None, prev=None)
             first, last = messages[0].seq, messages[-1].seq
             flags = conn.execute(
                 "SELECT EXISTS (SELECT 1 FROM messages WHERE channel = %s AND seq > %s), "
@@ -1182,7 +1163,11 @@ class PostgresStore:
                 (channel, last, channel, first),
             ).fetchone()
             assert flags is not None
-            return messages, str(last) if flags[0] else None, str(first) if flags[1] else None
+            return Page(
+                messages=messages,
+                next=str(last) if flags[0] else None,
+                prev=str(first) if flags[1] else None,
+            )
 
         return await self._read(read)
 
