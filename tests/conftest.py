@@ -21,7 +21,7 @@ class Daemon:
     def count_rows(self, table: str = "messages") -> int:
         import sqlite3
 
-        with sqlite3.connect(self.service.store.path) as db:
+        with sqlite3.connect(self.service.db_path) as db:
             return int(db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
 
 

@@ -12,8 +12,9 @@ import pytest
 import trio
 
 from pg import PgCluster
+from skydeck.errors import StoreUnreachable
 from skydeck.pg import schema
-from skydeck.pg.driver import Listener, Session, StoreUnreachable, Timeouts, conninfo, redact
+from skydeck.pg.driver import Listener, Session, Timeouts, conninfo, redact
 from skydeck.pg.ownership import HostInUse, PgOwnership, application_name
 
 TTL = 3.0

@@ -40,6 +40,7 @@ from .errors import (
     NotFound,
     SkydeckError,
     StoreFailure,
+    StoreUnreachable,
     Unavailable,
 )
 from .guard import NOT_JSON, SECURITY_HEADERS, OriginPolicy, Refusal, is_json
@@ -70,6 +71,7 @@ STATUSES: tuple[tuple[type[SkydeckError], int], ...] = (
     (Conflict, 409),
     (Unavailable, 503),
     (FencedOut, 503),  # another host holds the channel now; the sender may retry
+    (StoreUnreachable, 503),  # P6: not confirmed; resend with the same id
     (StoreFailure, 507),  # Insufficient Storage: nothing was kept; send it again
 )
 

@@ -23,6 +23,7 @@ import trio
 from . import __version__
 from .ledger import TERMINAL_STATES, MessageState
 from .model import BACKENDS, MODES, QUEUE_MODES, EventKind
+from .pg import config as store_config
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -133,6 +134,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             insecure=args.insecure,
             max_turns=args.max_turns,
             public_url=args.public_url,
+            **store_config.flag_values(args),
         )
     except ConfigError as exc:
         raise CliError(str(exc), code=2) from None
@@ -412,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
         "SKYDECK_JWT_ISSUER (Parachute hub tokens), SKYDECK_CLAUDE_BIN, SKYDECK_LOG_LEVEL,\n"
         "SKYDECK_CLAUDE_WARM (on/off), SKYDECK_CLAUDE_WARM_MAX, SKYDECK_CLAUDE_WARM_IDLE_S"
     )
+    store_config.add_flags(serve)
     serve.add_argument("--host", help="bind address (default 127.0.0.1, env SKYDECK_HOST)")
     serve.add_argument("--port", type=int, help="port (default 1941, env SKYDECK_PORT or PORT)")
     serve.add_argument(

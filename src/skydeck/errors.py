@@ -16,6 +16,7 @@
         ├── BackendError    a turn's backend (``session_id``: one it saw echoed)
         ├── DeliveryError   a mirror's write (``status``: the far side's, if any)
         └── StoreFailure    the disk: a write could not be made durable
+            └── StoreUnreachable   a shared store did not confirm it (P6)
 
 Domain code raises these and carries no HTTP status: `app.py` maps the tree to
 statuses in one table, and the CLI prints any of them as one line. A bug is
@@ -121,6 +122,18 @@ class StoreFailure(ExternalError):
     def __init__(self, reason: str) -> None:
         super().__init__(f"the store could not commit: {reason}")
         self.reason = reason
+
+
+class StoreUnreachable(StoreFailure):
+    """A shared store (PostgreSQL) did not confirm the write: the connection
+    broke or the server did not answer, so the write may or may not have
+    landed (multi-host.md P6). A sender that resends with the same ``id`` gets
+    the original back as a duplicate (R8)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.message = f"the store did not confirm the write ({reason}); resend with the same id"
+        self.args = (self.message,)
 
 
 def unwrap(exc: BaseException) -> BaseException:

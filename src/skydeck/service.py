@@ -47,14 +47,18 @@ from .events import TurnEvents
 from .guard import OriginPolicy, is_loopback
 from .metrics import Metrics
 from .model import AgentSpec
+from .pg import config as store_config
 from .procs import ProcessRegistry
 from .registry import DEFAULT_BUFFER_CAP, DEFAULT_MAX_TURNS, build_registry
 from .scheduler import Scheduler, WallClock
+from .store import Store
 from .store.sqlite import SQLiteStore
 from .transports.vault import VaultClient, VaultMirror
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
+
+    from .pg.hosting import PgHost
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +242,12 @@ class Settings:
         )
 
     def check(self) -> None:
+        try:
+            store_config.check(
+                url=self.store_url, host_id=self.host_id, lease_ttl_s=self.lease_ttl_s
+            )
+        except store_config.StoreConfigError as exc:
+            raise ConfigError(str(exc)) from None
         secured = bool(self.token or self.jwt_secret or self.jwks_url)
         if not is_loopback(self.host) and not secured and not self.insecure:
             raise ConfigError(
@@ -251,7 +261,11 @@ class Service:
     def __init__(self, settings: Settings, *, clock: WallClock | None = None) -> None:
         settings.check()
         self.settings = settings
+        #: One host of a PostgreSQL cluster (docs/multi-host.md), or None: SQLite.
+        self.pg: PgHost | None = None
         self.db_path = settings.data_dir / DB_NAME
+        if settings.store_url and store_config.store_kind(settings.store_url) == "sqlite":
+            self.db_path = Path(store_config.sqlite_path(settings.store_url))
         with self._starting():
             settings.data_dir.mkdir(parents=True, exist_ok=True)
             self._lock = lock_data_dir(settings.data_dir)  # before the store is opened
@@ -272,6 +286,9 @@ class Service:
             exc = unwrap(raised)
             if isinstance(exc, ConfigError):
                 raise exc from None
+            said = self.pg.start_failure(exc) if self.pg is not None else None
+            if said is not None:
+                raise ConfigError(said) from None
             if isinstance(exc, OSError):
                 where = exc.filename or self.settings.data_dir
                 raise ConfigError(f"cannot use {where}: {exc.strerror or exc}") from None
@@ -284,7 +301,15 @@ class Service:
     def _open(self, clock: WallClock | None) -> None:
         settings = self.settings
         self.metrics = Metrics()
-        self.store = SQLiteStore(self.db_path, on_dropped=self.metrics.dropped.inc)
+        if store_config.store_kind(settings.store_url) == "postgres":
+            from .pg.hosting import PgHost  # psycopg only when it is asked for (P1)
+
+            self.pg = PgHost.build(
+                settings, self.metrics.registry, on_dropped=self.metrics.dropped.inc
+            )
+            self.store: Store = self.pg.store
+        else:
+            self.store = SQLiteStore(self.db_path, on_dropped=self.metrics.dropped.inc)
         self.events = TurnEvents()
         workspaces = settings.data_dir / "workspaces"
         self.claude_bin = find_claude()
@@ -319,7 +344,10 @@ class Service:
             metrics=self.metrics,
             buffer_cap=settings.buffer_cap,
             max_turns=settings.max_turns,
+            clustered=self.pg is not None,
         )
+        if self.pg is not None:
+            self.pg.attach(self.registry, self.metrics.registry)
         self.deps = self.registry.deps
         self.metrics.watch_queues(self.registry.depths)
         self.scheduler = Scheduler(
@@ -364,7 +392,10 @@ class Service:
         It uses claude when a CLI and credentials are there, else echo, so it
         always works; `demo_note` says which, for the startup banner.
         """
-        if await self.store.get_meta("initialized") is not None:
+        if self.pg is not None:
+            if not await self.pg.store.init_once("demo"):  # once per store, not per host (P4)
+                return
+        elif await self.store.get_meta("initialized") is not None:
             return
         if self.settings.demo and not self.registry.agents():
             backend: Literal["claude", "echo"] = "echo"
@@ -384,6 +415,9 @@ class Service:
         config.graceful_timeout = 5
         config.keep_alive_timeout = self.settings.keepalive_s
         try:
+            if self.pg is not None:
+                with self._starting():  # P5: HTTP is bound only after joining
+                    await self.pg.open()
             # Before any message replays: a killed daemon's turns may still be running.
             await self.processes.kill_leftovers()
             async with trio.open_nursery() as nursery:
@@ -398,6 +432,15 @@ class Service:
                 with self._starting():  # the stored agents are read and replayed here
                     await nursery.start(run_registry)
                     await self._ensure_demo()
+                cluster_scope = trio.CancelScope()
+                if self.pg is not None and self.pg.cluster is not None:
+                    cluster = self.pg.cluster
+
+                    async def run_cluster(task_status: TaskStatus[None]) -> None:
+                        with cluster_scope:
+                            await cluster.run(task_status=task_status)
+
+                    await nursery.start(run_cluster)
                 scheduler_scope = trio.CancelScope()
 
                 async def run_scheduler(task_status: TaskStatus[None]) -> None:
@@ -425,6 +468,9 @@ class Service:
                 # only then does the HTTP server stop listening.
                 await self.registry.drain(self.settings.grace_s)
                 registry_scope.cancel()
+                cluster_scope.cancel()  # heartbeats ran through the grace period
+                if self.pg is not None and self.pg.cluster is not None:
+                    await self.pg.cluster.leave()  # P14: only after every turn stopped
                 if self.warm is not None:
                     await self.warm.close()  # W16: no warm process outlives the daemon
                 self._http_done.set()
@@ -433,7 +479,8 @@ class Service:
             self._lock.close()
 
     async def _health_extra(self) -> dict[str, Any]:
-        extra: dict[str, Any] = {
+        extra: dict[str, Any] = await self.pg.health() if self.pg is not None else {}
+        extra |= {
             "claude_warm": self.warm.health()
             if self.warm is not None
             else {"max": 0, "idle_timeout_s": self.settings.claude_warm.idle_s, "processes": []}

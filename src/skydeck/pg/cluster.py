@@ -30,9 +30,10 @@ from typing import TYPE_CHECKING, Protocol
 import trio
 from prometheus_client import CollectorRegistry, Counter
 
+from ..errors import FencedOut, StoreUnreachable
 from ..store import Fence
 from ..store.postgres import PostgresStore
-from .driver import Listener, StoreUnreachable
+from .driver import Listener
 from .ownership import ROLE_PREFIX, Claimed, HostInUse, application_name
 
 if TYPE_CHECKING:
@@ -185,6 +186,10 @@ class Cluster:
             except StoreUnreachable as exc:
                 log.warning("leases not released; they expire", extra={"reason": exc.reason})
 
+    def heartbeat_age_s(self) -> float:
+        """Seconds since the last successful heartbeat was sent (P26)."""
+        return time.monotonic() - self.heartbeat_sent_at
+
     def poke(self) -> None:
         """Scan now rather than at the next interval (a release, an unowned wake-up)."""
         self._poke.set()
@@ -297,11 +302,16 @@ class Cluster:
         for item in claimed:
             if self.metrics is not None:
                 self.metrics.claims.labels(item.reason).inc()
-            await self.host.adopt(item.lease.name, Fence(item.lease.name, item.lease.token))
+            try:
+                await self.host.adopt(
+                    item.lease.name, self.store.fence(item.lease.name, item.lease.token)
+                )
+            except FencedOut:
+                log.warning("claimed channel lost at once", extra={"channel": item.lease.name})
 
     async def _claim_roles(self) -> None:
         for item in await self.ownership.claim(3, roles=True):
-            self.roles[item.lease.name] = Fence(item.lease.name, item.lease.token)
+            self.roles[item.lease.name] = self.store.fence(item.lease.name, item.lease.token)
             log.info("role taken", extra={"role": item.lease.name, "token": item.lease.token})
 
     # -- notifications (P12, P19, P22) ------------------------------------------------
@@ -310,6 +320,10 @@ class Cluster:
         delay = REJOIN_BACKOFF_S[0]
         while True:
             try:
+                if self.ownership.incarnation is not None:
+                    self.listener.rename(
+                        application_name(self.ownership.host_id, self.ownership.incarnation)
+                    )
                 await self.listener.connect()
                 if self.listener.reconnects > 0 and self.metrics is not None:
                     self.metrics.reconnects.inc()

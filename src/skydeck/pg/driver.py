@@ -31,6 +31,8 @@ import trio
 import trio.lowlevel
 from psycopg import sql
 
+from ..errors import StoreUnreachable
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -41,15 +43,6 @@ URL_SCHEMES = ("postgres", "postgresql")
 CONNECT_TIMEOUT_S = 5
 #: SQLSTATEs a batch is re-run once for (P18): deadlock, serialization failure.
 RETRYABLE = {"40P01": "deadlock", "40001": "serialization"}
-
-
-class StoreUnreachable(Exception):
-    """The database did not answer, or the session broke: the outcome of the
-    write in flight (if any) is unknown (P6)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 def is_postgres_url(url: str) -> bool:
@@ -228,6 +221,12 @@ class Listener:
         self._conn: Connection | None = None
         #: Connections made after the first: notifications were lost meanwhile (P12).
         self.reconnects = -1
+
+    def rename(self, application_name: str) -> None:
+        """The application_name of the next connection (a new incarnation, P3)."""
+        self._conninfo = psycopg.conninfo.make_conninfo(
+            self._conninfo, application_name=application_name
+        )
 
     async def connect(self) -> None:
         """(Re)connect and LISTEN. The caller scans afterwards: whatever was

@@ -35,7 +35,7 @@ import trio
 import trio.lowlevel
 
 from .. import ledger
-from ..errors import Conflict, CursorError, FencedOut
+from ..errors import Conflict, CursorError, FencedOut, StoreUnreachable
 from ..ledger import MessageState, ThreadStatus
 from ..model import (
     Accepted,
@@ -49,7 +49,7 @@ from ..model import (
     utc_now,
 )
 from ..pg import schema
-from ..pg.driver import Connection, Session, StoreUnreachable, Timeouts, conninfo, describe
+from ..pg.driver import Connection, Session, Timeouts, conninfo, describe
 from ..pg.ownership import PgOwnership, application_name
 from . import Fence, Page
 
