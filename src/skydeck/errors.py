@@ -10,6 +10,7 @@
     ├── StateError          the input was fine; the daemon's state says no
     │   ├── NotFound        no such agent, job, message
     │   ├── Conflict        a name or channel taken
+    │   ├── Stale           a turn's messages moved on under it (several hosts)
     │   ├── Unavailable     shutting down
     │   └── FencedOut       a write for a channel this host no longer owns (a newer fence)
     └── ExternalError       something outside the daemon failed
@@ -82,6 +83,12 @@ class FencedOut(StateError):
         super().__init__(f"channel {channel!r} is no longer held with fence token {token}")
         self.channel = channel
         self.token = token
+
+
+class Stale(StateError):
+    """A turn's write found its messages moved on (ended, or put back by a
+    deregistration on another host): it changed nothing, and the turn is
+    skipped; the channel goes on (multi-host.md P11's compare-and-set)."""
 
 
 # -- external -----------------------------------------------------------------------

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .backends.base import release_agent
-from .errors import Conflict, FencedOut, NotFound, StoreFailure, Unavailable
+from .errors import Conflict, FencedOut, NotFound, Stale, StoreFailure, Unavailable
 from .events import TurnEvents
 from .ledger import AgentStatus, MessageState
 from .model import Accepted, AgentSpec, EventKind, Inbound, Job, Message, TurnEvent
@@ -298,10 +298,15 @@ class Registry:
         interrupt (R9), the `queued` event, metrics."""
         task = self._by_channel.get(accepted.message.channel)
         if accepted.state is MessageState.QUEUED and task is not None:
-            task.known.add(accepted.id)
-            task.send.send_nowait(accepted.message)
-            if task.agent.queue_mode == "interrupt" and task.turn is not None:
-                await task.turn.cancel(INTERRUPTED_REASON)  # R9: the newest message wins
+            if self.clustered:
+                # P20: an earlier message stored on another host may not have
+                # reached this task yet; reading by state keeps seq order.
+                await self.wake(task.agent.channel)
+            else:
+                task.known.add(accepted.id)
+                task.send.send_nowait(accepted.message)
+                if task.agent.queue_mode == "interrupt" and task.turn is not None:
+                    await task.turn.cancel(INTERRUPTED_REASON)  # R9: the newest message wins
             try:
                 self.events.publish(
                     task.agent.channel, TurnEvent(kind=EventKind.QUEUED, message_id=accepted.id)
@@ -343,7 +348,7 @@ class Registry:
         self._drain_nowait(task.receive)
         for message in messages:
             task.send.send_nowait(message)
-        task.known = {message.id for message in messages}
+        task.known |= {message.id for message in messages}
         task.epoch = epoch
 
     async def _resync_after_failures(self) -> None:
@@ -433,6 +438,8 @@ class Registry:
                 await task.turn.run()
             except StoreFailure:
                 pass  # the turn stopped where its writes were lost; replayed by the caller
+            except Stale:
+                pass  # its messages ended or moved on elsewhere; the channel goes on
             except FencedOut:
                 # Another host holds the channel now (P11): this task must not go on.
                 log.warning("turn stopped: write fenced", extra={"channel": task.agent.channel})

@@ -34,7 +34,7 @@ from ..errors import FencedOut, StoreUnreachable
 from ..store import Fence
 from ..store.postgres import PostgresStore
 from .driver import Listener
-from .ownership import ROLE_PREFIX, Claimed, HostInUse, application_name
+from .ownership import ROLE_PREFIX, Claimed, HostInUse, NotJoined, application_name
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -197,14 +197,19 @@ class Cluster:
     # -- heartbeat and self-fencing (P8, P10) ---------------------------------------
 
     async def _heartbeats(self) -> None:
-        """Every TTL/4, and never sleeping past the local deadline (P10)."""
+        """Every TTL/4, and never sleeping past the local deadline (P10).
+
+        Past the deadline every fenced write already refuses itself (the store
+        checks `PgOwnership.alive` before sending); the leases are given up on
+        the store's word: a heartbeat with no row back, or none answered in time.
+        """
         period = self.ownership.ttl_s / 4
         while True:
             left = self.ownership.deadline() - time.monotonic()
             with trio.move_on_after(max(0.0, min(period, left))):
                 await self._lost.wait()
-            if self._lost.is_set() or time.monotonic() >= self.ownership.deadline():
-                await self._lose("the local deadline passed")
+            if self._lost.is_set():
+                await self._lose("a scan found this host dead")
                 continue
             try:
                 sent = time.monotonic()
@@ -212,6 +217,8 @@ class Cluster:
             except StoreUnreachable as exc:
                 self.store._failed(exc.reason)
                 self._count_heartbeat("error")
+                if time.monotonic() >= self.ownership.deadline():
+                    await self._lose("the store did not answer before the local deadline")
                 continue
             if not alive:
                 self._count_heartbeat("lost")
@@ -286,6 +293,8 @@ class Cluster:
             await self._claim_channels()
         except StoreUnreachable as exc:
             self.store._failed(exc.reason)
+        except NotJoined:
+            pass  # the lease was lost during the scan: the rejoin scans again
 
     async def _claim_channels(self) -> None:
         owned = len(self.host.owned())
@@ -302,12 +311,20 @@ class Cluster:
         for item in claimed:
             if self.metrics is not None:
                 self.metrics.claims.labels(item.reason).inc()
+        # Every lease the store says is ours runs here: the new ones, and any whose
+        # adoption a store failure cut short last time.
+        running = self.host.owned()
+        for lease in await self.ownership.owned():
+            if lease.name.startswith(ROLE_PREFIX) or lease.name in running:
+                continue
             try:
-                await self.host.adopt(
-                    item.lease.name, self.store.fence(item.lease.name, item.lease.token)
-                )
+                await self.host.adopt(lease.name, self.store.fence(lease.name, lease.token))
             except FencedOut:
-                log.warning("claimed channel lost at once", extra={"channel": item.lease.name})
+                log.warning("claimed channel lost at once", extra={"channel": lease.name})
+            if lease.name not in self.host.owned():  # its agent is gone: let the lease go
+                await self.ownership.release([lease.name])
+                if self.metrics is not None:
+                    self.metrics.releases.labels("removed").inc()
 
     async def _claim_roles(self) -> None:
         for item in await self.ownership.claim(3, roles=True):

@@ -35,7 +35,7 @@ import trio
 import trio.lowlevel
 
 from .. import ledger
-from ..errors import Conflict, CursorError, FencedOut, StoreUnreachable
+from ..errors import Conflict, CursorError, FencedOut, Stale, StoreUnreachable
 from ..ledger import MessageState, ThreadStatus
 from ..model import (
     Accepted,
@@ -143,6 +143,9 @@ class _Pending(Generic[T]):
     """One write waiting for its batch."""
 
     fn: Callable[[Connection, _Tick], T]
+    #: A turn's write: fenced (None from ``fn``) is decided, logged and counted
+    #: by the flusher, so it is said even when the writer was cancelled meanwhile.
+    fence: Fence | None = None
     done: trio.Event = field(default_factory=trio.Event)
     result: Any = None
     error: BaseException | None = None
@@ -231,9 +234,9 @@ class PostgresStore:
 
     # -- plumbing ---------------------------------------------------------------------
 
-    async def _write(self, fn: Callable[[Connection, _Tick], T]) -> T:
+    async def _write(self, fn: Callable[[Connection, _Tick], T], fence: Fence | None = None) -> T:
         """Join this tick's batch; return once it committed (or raise its failure)."""
-        pending: _Pending[T] = _Pending(fn)
+        pending: _Pending[T] = _Pending(fn, fence)
         self._pending.append(pending)
         self._dirty.set()
         if not self._flusher_running:
@@ -276,6 +279,12 @@ class PostgresStore:
 
     async def _flush(self) -> None:
         batch, self._pending = self._pending, []
+        if not self.ownership.alive():  # P10: re-checked as the batch is sent
+            for item in batch:
+                if item.fence is not None:
+                    item.error = self._fenced(item.fence)
+                    item.done.set()
+            batch = [item for item in batch if item.fence is None]
         if not batch:
             return
 
@@ -301,6 +310,8 @@ class PostgresStore:
             outcomes = [await self._alone(item) for item in batch]
         self._healthy()
         for item, (result, error) in zip(batch, outcomes, strict=True):
+            if error is None and result is None and item.fence is not None:
+                error = self._fenced(item.fence)
             item.result, item.error = result, error
             item.done.set()
 
@@ -392,21 +403,20 @@ class PostgresStore:
         """P10: a host past its own deadline sends no fenced write at all (a
         resumed process fences itself before the database has to)."""
         if not self.ownership.alive():
-            self._fenced(fence)
+            raise self._fenced(fence)
 
-    def _fenced(self, fence: Fence) -> None:
+    def _fenced(self, fence: Fence) -> FencedOut:
+        """Say it (P11: log and count), and give the error to raise."""
         log.warning("write fenced", extra={"channel": fence.channel, "token": fence.token})
         if self.on_fenced is not None:
             self.on_fenced()
-        raise FencedOut(fence.channel, fence.token)
+        return FencedOut(fence.channel, fence.token)
 
     async def _fenced_write(self, fence: Fence, fn: Callable[[Connection, _Tick], T | None]) -> T:
-        """A turn's write: ``fn`` returns None when its statement found no fence."""
+        """A turn's write: ``fn`` returns None when its statement found no fence
+        (the flusher then raises `FencedOut` here)."""
         self._check_deadline(fence)
-        result = await self._write(fn)
-        if result is None:
-            self._fenced(fence)
-        return result  # type: ignore[return-value]
+        return await self._write(fn, fence)  # type: ignore[arg-type]
 
     # -- meta -------------------------------------------------------------------------
 
@@ -806,14 +816,19 @@ class PostgresStore:
                 message_id = excluded.message_id, host = excluded.host, fence = excluded.fence
             RETURNING {_ts("started_at")}
         )
-        SELECT (SELECT * FROM t), (SELECT count(*) FROM m) + (SELECT count(*) FROM s)
+        SELECT (SELECT * FROM t), (SELECT count(*) FROM m) + (SELECT count(*) FROM s),
+            (SELECT count(*) FROM f)
         """
 
-        def start(conn: Connection, tick: _Tick) -> str | None:
+        def start(conn: Connection, tick: _Tick) -> str | _Moved | None:
             row = conn.execute(statement.encode(), params).fetchone()
-            return None if row is None or row[0] is None else str(row[0])
+            assert row is not None
+            if row[0] is None:
+                return _MOVED if row[2] else None
+            return str(row[0])
 
-        await self._fenced_write(fence, start)
+        started_at: str | _Moved = await self._fenced_write(fence, start)
+        _check_moved(started_at, fence)
         return started
 
     async def end_turn(
@@ -876,18 +891,20 @@ class PostgresStore:
             WHERE id = ANY(%(ids)s) AND EXISTS (SELECT 1 FROM ok)
             RETURNING id
         )
-        SELECT (SELECT * FROM t), (SELECT count(*) FROM m) + (SELECT count(*) FROM s),
+        SELECT (SELECT * FROM t), (SELECT count(*) FROM f),
             r.* FROM (SELECT 1) one LEFT JOIN r ON true
         """
 
-        def end(conn: Connection, tick: _Tick) -> tuple[str, Message | None] | None:
+        def end(conn: Connection, tick: _Tick) -> tuple[str, Message | None] | _Moved | None:
             row = conn.execute(statement.encode(), params).fetchone()
-            if row is None or row[0] is None:
-                return None
+            assert row is not None
+            if row[0] is None:
+                return _MOVED if row[1] else None
             outbound = _message(row[2:]) if row[2] is not None else None
             return str(row[0]), outbound
 
-        ended_at, outbound = await self._fenced_write(fence, end)
+        written: tuple[str, Message | None] | _Moved = await self._fenced_write(fence, end)
+        ended_at, outbound = _check_moved(written, fence)
         settled = [replace(m, state=state, error=error, reply_id=reply_id) for m in messages]
         return settled, outbound, replace(ended, ended_at=ended_at)
 
@@ -1209,6 +1226,20 @@ class PostgresStore:
             return None if row is None else _thread(row)
 
         return await self._read(read)
+
+
+class _Moved:
+    """A fenced write whose fence held but whose messages had moved on."""
+
+
+_MOVED = _Moved()
+
+
+def _check_moved(result: T | _Moved, fence: Fence) -> T:
+    if isinstance(result, _Moved):
+        log.info("turn skipped: its messages moved on", extra={"channel": fence.channel})
+        raise Stale(f"the messages of channel {fence.channel!r} moved on")
+    return result
 
 
 def _lock_channel(conn: Connection, channel: str) -> tuple[str | None, str | None] | None:
