@@ -64,7 +64,7 @@ def add_flags(serve: argparse.ArgumentParser) -> None:
         action="store_const",
         const=False,
         dest="migrate",
-        help="refuse to start on an older schema (run `skydeck migrate`)",
+        help="refuse to start on an older schema (run: skydeck migrate)",
     )
 
 
