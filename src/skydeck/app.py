@@ -152,6 +152,7 @@ def create_app(
     scheduler: Scheduler | None = None,
     *,
     health_extra: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+    cluster_view: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     max_body: int = MAX_BODY_BYTES,
     body_timeout_s: float = BODY_TIMEOUT_S,
     origins: OriginPolicy | None = None,
@@ -429,6 +430,12 @@ def create_app(
         limit = _page_limit(request.args.get("limit"), default=MAX_PAGE)
         threads = await store.list_threads(channel, limit=limit)
         return {"threads": [thread.to_json() for thread in threads]}
+
+    if cluster_view is not None:  # several hosts on one store (multi-host.md P28)
+
+        @app.get("/api/cluster")
+        async def cluster() -> Json:
+            return await cluster_view()
 
     @app.get("/api/agents")
     async def list_agents() -> Json:

@@ -89,6 +89,9 @@ class ChannelTask:
     #: Ids of the messages handed to this task: a wake-up (several hosts, P19) reads
     #: the channel's open messages by state and hands on only the others.
     known: set[str] = field(default_factory=set)
+    #: A wake-up is reading the store now; another one asked meanwhile reads again after.
+    waking: bool = False
+    wake_again: bool = False
 
     @property
     def backlog(self) -> int:
@@ -478,18 +481,29 @@ class Registry:
         task = self._by_channel.get(channel)
         if task is None:
             return
-        try:
-            messages = await self.store.claim_open(channel, task.fence)
-        except (StoreFailure, FencedOut):
-            return  # the store's recovery, or the lease's loss, deals with it
-        if self._by_channel.get(channel) is not task:
+        if task.waking:  # one read at a time per channel; the one running reads again
+            task.wake_again = True
             return
-        for message in messages:
-            if message.id not in task.known:
-                task.known.add(message.id)
-                task.send.send_nowait(message)
-                if task.agent.queue_mode == "interrupt" and task.turn is not None:
+        task.waking = True
+        try:
+            while True:
+                task.wake_again = False
+                try:
+                    messages = await self.store.claim_open(channel, task.fence)
+                except (StoreFailure, FencedOut):
+                    return  # the store's recovery, or the lease's loss, deals with it
+                if self._by_channel.get(channel) is not task:
+                    return
+                fresh = [m for m in messages if m.id not in task.known]
+                for message in fresh:
+                    task.known.add(message.id)
+                    task.send.send_nowait(message)
+                if fresh and task.agent.queue_mode == "interrupt" and task.turn is not None:
                     await task.turn.cancel(INTERRUPTED_REASON)
+                if not task.wake_again:
+                    return
+        finally:
+            task.waking = False
 
     async def abandon(self, channels: Sequence[str], reason: str) -> None:
         """Stop these channel tasks as R29's forced stop does: running turns are

@@ -346,9 +346,13 @@ class Cluster:
                     self.metrics.reconnects.inc()
                 delay = REJOIN_BACKOFF_S[0]
                 self.poke()  # whatever was notified while nobody listened is gone
-                while True:
-                    for channel, payload in await self.listener.receive():
-                        await self._notified(channel, payload)
+                async with trio.open_nursery() as handlers:
+                    while True:
+                        # A wake-up reads the store: each runs on its own, so one
+                        # channel's read never delays another's (the registry
+                        # coalesces a channel's wake-ups).
+                        for channel, payload in set(await self.listener.receive()):
+                            handlers.start_soon(self._notified, channel, payload)
             except StoreUnreachable as exc:
                 log.warning("listener lost; reconnecting", extra={"reason": exc.reason})
             await trio.sleep(delay)

@@ -726,24 +726,27 @@ class PostgresStore:
 
     async def claim_open(self, channel: str, fence: Fence) -> list[Message]:
         """The channel's runnable messages, oldest first, for the owner holding
-        ``fence`` (R28/P15: read by state, never by a seq high-water mark)."""
+        ``fence`` (R28/P15: read by state, never by a seq high-water mark). A
+        read (a reader session, no batch): buffered messages became queued when
+        the agent registered, in that transaction (P18)."""
         self._check_deadline(fence)
         params = self._fence_params(fence)
 
-        def read(conn: Connection, tick: _Tick) -> list[Message] | None:
+        def read(conn: Connection) -> list[Message] | None:
             rows = conn.execute(
-                f"WITH {_FENCE} SELECT {MESSAGE_COLUMNS} FROM messages "
-                "WHERE channel = %(fch)s AND state IN ('queued', 'working') "
-                "AND EXISTS (SELECT 1 FROM f) ORDER BY seq".encode(),
+                f"WITH {_FENCE} SELECT (SELECT count(*) FROM f), {MESSAGE_COLUMNS} "
+                "FROM (SELECT 1) one LEFT JOIN messages ON channel = %(fch)s "
+                "AND state IN ('queued', 'working') ORDER BY seq".encode(),
                 params,
             ).fetchall()
-            alive = conn.execute(f"WITH {_FENCE} SELECT count(*) FROM f".encode(), params)
-            found = alive.fetchone()
-            if not found or not found[0]:
+            if not rows or not rows[0][0]:
                 return None
-            return [_message(row) for row in rows]
+            return [_message(row[1:]) for row in rows if row[1] is not None]
 
-        return await self._fenced_write(fence, read)
+        messages = await self._read(read)
+        if messages is None:
+            raise self._fenced(fence)
+        return messages
 
     async def open_counts(self) -> dict[str, tuple[int, int]]:
         """R5 for channels owned elsewhere (P24): channel -> (working, queued)."""
