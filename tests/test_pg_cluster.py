@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import psycopg
 import pytest
@@ -51,6 +51,9 @@ class Recorder:
     def idle_movable(self) -> list[str]:
         return []
 
+    def idle(self) -> list[str]:
+        return list(self.fences)
+
     async def definitions_changed(self) -> None:
         self.defs += 1
 
@@ -63,7 +66,8 @@ class Host:
     scope: trio.CancelScope
 
 
-Start = Callable[[str], Awaitable[Host]]
+class Start(Protocol):
+    def __call__(self, host_id: str, *, listen: bool = True) -> Awaitable[Host]: ...
 
 
 @pytest.fixture
@@ -71,7 +75,7 @@ async def start(pg_url: str) -> AsyncIterator[Start]:
     stores: list[PostgresStore] = []
     async with trio.open_nursery() as nursery:
 
-        async def start_host(host_id: str) -> Host:
+        async def start_host(host_id: str, *, listen: bool = True) -> Host:
             store = await open_postgres(pg_url, host_id=host_id, ttl_s=TTL, readers=2)
             stores.append(store)
             listener = Listener(
@@ -79,7 +83,7 @@ async def start(pg_url: str) -> AsyncIterator[Start]:
                 CHANNELS,
             )
             recorder = Recorder()
-            cluster = Cluster(store, listener, recorder, scan_interval_s=0.2)
+            cluster = Cluster(store, listener, recorder, scan_interval_s=0.2, listen=listen)
             host = Host(cluster, recorder, trio.CancelScope())
 
             async def run(task_status: TaskStatus[None]) -> None:
@@ -149,6 +153,17 @@ async def test_a_post_to_the_non_owner_wakes_the_owner(start: Start) -> None:
     assert accepted.owner == "h1"
     await wait_for(lambda: "a0" in r1.woken, timeout=1.0)
     assert time.monotonic() - started < 0.5
+
+
+async def test_p12_without_listen_a_scan_still_wakes_the_owner(start: Start) -> None:
+    h1 = await start("h1", listen=False)
+    await agents(h1.cluster.store, 1)
+    await wait_for(lambda: "a0" in h1.recorder.fences)
+    h2 = await start("h2", listen=False)
+    await h2.cluster.store.accept_inbound(
+        Inbound(channel="a0", content="x"), registered=True, buffer_cap=10
+    )
+    await wait_for(lambda: "a0" in h1.recorder.woken, timeout=0.2 + 0.3)  # one scan, + slack
 
 
 async def test_an_expired_row_is_lease_lost_then_a_new_incarnation(

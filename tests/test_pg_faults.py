@@ -93,6 +93,16 @@ class Cluster:
 
 async def test_pt3_fault_run(tmp_path: Path, pg_url: str) -> None:
     cluster = Cluster(tmp_path, pg_url)
+    try:
+        await fault_run(cluster, pg_url)
+    finally:
+        for daemon in cluster.daemons.values():
+            if daemon.proc.poll() is None:
+                daemon.proc.send_signal(signal.SIGCONT)
+                daemon.kill()
+
+
+async def fault_run(cluster: Cluster, pg_url: str) -> None:
     for host in HOSTS:
         cluster.start(host)
     first_incarnation = incarnations(pg_url)

@@ -22,7 +22,6 @@ That is a restart's R28 replay, done in place, so it is exactly as correct.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -385,7 +384,10 @@ class Registry:
                 await self._register(agent)
         for task in list(self._by_name.values()):
             if not task.holding and task.epoch != self.store.failures:
-                await self._reload(task)
+                try:
+                    await self._reload(task)
+                except FencedOut:  # the lease went meanwhile (several hosts)
+                    await self.abandon([task.agent.channel], "write fenced")
 
     async def _deregister(self, name: str) -> None:
         """R26: cancel the running turn (recorded `cancelled`), stop the task, and
@@ -419,8 +421,12 @@ class Registry:
                     # included, if their end was lost).
                     await self.store.recovered(task.epoch)
                     if task.epoch != self.store.failures:  # not already done by _resync
-                        with contextlib.suppress(StoreFailure):
+                        try:
                             await self._reload(task)
+                        except StoreFailure:
+                            pass
+                        except FencedOut:  # the lease went meanwhile (several hosts)
+                            await self.abandon([task.agent.channel], "write fenced")
 
     async def _run_turn(self, task: ChannelTask, batch: list[Message]) -> None:
         task.waiting_for_slot = True
@@ -525,6 +531,14 @@ class Registry:
             channel
             for channel, task in self._by_channel.items()
             if task.turn is None and not task.backlog and task.agent.backend == "echo"
+        ]
+
+    def idle(self) -> list[str]:
+        """Owned channels with no turn running and nothing queued in memory."""
+        return [
+            channel
+            for channel, task in self._by_channel.items()
+            if task.turn is None and not task.backlog and not task.holding and not task.waking
         ]
 
     async def definitions_changed(self) -> None:

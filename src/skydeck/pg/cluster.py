@@ -73,6 +73,10 @@ class ChannelHost(Protocol):
         """Owned channels with nothing running or queued that may move (P13)."""
         ...
 
+    def idle(self) -> list[str]:
+        """Owned channels with nothing running or queued in memory."""
+        ...
+
     async def definitions_changed(self) -> None:
         """Re-read agents and jobs from the store (P22)."""
         ...
@@ -159,7 +163,6 @@ class Cluster:
         self.lost_count = 0
         self.heartbeat_sent_at = time.monotonic()
         self._poke = trio.Event()
-        self._lost = trio.Event()
         self._defs_version = -1
 
     # -- lifetime -----------------------------------------------------------------
@@ -206,11 +209,7 @@ class Cluster:
         period = self.ownership.ttl_s / 4
         while True:
             left = self.ownership.deadline() - time.monotonic()
-            with trio.move_on_after(max(0.0, min(period, left))):
-                await self._lost.wait()
-            if self._lost.is_set():
-                await self._lose("a scan found this host dead")
-                continue
+            await trio.sleep(max(0.0, min(period, left)))
             try:
                 sent = time.monotonic()
                 alive = await self.ownership.heartbeat()
@@ -249,7 +248,6 @@ class Cluster:
         await self.host.abandon(list(owned), "lease lost")
         self.roles.clear()
         self.ownership.forget()
-        self._lost = trio.Event()
         await self._rejoin()
         self.poke()
 
@@ -283,14 +281,13 @@ class Cluster:
 
     async def _scan(self) -> None:
         if not self.ownership.alive():
-            if self.ownership.incarnation is not None:
-                self._lost.set()
-            return
+            return  # past the deadline nothing is claimed; the heartbeat decides the rest
         try:
             if self.fast_failover:
                 await self.ownership.expire_dead()
             await self._claim_roles()
             await self._claim_channels()
+            await self._catch_up()
         except StoreUnreachable as exc:
             self.store._failed(exc.reason)
         except NotJoined:
@@ -326,6 +323,15 @@ class Cluster:
                 if self.metrics is not None:
                     self.metrics.releases.labels("removed").inc()
 
+    async def _catch_up(self) -> None:
+        """P12: an idle owned channel with queued messages in the store missed its
+        wake-up (sent while nobody listened, or no LISTEN at all): wake it now, so
+        every message is served within one scan of its commit."""
+        idle = self.host.idle()
+        if idle:
+            for channel in await self.store.queued_channels(idle):
+                await self.host.wake(channel)
+
     async def _claim_roles(self) -> None:
         for item in await self.ownership.claim(3, roles=True):
             self.roles[item.lease.name] = self.store.fence(item.lease.name, item.lease.token)
@@ -348,10 +354,15 @@ class Cluster:
                 self.poke()  # whatever was notified while nobody listened is gone
                 async with trio.open_nursery() as handlers:
                     while True:
+                        try:
+                            batch = set(await self.listener.receive())
+                        except StoreUnreachable as exc:
+                            log.warning("listener lost; reconnecting", extra={"reason": exc.reason})
+                            break
                         # A wake-up reads the store: each runs on its own, so one
                         # channel's read never delays another's (the registry
                         # coalesces a channel's wake-ups).
-                        for channel, payload in set(await self.listener.receive()):
+                        for channel, payload in batch:
                             handlers.start_soon(self._notified, channel, payload)
             except StoreUnreachable as exc:
                 log.warning("listener lost; reconnecting", extra={"reason": exc.reason})
@@ -359,6 +370,12 @@ class Cluster:
             delay = min(delay * 2, REJOIN_BACKOFF_S[1])
 
     async def _notified(self, channel: str, payload: str) -> None:
+        try:
+            await self._handle(channel, payload)
+        except StoreUnreachable as exc:  # the next scan and the defs poll catch up
+            log.warning("notification not handled", extra={"reason": exc.reason})
+
+    async def _handle(self, channel: str, payload: str) -> None:
         if channel == "skydeck_wake":
             if payload in self.host.owned():
                 await self.host.wake(payload)

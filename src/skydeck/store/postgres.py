@@ -761,6 +761,19 @@ class PostgresStore:
 
         return await self._read(read)
 
+    async def queued_channels(self, channels: Sequence[str]) -> list[str]:
+        """Which of ``channels`` have `queued` messages (the scan's catch-up, P12)."""
+
+        def read(conn: Connection) -> list[str]:
+            rows = conn.execute(
+                "SELECT DISTINCT channel FROM messages "
+                "WHERE channel = ANY(%s) AND state = 'queued'",
+                (list(channels),),
+            ).fetchall()
+            return [str(row[0]) for row in rows]
+
+        return await self._read(read)
+
     async def count_buffered(self) -> int:
         def read(conn: Connection) -> int:
             row = conn.execute("SELECT count(*) FROM messages WHERE state = 'buffered'").fetchone()
