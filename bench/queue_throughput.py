@@ -104,10 +104,8 @@ async def registry_run(store: Store, channels: int, per_channel: int) -> float:
         for n in range(per_channel):
             for name in names:
                 await registry.submit(Inbound(channel=name, content=f"m{n}"))
-            if n % 10 == 0:
-                await (
-                    trio.lowlevel.checkpoint()
-                )  # let turns run while we post, as live traffic would
+            if n % 10 == 0:  # let turns run while we post, as live traffic would
+                await trio.lowlevel.checkpoint()
         await done.wait()
         elapsed = time.perf_counter() - start
         nursery.cancel_scope.cancel()
