@@ -31,6 +31,7 @@ from skydeck.model import (
     Inbound,
     Message,
     ThreadRecord,
+    ToolAccess,
     TurnResult,
     TurnSession,
 )
@@ -57,7 +58,13 @@ class ScriptBackend:
     max_running: int = 0
 
     async def deliver(
-        self, agent: AgentSpec, prompt: str, session: TurnSession, emit: Emit
+        self,
+        agent: AgentSpec,
+        prompt: str,
+        session: TurnSession,
+        emit: Emit,
+        *,
+        tools: ToolAccess | None = None,
     ) -> TurnResult:
         call = Call(agent.channel, prompt, session, trio.current_time())
         self.calls.append(call)

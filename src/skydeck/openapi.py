@@ -44,6 +44,7 @@ from .validate import (
     INT_MAX,
     INT_MIN,
     MAX_BATCH,
+    MAX_MCP_ALLOW,
     MAX_NUMBER_DIGITS,
     MAX_REPLY_BYTES,
     MAX_TIMEOUT_S,
@@ -163,6 +164,13 @@ _CRON_FIELDS = {
 }
 
 
+#: `validate.run_at` as a pattern: days 01-28 so every match is a real date.
+RUN_AT_PATTERN = (
+    r"^20[0-9]{2}-(?:0[1-9]|1[0-2])-(?:0[1-9]|1[0-9]|2[0-8])T(?:[01][0-9]|2[0-3])"
+    r":[0-5][0-9]:[0-5][0-9](?:Z|[+-](?:0[0-9]|1[0-3]):[0-5][0-9])$"
+)
+
+
 def cron_pattern() -> str:
     fields = [rf"(?:\*(?:/[1-9][0-9]?)?|{value}(?:,{value})*)" for value in _CRON_FIELDS.values()]
     return "^" + " ".join(fields) + "$"
@@ -203,6 +211,18 @@ def agent_fields() -> Schema:
             "maximum": MAX_REPLY_BYTES,
             "description": "the longest reply kept, in UTF-8 bytes; the rest is cut",
         },
+        "mcp": {
+            "type": "boolean",
+            "description": "whether its turns get skydeck's MCP tools (docs/mcp.md)",
+        },
+        "mcp_allow": nullable(
+            {
+                "type": "array",
+                "items": name,
+                "maxItems": MAX_MCP_ALLOW,
+                "description": "the other channels its tools may reach; null: every one",
+            }
+        ),
     }
     return _with_defaults({field: table[field] for field in sorted(_AGENT_FIELDS)}, AgentSpec)
 
@@ -220,6 +240,14 @@ def job_fields() -> Schema:
                 "a 5-field cron expression, e.g. '*/5 * * * *'. The pattern covers the common "
                 "shapes; the daemon also takes ranges, steps on ranges and names (MON-FRI) "
                 "as croniter reads them, and refuses a date that never comes (31 February)"
+            ),
+        },
+        "run_at": {
+            "type": "string",
+            "pattern": RUN_AT_PATTERN,
+            "description": (
+                "a one-shot's time, ISO 8601 with an offset (stored as UTC): it fires once "
+                "and then stays listed, disabled. Give exactly one of schedule and run_at"
             ),
         },
         "content": {"type": "string", "minLength": 1},
@@ -410,7 +438,11 @@ def schemas() -> Schema:
             ],
         ),
         "Job": record(Job),
-        "NewJob": _object(job, ("name", "channel", "schedule", "content")),
+        "NewJob": _object(
+            job,
+            ("name", "channel", "content"),
+            oneOf=[{"required": ["schedule"]}, {"required": ["run_at"]}],
+        ),
         "JobChanges": _object(
             job, description="a partial update; `name` may repeat the job's name but not change it"
         ),
