@@ -31,8 +31,7 @@ async def main() -> None:
         return
     url, token = os.environ["SKYDECK_MCP_URL"], os.environ["SKYDECK_MCP_TOKEN"]
     if path := os.environ.get("SKYDECK_TEST_TOKEN_FILE"):
-        with open(path, "w") as file:
-            file.write(token)
+        await trio.Path(path).write_text(token)
     results: list[Any] = []
     headers = {"Authorization": f"Bearer {token}"}
     async with (
