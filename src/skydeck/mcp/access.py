@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import trio
 
 from ..auth import ALL_SCOPES
+from ..store import Fence
 
 TOKEN_PREFIX = "sdt_"
 #: M8: a token outlives its turn's timeout by at most this much (a backend that
@@ -52,6 +53,8 @@ class TurnGrant:
     message_id: str
     depth: int
     expires_at: float
+    #: The turn's: what the tools' writes for this turn carry.
+    fence: Fence
     #: Successful send_message, notify and schedule calls so far (M14).
     posts: int = 0
 
@@ -86,6 +89,7 @@ class TurnTokens:
         message_id: str,
         depth: int,
         timeout_s: float,
+        fence: Fence | None = None,
     ) -> tuple[str, TurnGrant]:
         """A fresh token (47 characters) and its grant."""
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
@@ -97,6 +101,7 @@ class TurnTokens:
             message_id=message_id,
             depth=depth,
             expires_at=self._clock() + timeout_s + TOKEN_GRACE_S,
+            fence=fence or Fence.local(channel),
         )
         self._grants[grant.key] = grant
         return token, grant

@@ -31,7 +31,7 @@ from ..events import TurnEvents
 from ..model import AgentSpec, EventKind, Inbound, Job, Message, TurnEvent
 from ..registry import Registry
 from ..scheduler import Scheduler, iso
-from ..store import Store
+from ..store import Fence, Store
 from ..turn import MAX_DELEGATION_DEPTH
 from ..validate import name as valid_name
 from ..validate import timezone as valid_timezone
@@ -485,7 +485,7 @@ class Toolbox:
             channel=target, content=args["content"], external_id=external_id, metadata=metadata
         )
         try:
-            accepted = self.registry.submit(inbound)
+            accepted = await self.registry.submit(inbound)
         except Unavailable:
             raise ToolError(SHUTTING_DOWN) from None
         await self.store.flushed()
@@ -501,9 +501,10 @@ class Toolbox:
     async def _notify(self, call: Invocation, args: dict[str, Any]) -> dict[str, Any]:
         self._check_cap(call)
         grant = call.caller.grant
-        message = self.store.add_outbound(
+        message = await self.store.add_outbound(
             call.channel,
             args["content"],
+            grant.fence if grant is not None else Fence.local(call.channel),
             metadata={"notify": "true"},
             in_reply_to=grant.message_id if grant is not None else None,
             thread_id=grant.thread_id if grant is not None else None,
@@ -529,7 +530,7 @@ class Toolbox:
         if not self.may_reach(call.channel, channel):
             raise ToolError(f"channel {channel!r} is not in this agent's mcp_allow list", "channel")
         try:
-            page = self.store.list_messages(
+            page = await self.store.list_messages(
                 channel,
                 limit=args.get("limit", DEFAULT_READ_LIMIT),
                 after=after,
@@ -550,10 +551,10 @@ class Toolbox:
 
     async def _get_message(self, call: Invocation, args: dict[str, Any]) -> dict[str, Any]:
         message_id = args["id"]
-        message = self.store.get_message(message_id)
+        message = await self.store.get_message(message_id)
         if message is None or not self.may_reach(call.channel, message.channel):
             raise ToolError(f"no message with id {message_id!r} on a channel you may read", "id")
-        reply = self.store.get_message(message.reply_id) if message.reply_id else None
+        reply = await self.store.get_message(message.reply_id) if message.reply_id else None
         return {
             "message": message.to_json(),
             "reply": reply.to_json() if reply is not None else None,
@@ -610,9 +611,9 @@ class Toolbox:
             run_at = iso(moment)
         name = args.get("name") or f"{own}-{secrets.token_hex(4)}"
         source = f"mcp:{own}"
-        if any(job.name == name for job in jobs.jobs()):
+        if any(job.name == name for job in await jobs.jobs()):
             raise ToolError(f"a job named {name!r} already exists", "name")
-        made = [job for job in jobs.jobs() if job.source == source and job.enabled]
+        made = [job for job in await jobs.jobs() if job.source == source and job.enabled]
         if len(made) >= MAX_TOOL_JOBS:
             raise ToolError(
                 f"this channel already has {MAX_TOOL_JOBS} enabled jobs made through skydeck "
@@ -630,7 +631,7 @@ class Toolbox:
             delegation_depth=call.depth,
         )
         try:
-            created = jobs.create(job)
+            created = await jobs.create(job)
         except Conflict as exc:
             raise ToolError(exc.message, "name") from None
         await self.store.flushed()
@@ -642,7 +643,7 @@ class Toolbox:
         return {
             "jobs": [
                 {**job.to_json(), "cancellable": job.source == source}
-                for job in self._jobs().jobs()
+                for job in await self._jobs().jobs()
                 if job.channel == call.channel
             ]
         }
@@ -650,7 +651,7 @@ class Toolbox:
     async def _cancel_job(self, call: Invocation, args: dict[str, Any]) -> dict[str, Any]:
         jobs, name = self._jobs(), args["name"]
         try:
-            job = jobs.get(name)
+            job = await jobs.get(name)
         except NotFound:
             job = None
         if job is None or job.channel != call.channel:
@@ -661,6 +662,6 @@ class Toolbox:
                 "so it cannot be cancelled here",
                 "name",
             )
-        jobs.remove(name)
+        await jobs.remove(name)
         await self.store.flushed()
         return {"name": name}

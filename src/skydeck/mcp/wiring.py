@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import trio
 
 from ..model import AgentSpec, Message, ToolAccess
+from ..store import Fence
 from .access import Sessions, TurnTokens
 
 #: The backends whose programs can be MCP clients (echo cannot).
@@ -84,8 +85,10 @@ class TurnTools:
 
     @asynccontextmanager
     async def open(
-        self, agent: AgentSpec, thread_id: str, messages: Sequence[Message]
+        self, agent: AgentSpec, thread_id: str, messages: Sequence[Message], fence: Fence
     ) -> AsyncIterator[ToolAccess | None]:
+        """The turn's access for the block, or None (no tools for this agent);
+        its writes through the tools carry the turn's ``fence``."""
         if not agent.mcp or agent.backend not in TOOL_BACKENDS:
             yield None
             return
@@ -98,6 +101,7 @@ class TurnTools:
             message_id=messages[0].id,
             depth=depth_of(messages),
             timeout_s=agent.timeout_s,
+            fence=fence,
         )
         config = self.config_dir / f"{thread_id}.json" if agent.backend == "claude" else None
         access = ToolAccess(url=f"{self.url}/mcp/{agent.channel}", token=token, config=config)
