@@ -141,6 +141,9 @@ class FlakyMirror:
     async def clear_session(self, agent: AgentSpec) -> None:
         pass
 
+    async def queue_notify(self, message: Message) -> None:
+        self.deferred.append(message)
+
 
 def make_store(tmp_path: Path, name: str = "skydeck.db") -> SQLiteStore:
     return SQLiteStore(tmp_path / name)

@@ -27,7 +27,7 @@ import trio
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
-from daemon_process import DaemonProcess
+from daemon_process import DaemonProcess, cli
 from skydeck.mcp.tools import TOOLS
 
 if TYPE_CHECKING:
@@ -950,6 +950,32 @@ async def test_m26_agent_fields_are_validated_and_mcp_false_gets_no_token(
     assert reply["content"] == "[]"
     agent = (await http.get("/api/agents/lead")).json()
     assert agent["mcp"] is True and agent["mcp_allow"] is None
+    added = await trio.to_thread.run_sync(
+        lambda: cli(daemon.url, "--token", TOKEN, "agent", "add", "by-cli", "--channel", "by-cli",
+                    "--backend", "echo", "--no-mcp", "--mcp-allow", "worker,other")
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    agent = (await http.get("/api/agents/by-cli")).json()
+    assert agent["mcp"] is False and agent["mcp_allow"] == ["worker", "other"]
+
+
+async def test_m28_post_api_jobs_takes_exactly_one_of_schedule_and_run_at(
+    http: httpx.AsyncClient,
+) -> None:
+    base = {"name": "m28-api", "channel": "m28", "content": "x"}
+    for extra in ({}, {"schedule": "* * * * *", "run_at": "2030-01-01T00:00:00Z"}):
+        answer = await http.post("/api/jobs", json={**base, **extra})
+        assert answer.status_code == 400
+        assert answer.json() == {
+            "ok": False,
+            "error": "give exactly one of schedule and run_at",
+            "field": "schedule",
+        }
+    made = await http.post("/api/jobs", json={**base, "run_at": "2030-01-01T01:00:00+01:00"})
+    assert made.status_code == 201
+    job = made.json()
+    assert job["run_at"] == job["next_run_at"] == "2030-01-01T00:00:00Z", "stored as UTC"
+    assert job["schedule"] is None and job["enabled"] is True and job["delegation_depth"] == 0
 
 
 # -- daemons of their own -------------------------------------------------------------

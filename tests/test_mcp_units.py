@@ -9,6 +9,7 @@ import logging
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -16,6 +17,8 @@ import trio
 from skydeck.backends.claude import ClaudeBackend
 from skydeck.backends.claude_stream import StreamParser
 from skydeck.backends.claude_warm_protocol import servers_line
+from skydeck.definitions import parse_definition
+from skydeck.errors import InvalidNote
 from skydeck.mcp.access import (
     SESSION_IDLE_S,
     TOKEN_GRACE_S,
@@ -170,3 +173,15 @@ def test_m24_the_base_url_is_the_first_bind_on_loopback() -> None:
     assert base_url("http://0.0.0.0:80") == "http://127.0.0.1:80"
     assert base_url("http://[::]:1941") == "http://[::1]:1941"
     assert base_url("http://[::1]:5") == "http://[::1]:5"
+
+
+def test_m26_vault_definitions_carry_mcp_and_mcp_allow() -> None:
+    def note(**metadata: str) -> dict[str, Any]:
+        return {"id": "n1", "content": "", "metadata": {"name": "v", "backend": "echo", **metadata}}
+
+    plain = parse_definition(note())
+    assert plain.mcp is True and plain.mcp_allow is None
+    off = parse_definition(note(mcp="false", mcp_allow="worker, other  lead"))
+    assert off.mcp is False and off.mcp_allow == ["worker", "other", "lead"]
+    with pytest.raises(InvalidNote, match="mcp_allow must be null or a list"):
+        parse_definition(note(mcp_allow="a b .."))

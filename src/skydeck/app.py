@@ -492,14 +492,15 @@ def create_app(
     if mcp is not None:
         endpoint = mcp
 
-        @app.route("/mcp/<channel>", methods=["POST", "DELETE"], provide_automatic_options=False)
-        async def mcp_messages(channel: str) -> Response:
-            caller = g.mcp_caller
-            if request.method == "DELETE":
-                return render(endpoint.delete(caller, request.headers.get))
+        @app.post("/mcp/<channel>", provide_automatic_options=False)
+        async def mcp_post(channel: str) -> Response:
             body = await request.get_data(as_text=False)
             assert isinstance(body, bytes)
-            return render(await endpoint.post(caller, body, request.headers.get))
+            return render(await endpoint.post(g.mcp_caller, body, request.headers.get))
+
+        @app.delete("/mcp/<channel>", provide_automatic_options=False)
+        async def mcp_delete(channel: str) -> Response:
+            return render(endpoint.delete(g.mcp_caller, request.headers.get))
 
     # -- jobs (cron) --------------------------------------------------------------
 

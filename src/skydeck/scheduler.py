@@ -92,11 +92,12 @@ def latest_slot(job: Job, at: datetime) -> datetime:
 
 def upcoming(job: Job, now: datetime) -> str | None:
     """When an enabled job is due next: its next cron slot, or a one-shot's
-    ``run_at`` until it has fired (a missed one is due at once, M28)."""
+    ``run_at`` until that slot has fired (a missed one is due at once, M28; a
+    fired one given a new ``run_at`` is due again)."""
     if not job.enabled:
         return None
     if job.run_at is not None:
-        return job.run_at if job.last_slot is None else None
+        return job.run_at if job.last_slot != job.run_at else None
     return iso(next_slot(job, now))
 
 

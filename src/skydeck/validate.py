@@ -503,7 +503,9 @@ def timezone(value: object) -> str:
 
 
 def new_job(body: dict[str, Any]) -> Job:
-    return Job(**_job_fields(body, partial=False))
+    fields = _job_fields(body, partial=False)
+    fields.setdefault("schedule", None)  # a one-shot (run_at) has none
+    return Job(**fields)
 
 
 def job_changes(body: dict[str, Any], current: Job) -> dict[str, Any]:

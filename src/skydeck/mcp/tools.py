@@ -520,6 +520,10 @@ class Toolbox:
             self.events.publish(call.channel, event)
         except Exception:  # R25: a viewer's failure is never the caller's
             log.exception("notify event failed", extra={"channel": call.channel})
+        mirror = self.registry.deps.mirror
+        if mirror is not None and mirror.serves(call.channel):
+            await mirror.queue_notify(message)  # written there like a reply, from the outbox
+            await self.store.flushed()
         return {"id": message.id, "channel": call.channel}
 
     async def _read_messages(self, call: Invocation, args: dict[str, Any]) -> dict[str, Any]:
