@@ -77,6 +77,7 @@ async def setup(tmp_path: Path, *, warm: str = "on", **lead: Any) -> AsyncIterat
     config.accesslog = None
     async with trio.open_nursery() as nursery:
         (url,) = await nursery.start(serve, api.app(), config)
+        api.url = url
         env = {
             "ANTHROPIC_BASE_URL": url,
             "ANTHROPIC_API_KEY": "sk-ant-fake-key",
@@ -86,18 +87,18 @@ async def setup(tmp_path: Path, *, warm: str = "on", **lead: Any) -> AsyncIterat
         daemon = await trio.to_thread.run_sync(
             lambda: DaemonProcess(tmp_path / "data", "--no-demo", env=env)
         )
-        try:
-            async with httpx.AsyncClient(base_url=daemon.url, timeout=30) as http:
+        async with httpx.AsyncClient(base_url=daemon.url, timeout=30) as http:
+            ready = Setup(api, daemon, http)
+            try:
                 worker = {"name": "worker", "channel": "worker", "backend": "echo"}
                 await http.post("/api/agents", json=worker)
                 body = {"name": "lead", "channel": "lead", "backend": "claude", **lead}
                 (await http.post("/api/agents", json=body)).raise_for_status()
-                ready = Setup(api, daemon, http)
                 await nursery.start(listen, ready)
                 yield ready
-        finally:
-            await trio.to_thread.run_sync(daemon.stop)
-            nursery.cancel_scope.cancel()
+            finally:
+                await trio.to_thread.run_sync(ready.daemon.stop)  # a test may restart it
+                nursery.cancel_scope.cancel()
 
 
 async def listen(setup: Setup, task_status: TaskStatus[None]) -> None:
@@ -272,3 +273,32 @@ async def test_m26_mcp_false_gives_the_cli_no_skydeck_tools(tmp_path: Path) -> N
         hold.set()
         assert (await s.done(first))["state"] == "done"
         assert not any(t["name"].startswith("mcp__") for t in s.api.requests[0].get("tools", []))
+
+
+async def test_m24_a_turn_replayed_at_start_waits_for_the_listener_and_gets_the_tools(
+    tmp_path: Path,
+) -> None:
+    """A claude turn killed mid-way runs again at the next start (R28), before the
+    HTTP server listens; its CLI still gets the eight tools of a live endpoint."""
+    async with setup(tmp_path, warm="off") as s:
+        s.api.script(Step(stall=True))
+        first = await s.post("replay me")
+        await s.wait_for(lambda: _requests(s, 1))
+        await trio.to_thread.run_sync(s.daemon.kill)
+        s.api.script(Step(tool=("mcp__skydeck__list_agents", {})), Step(text="replayed"))
+        env = {
+            "ANTHROPIC_BASE_URL": s.api.url,
+            "ANTHROPIC_API_KEY": "sk-ant-fake-key",
+            "SKYDECK_CLAUDE_WARM": "off",
+        }
+        s.daemon = await trio.to_thread.run_sync(
+            lambda: DaemonProcess(s.daemon.data_dir, "--no-demo", env=env)
+        )
+        async with httpx.AsyncClient(base_url=s.daemon.url, timeout=30) as http:
+            s.http = http
+            assert (await s.done(first))["state"] == "done"
+            tools = {t["name"] for t in s.api.requests[-2]["tools"]}
+            assert "mcp__skydeck__list_agents" in tools
+            (listed,) = tool_results(s.api.requests[-1])
+            assert not listed.get("is_error")
+            assert json.loads(result_text(listed))["ok"] is True
