@@ -882,7 +882,8 @@ def operations() -> dict[tuple[str, str], Schema]:
             "responses": {
                 "200": response(
                     "`event: turn` frames whose `data` is a JSON event with `kind` (queued, init, "
-                    "text, tool, done, error) and `message_id`; a comment keep-alive every 15 s",
+                    "text, tool, notify, done, error) and `message_id`; a comment keep-alive "
+                    "every 15 s",
                     {"type": "string"},
                     "text/event-stream",
                 )
