@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import trio
 
-from ..auth import ALL_SCOPES
 from ..store import Fence
 
 TOKEN_PREFIX = "sdt_"
@@ -117,10 +116,6 @@ class TurnTokens:
             del self._grants[key]
             return None
         return grant
-
-
-def outside(channel: str, scopes: frozenset[str] = ALL_SCOPES, credential: str = "") -> Caller:
-    return Caller(channel=channel, scopes=scopes, credential=credential)
 
 
 @dataclass(slots=True)

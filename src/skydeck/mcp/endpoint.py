@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import __version__
-from ..auth import Auth, Unauthorized
-from ..model import is_valid_name
+from .. import __version__, validate
+from ..auth import ALL_SCOPES, Auth, Unauthorized
+from ..errors import BadRequest
 from . import protocol
 from .access import TOKEN_PREFIX, TURN_SCOPES, Caller, Sessions, TurnTokens, digest
 from .protocol import INTERNAL_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, RpcError
@@ -61,13 +61,14 @@ class McpEndpoint:
         toolbox: Toolbox,
         auth: Auth,
         *,
-        tokens: TurnTokens | None = None,
-        sessions: Sessions | None = None,
+        tokens: TurnTokens,
+        sessions: Sessions,
     ) -> None:
+        """``tokens`` and ``sessions`` are shared with the turn side (`wiring.TurnTools`)."""
         self.toolbox = toolbox
         self.auth = auth
-        self.tokens = tokens if tokens is not None else TurnTokens()
-        self.sessions = sessions if sessions is not None else Sessions()
+        self.tokens = tokens
+        self.sessions = sessions
 
     # -- HTTP-level checks (M5: origin, credentials, channel) ----------------------
 
@@ -83,16 +84,10 @@ class McpEndpoint:
             return caller
         if "agent:read" not in caller.scopes:
             return http_error(403, NO_READ)
-        if not is_valid_name(channel):
-            return Reply(
-                400,
-                {
-                    "ok": False,
-                    "error": "channel must be 1-64 characters of letters, digits, '.', '_' or "
-                    "'-', starting with a letter or digit",
-                    "field": "channel",
-                },
-            )
+        try:
+            validate.name(channel, "channel")  # R1
+        except BadRequest as exc:
+            return Reply(400, {"ok": False, "error": exc.message, "field": "channel"})
         return caller
 
     def _caller(self, channel: str, authorization: str | None) -> Caller | Reply:
@@ -107,7 +102,7 @@ class McpEndpoint:
                 return http_error(403, scoped_to(grant.channel))
             return Caller(channel, TURN_SCOPES, digest(credential), grant)
         if not self.auth.enabled:
-            return Caller(channel, frozenset(TURN_SCOPES | {"agent:admin"}), "")
+            return Caller(channel, ALL_SCOPES, "")
         if not bearer:
             return http_error(401, "unauthorized", CHALLENGE)
         try:

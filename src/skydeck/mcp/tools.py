@@ -615,9 +615,10 @@ class Toolbox:
             run_at = iso(moment)
         name = args.get("name") or f"{own}-{secrets.token_hex(4)}"
         source = f"mcp:{own}"
-        if any(job.name == name for job in await jobs.jobs()):
+        existing = await jobs.jobs()
+        if any(job.name == name for job in existing):
             raise ToolError(f"a job named {name!r} already exists", "name")
-        made = [job for job in await jobs.jobs() if job.source == source and job.enabled]
+        made = [job for job in existing if job.source == source and job.enabled]
         if len(made) >= MAX_TOOL_JOBS:
             raise ToolError(
                 f"this channel already has {MAX_TOOL_JOBS} enabled jobs made through skydeck "
@@ -636,7 +637,7 @@ class Toolbox:
         )
         try:
             created = await jobs.create(job)
-        except Conflict as exc:
+        except Conflict as exc:  # made by someone else since `existing` was read
             raise ToolError(exc.message, "name") from None
         await self.store.flushed()
         self._posted(call)
