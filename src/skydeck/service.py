@@ -5,7 +5,7 @@
     ├── Registry.serve         (a task per registered channel, the store flusher)
     ├── Scheduler.run          (cron jobs: sleeps until the next due slot)
     ├── VaultMirror.run_outbox, VaultSync.run   (with --vault-url)
-    └── hypercorn.trio.serve   (the HTTP app; its shutdown_trigger is ours)
+    └── hypercorn.trio.serve   (the HTTP app and /mcp/{channel}; its shutdown_trigger is ours)
 
 `stop` is the one way down (R29): stop accepting (posts get 503), start no
 new turn, give running turns a grace period, cancel the rest (their messages
@@ -45,6 +45,10 @@ from .definitions import VaultSync
 from .errors import StoreFailure, unwrap
 from .events import TurnEvents
 from .guard import OriginPolicy, is_loopback
+from .mcp.access import Sessions, TurnTokens
+from .mcp.endpoint import McpEndpoint
+from .mcp.tools import Toolbox
+from .mcp.wiring import TurnTools, prepare_dir
 from .metrics import Metrics
 from .model import AgentSpec
 from .pg import config as store_config
@@ -336,6 +340,11 @@ class Service:
                 VaultClient(settings.vault_url, settings.vault_token), self.store
             )
             self.metrics.watch_outbox(self.vault.pending)
+        # mcp.md: turn tokens and sessions live in memory only; the config files of
+        # a killed daemon's turns are removed here (M9).
+        tokens, sessions = TurnTokens(), Sessions()
+        prepare_dir(settings.data_dir / "mcp")
+        self.turn_tools = TurnTools(tokens, sessions, settings.data_dir / "mcp")
         self.registry = build_registry(
             self.store,
             backends,
@@ -345,6 +354,7 @@ class Service:
             buffer_cap=settings.buffer_cap,
             max_turns=settings.max_turns,
             clustered=self.pg is not None,
+            tools=self.turn_tools,
         )
         if self.pg is not None:
             self.pg.attach(self.registry, self.metrics.registry)
@@ -365,10 +375,15 @@ class Service:
                 self.scheduler,
                 poll_s=settings.vault_poll_s,
             )
+        auth = Auth(settings.token, settings.jwt_secret, self._hub_keys())
+        toolbox = Toolbox(
+            self.registry, self.store, self.events, self.scheduler, on_call=self.metrics.on_mcp_call
+        )
+        self.metrics.watch_mcp_sessions(lambda: len(sessions))
         self.app = create_app(
             self.registry,
             self.store,
-            Auth(settings.token, settings.jwt_secret, self._hub_keys()),
+            auth,
             self.metrics,
             self.scheduler,
             health_extra=self._health_extra,
@@ -376,6 +391,7 @@ class Service:
             max_body=settings.max_body,
             body_timeout_s=settings.body_timeout_s,
             origins=settings.origin_policy(),
+            mcp=McpEndpoint(toolbox, auth, tokens=tokens, sessions=sessions),
         )
         self._stopped = trio.Event()
         self._http_done = trio.Event()
@@ -460,6 +476,7 @@ class Service:
                         shutdown_trigger=self._http_done.wait,
                     )
                 )
+                self.turn_tools.listening(binds)
                 log.info("skydeck listening", extra={"binds": ",".join(binds)})
                 task_status.started(binds)
                 await self._stopped.wait()

@@ -992,6 +992,41 @@ class PostgresStore:
         ended_at = await self._fenced_write(fence, write)
         return replace(ended, ended_at=ended_at)
 
+    async def add_outbound(
+        self,
+        channel: str,
+        content: str,
+        fence: Fence,
+        *,
+        metadata: dict[str, Any],
+        in_reply_to: str | None = None,
+        thread_id: str | None = None,
+    ) -> Message:
+        """An outbound message outside a turn's end (mcp.md M17, `notify`): `done`
+        at once, fenced like every write a turn makes (P11)."""
+        params = {
+            **self._fence_params(fence),
+            "id": new_id(),
+            "channel": channel,
+            "content": content,
+            "metadata": json.dumps(metadata),
+            "in_reply_to": in_reply_to,
+            "thread_id": thread_id,
+        }
+
+        def write(conn: Connection, tick: _Tick) -> Message | None:
+            row = conn.execute(
+                f"WITH {_FENCE} INSERT INTO messages (id, channel, direction, content, state, "
+                "metadata, in_reply_to, thread_id, host, fence) "
+                "SELECT %(id)s, %(channel)s, 'out', %(content)s, 'done', %(metadata)s, "
+                "%(in_reply_to)s, %(thread_id)s, %(host)s, %(token)s "
+                f"WHERE EXISTS (SELECT 1 FROM f) RETURNING {MESSAGE_COLUMNS}".encode(),
+                params,
+            ).fetchone()
+            return None if row is None else _message(row)
+
+        return await self._fenced_write(fence, write)
+
     async def set_remote_id(self, message: Message, remote_id: str, fence: Fence) -> Message:
         updated = replace(message, metadata={**message.metadata, "remote_id": remote_id})
         params = {
