@@ -313,3 +313,82 @@ async def test_pt6_p4_three_start_together_on_an_empty_database(
     assert query(url, "SELECT name FROM agents") == [("demo",)]
     for daemon in stop_all:
         assert daemon.stop() == 0
+
+
+async def test_pt7_store_outage_no_false_200_and_rejoin_without_restart(
+    tmp_path: Path, stop_all: list[DaemonProcess]
+) -> None:
+    # Durable: with synchronous_commit=off (the shared test cluster) an immediate
+    # stop loses commits the server already confirmed (measured: 2 of 320 here).
+    cluster = PgCluster(durable=True)
+    try:
+        cluster.init()
+        cluster.start()
+        with psycopg.connect(cluster.url("postgres"), autocommit=True) as conn:
+            conn.execute("CREATE DATABASE sky")
+        url = cluster.url("sky")
+        daemons = [host(tmp_path, url, h) for h in ("h1", "h2")]
+        stop_all += daemons
+        names = [f"c{i}" for i in range(4)]
+        await create_echo_agents(daemons[0].url, names)
+        await wait_for_owners(url, 4)
+        acked: set[str] = set()
+        during: list[object] = []
+        down = {"since": float("inf"), "until": 0.0}
+
+        async def poster(client: httpx.AsyncClient, channel: str) -> None:
+            for n in range(80):
+                text = f"{channel}:{n}"
+                target = n
+                while True:
+                    target += 1
+                    base = daemons[target % 2].url
+                    sent = time.monotonic()
+                    try:
+                        response = await client.post(
+                            f"{base}/api/channels/{channel}/messages",
+                            json={"content": text, "id": text},
+                        )
+                    except httpx.TransportError:
+                        continue
+                    if response.status_code == 200:
+                        if down["since"] < sent and (not down["until"] or sent < down["until"]):
+                            during.append((n, time.monotonic() - down["since"], response.text))
+                        acked.add(text)
+                        break
+                    assert response.status_code == 503, response.text
+                    await trio.sleep(0.05)
+                await trio.sleep(0.05)
+
+        async def outage() -> None:
+            await trio.sleep(1.0)
+            await trio.to_thread.run_sync(cluster.stop)
+            down["since"] = time.monotonic()
+            async with httpx.AsyncClient(timeout=5) as client:
+                with trio.fail_after(float(TTL) / 4 + 1 + 1):  # + a poll's slack
+                    while (await client.get(f"{daemons[0].url}/health")).status_code != 503:
+                        await trio.sleep(0.1)
+            await trio.sleep(5.0 - (time.monotonic() - down["since"]))
+            down["until"] = time.monotonic()  # from here on a 200 is right again
+            await trio.to_thread.run_sync(cluster.start)
+
+        async with httpx.AsyncClient(timeout=10) as client, trio.open_nursery() as nursery:
+            nursery.start_soon(outage)
+            for name in names:
+                nursery.start_soon(poster, client, name)
+        assert during == []
+        with trio.fail_after(30):
+            while query(url, "SELECT count(*) FROM messages WHERE state <> 'done'") != [(0,)]:
+                await trio.sleep(0.2)
+        rows = query(url, "SELECT external_id FROM messages WHERE direction = 'in'")
+        stored = sorted(str(e) for (e,) in rows)
+        assert len(stored) == len(set(stored)), "a resend made a second message"
+        assert acked <= set(stored), f"lost: {sorted(acked - set(stored))}"
+        assert set(stored) - acked == set(), f"stored, never acknowledged: {set(stored) - acked}"
+        async with httpx.AsyncClient(timeout=5) as client:
+            for daemon in daemons:  # rejoined, no restart
+                assert (await client.get(f"{daemon.url}/health")).status_code == 200
+        for daemon in daemons:
+            assert daemon.stop() == 0
+    finally:
+        cluster.remove()
