@@ -63,12 +63,13 @@ pytest: $(STAMP) $(CLAUDE) $(CHROMIUM) postgres
 
 test: lint typecheck pytest
 
-bench: $(STAMP) $(CLAUDE)
+bench: $(STAMP) $(CLAUDE) postgres
 	$(BIN)/python bench/queue_throughput.py
 	$(BIN)/python bench/turn_overhead.py
 	$(BIN)/python bench/warm_turns.py
 	$(BIN)/python bench/http_ingest.py
 	$(BIN)/python bench/scheduler.py
+	$(BIN)/python bench/multi_host.py
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache
