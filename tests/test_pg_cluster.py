@@ -49,7 +49,7 @@ class Recorder:
             self.abandoned.append(channel)
 
     def idle_movable(self) -> list[str]:
-        return []
+        return list(self.fences)
 
     def idle(self) -> list[str]:
         return list(self.fences)
@@ -83,7 +83,9 @@ async def start(pg_url: str) -> AsyncIterator[Start]:
                 CHANNELS,
             )
             recorder = Recorder()
-            cluster = Cluster(store, listener, recorder, scan_interval_s=0.2, listen=listen)
+            cluster = Cluster(
+                store, listener, recorder, scan_interval_s=0.2, listen=listen, rebalance_s=0.5
+            )
             host = Host(cluster, recorder, trio.CancelScope())
 
             async def run(task_status: TaskStatus[None]) -> None:
@@ -138,6 +140,16 @@ async def test_two_hosts_split_channels_and_one_owner_each(start: Start, pg_url:
     }
     # The cluster's three roles, each held once.
     assert len(c1.roles) + len(c2.roles) == 3
+
+
+async def test_p13_a_late_joiner_gets_its_share_by_rebalancing(start: Start) -> None:
+    h1 = await start("h1")
+    await agents(h1.cluster.store, 20)
+    await wait_for(lambda: len(h1.recorder.fences) == 20)  # alone: everything
+    h2 = await start("h2")
+    # share 10, slack 1: h1 gives idle channels back until it holds 11, h2 takes them.
+    await wait_for(lambda: len(h1.recorder.fences) <= 11 and len(h2.recorder.fences) >= 9)
+    assert not set(h1.recorder.fences) & set(h2.recorder.fences)
 
 
 async def test_a_post_to_the_non_owner_wakes_the_owner(start: Start) -> None:

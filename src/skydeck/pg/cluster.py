@@ -147,6 +147,7 @@ class Cluster:
         max_channels: int = 0,
         fast_failover: bool = True,
         listen: bool = True,
+        rebalance_s: float = REBALANCE_S,
         metrics: ClusterMetrics | None = None,
     ) -> None:
         self.store = store
@@ -157,6 +158,7 @@ class Cluster:
         self.max_channels = max_channels
         self.fast_failover = fast_failover
         self.listen = listen
+        self.rebalance_s = rebalance_s
         self.metrics = metrics
         #: Roles this incarnation holds (P17): role name -> fence.
         self.roles: dict[str, Fence] = {}
@@ -174,6 +176,7 @@ class Cluster:
             nursery.start_soon(self._heartbeats, name="cluster-heartbeat")
             nursery.start_soon(self._scans, name="cluster-scan")
             nursery.start_soon(self._defs_poll, name="cluster-defs")
+            nursery.start_soon(self._rebalances, name="cluster-rebalance")
             if self.listen:
                 nursery.start_soon(self._listen, name="cluster-listen")
             task_status.started()
@@ -331,6 +334,29 @@ class Cluster:
         if idle:
             for channel in await self.store.queued_channels(idle):
                 await self.host.wake(channel)
+
+    async def _rebalances(self) -> None:
+        """P13: a host over share + slack gives idle movable channels back, at most
+        `REBALANCE_BATCH` a round, so owned counts converge to share +- slack
+        wherever channels can move. A live owner's channel is never taken back."""
+        while True:
+            await trio.sleep(self.rebalance_s)
+            if not self.ownership.alive():
+                continue
+            try:
+                channels, hosts = await self.store.cluster_size()
+                fair, slack = share(channels, hosts)
+                over = len(self.host.owned()) - (fair + slack)
+                if over <= 0:
+                    continue
+                give = self.host.idle_movable()[: min(over, REBALANCE_BATCH)]
+                await self.host.abandon(give, "rebalance")
+                await self.ownership.release(give)
+            except (StoreUnreachable, NotJoined):
+                continue
+            if self.metrics is not None:
+                self.metrics.releases.labels("rebalance").inc(len(give))
+            log.info("channels released to rebalance", extra={"released": len(give)})
 
     async def _claim_roles(self) -> None:
         for item in await self.ownership.claim(3, roles=True):
