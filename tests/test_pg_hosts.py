@@ -392,3 +392,66 @@ async def test_pt7_store_outage_no_false_200_and_rejoin_without_restart(
             assert daemon.stop() == 0
     finally:
         cluster.remove()
+
+
+async def test_pt10_definitions_reach_every_host_and_a_delete_cancels_the_owner(
+    tmp_path: Path, pg_url: str, stop_all: list[DaemonProcess]
+) -> None:
+    daemons = {h: host(tmp_path, pg_url, h) for h in ("h1", "h2")}
+    stop_all += daemons.values()
+    async with httpx.AsyncClient(timeout=10) as client:
+        # R2 across hosts: concurrent creates, one 201 and one 409 naming the field.
+        codes: list[int] = []
+        spec = {
+            "name": "slow",
+            "channel": "slow",
+            "backend": "command",
+            "mode": "multi-threaded",
+            "command": ["sh", "-c", "sleep 5; cat"],
+        }
+
+        async def create(url: str) -> None:
+            codes.append((await client.post(f"{url}/api/agents", json=spec)).status_code)
+
+        async with trio.open_nursery() as nursery:
+            for daemon in daemons.values():
+                nursery.start_soon(create, daemon.url)
+        assert sorted(codes) == [201, 409]
+        owner = (await wait_for_owners(pg_url, 1))["slow"]
+        other = "h1" if owner == "h2" else "h2"
+        # P22: changes made on one host are seen on the other within 1 s.
+        lags = []
+        for n in range(10):
+            prompt = f"version {n}"
+            patched = await client.patch(
+                f"{daemons[other].url}/api/agents/slow", json={"system_prompt": prompt}
+            )
+            assert patched.status_code == 200, patched.text
+            started = time.monotonic()
+            with trio.fail_after(1.0):
+                while (await client.get(f"{daemons[owner].url}/api/agents/slow")).json().get(
+                    "system_prompt"
+                ) != prompt:
+                    await trio.sleep(0.01)
+            lags.append(time.monotonic() - started)
+        print(f"PT10 definition lag: max {max(lags) * 1000:.0f} ms")
+        posted = await client.post(
+            f"{daemons[other].url}/api/channels/slow/messages", json={"content": "x"}
+        )
+        message_id = posted.json()["id"]
+        with trio.fail_after(5):
+            while query(pg_url, "SELECT state FROM messages WHERE id = %s", message_id) != [
+                ("working",)
+            ]:
+                await trio.sleep(0.05)
+        # R26/P22: a DELETE on the non-owner cancels the owner's running turn within 1 s.
+        assert (await client.delete(f"{daemons[other].url}/api/agents/slow")).status_code == 200
+        deleted = time.monotonic()
+        with trio.fail_after(1.0):
+            while query(pg_url, "SELECT state FROM messages WHERE id = %s", message_id) != [
+                ("cancelled",)
+            ]:
+                await trio.sleep(0.02)
+        print(f"PT10 delete -> cancelled: {(time.monotonic() - deleted) * 1000:.0f} ms")
+    for daemon in daemons.values():
+        assert daemon.stop() == 0
