@@ -455,3 +455,30 @@ async def test_pt10_definitions_reach_every_host_and_a_delete_cancels_the_owner(
         print(f"PT10 delete -> cancelled: {(time.monotonic() - deleted) * 1000:.0f} ms")
     for daemon in daemons.values():
         assert daemon.stop() == 0
+
+
+async def test_pt9_one_id_posted_to_three_hosts_at_once_is_stored_once(
+    tmp_path: Path, pg_url: str, stop_all: list[DaemonProcess]
+) -> None:
+    daemons = [host(tmp_path, pg_url, h) for h in ("h1", "h2", "h3")]
+    stop_all += daemons
+    await create_echo_agents(daemons[0].url, ["d"])
+    async with httpx.AsyncClient(timeout=10) as client:
+        for n in range(200):
+            answers: list[dict[str, str]] = []
+
+            async def post(url: str, n: int, into: list[dict[str, str]]) -> None:
+                response = await client.post(
+                    f"{url}/api/channels/d/messages", json={"content": "x", "id": f"id-{n}"}
+                )
+                assert response.status_code == 200, response.text
+                into.append(response.json())
+
+            async with trio.open_nursery() as nursery:
+                for daemon in daemons:
+                    nursery.start_soon(post, daemon.url, n, answers)
+            assert sorted(a["state"] for a in answers) == ["duplicate", "duplicate", "queued"]
+            assert len({a["id"] for a in answers}) == 1  # R8: the original's id, three times
+    assert query(pg_url, "SELECT count(*) FROM messages WHERE direction = 'in'") == [(200,)]
+    for daemon in daemons:
+        assert daemon.stop() == 0
