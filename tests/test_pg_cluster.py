@@ -48,7 +48,7 @@ class Recorder:
             self.fences.pop(channel, None)
             self.abandoned.append(channel)
 
-    def idle_movable(self) -> list[str]:
+    def idle_movable(self, shared: bool) -> list[str]:
         return list(self.fences)
 
     def idle(self) -> list[str]:

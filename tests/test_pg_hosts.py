@@ -482,3 +482,25 @@ async def test_pt9_one_id_posted_to_three_hosts_at_once_is_stored_once(
     assert query(pg_url, "SELECT count(*) FROM messages WHERE direction = 'in'") == [(200,)]
     for daemon in daemons:
         assert daemon.stop() == 0
+
+
+async def test_p4_p28_skydeck_migrate_and_skydeck_cluster(
+    tmp_path: Path, pg_cluster: PgCluster, stop_all: list[DaemonProcess]
+) -> None:
+    url = pg_cluster.new_database(template=None)
+
+    def skydeck(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [SKYDECK, *args], capture_output=True, text=True, timeout=30, env=clean_env()
+        )
+
+    first = skydeck("migrate", "--store", url)
+    assert first.returncode == 0 and "store migrated from 0 to" in first.stdout
+    again = skydeck("migrate", "--store", url)
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+    daemon = host(tmp_path, url, "h1", "--no-migrate")  # migrated: --no-migrate serves
+    stop_all.append(daemon)
+    shown = await trio.to_thread.run_sync(skydeck, "--url", daemon.url, "cluster")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("h1 ") and "alive" in shown.stdout
+    assert daemon.stop() == 0

@@ -346,6 +346,46 @@ def cmd_tail(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """P4: migrate a PostgreSQL store without serving it (what --no-migrate points to)."""
+    if not args.store_url or store_config.store_kind(args.store_url) != "postgres":
+        raise CliError("skydeck migrate needs --store postgres://... (or SKYDECK_STORE_URL)")
+    import psycopg
+
+    from .pg import schema
+    from .pg.driver import describe, redact
+
+    try:
+        with psycopg.connect(args.store_url, connect_timeout=5) as conn:
+            done = schema.migrate(conn, args.store_schema)
+    except psycopg.OperationalError as exc:
+        raise CliError(
+            f"cannot reach the store at {redact(args.store_url)}: {describe(exc)}", code=2
+        ) from None
+    except schema.SchemaError as exc:
+        raise CliError(str(exc), code=2) from None
+    if done.before == done.after:
+        print(f"store is at schema version {done.after}; nothing to do")
+    else:
+        print(f"store migrated from {done.before} to {done.after}")
+    return 0
+
+
+def cmd_cluster(client: Client) -> int:
+    """P28: the hosts of a cluster and what they own."""
+    view = client.request("GET", "/api/cluster")
+    for host in view["hosts"]:
+        state = "alive" if host["alive"] else "gone"
+        print(
+            f"{host['id']:<20} {state:<6} incarnation {host['incarnation']:<6} "
+            f"owns {host['owned']:<5} heartbeat {host['heartbeat_age_s']:.1f} s ago  "
+            f"{host['url'] or ''}"
+        )
+    channels = view["channels"]
+    print(f"channels: {channels['owned']} owned, {channels['unowned']} unowned")
+    return 0
+
+
 # -- parsing ------------------------------------------------------------------------
 
 DESCRIPTION = """\
@@ -607,6 +647,32 @@ def build_parser() -> argparse.ArgumentParser:
         "skydeck tail shout",
     )
     tail.add_argument("channel", help="the channel to follow")
+
+    migrate = _command(
+        commands,
+        "migrate",
+        "bring a PostgreSQL store's schema to this version, then exit",
+        "skydeck migrate --store postgres://skydeck@db.internal/skydeck",
+    )
+    migrate.add_argument(
+        "--store",
+        dest="store_url",
+        metavar="URL",
+        default=os.environ.get("SKYDECK_STORE_URL"),
+        help="the store (env SKYDECK_STORE_URL)",
+    )
+    migrate.add_argument(
+        "--store-schema",
+        metavar="NAME",
+        default=os.environ.get("SKYDECK_STORE_SCHEMA") or "skydeck",
+        help="default skydeck",
+    )
+    _command(
+        commands,
+        "cluster",
+        "show the hosts sharing the daemon's PostgreSQL store, and what each owns",
+        "skydeck cluster",
+    )
     return parser
 
 
@@ -617,7 +683,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.serve_token:
                 args.token = args.serve_token
             return cmd_serve(args)
+        if args.cmd == "migrate":
+            return cmd_migrate(args)
         client = Client(args.url, args.token)
+        if args.cmd == "cluster":
+            return cmd_cluster(client)
         if args.cmd == "agent":
             return cmd_agent(args, client)
         if args.cmd == "send":

@@ -524,13 +524,14 @@ class Registry:
             task.send.close()
             log.info("channel given up", extra={"channel": channel, "reason": reason})
 
-    def idle_movable(self) -> list[str]:
-        """Owned channels with nothing running or queued whose workspace is not
-        local (echo), for rebalancing (P13)."""
+    def idle_movable(self, shared: bool) -> list[str]:
+        """Owned channels with nothing running or queued that may move, for
+        rebalancing (P13): a command or claude workspace is a local directory,
+        so only echo channels move unless workspaces are ``shared``."""
         return [
             channel
             for channel, task in self._by_channel.items()
-            if task.turn is None and not task.backlog and task.agent.backend == "echo"
+            if task.turn is None and not task.backlog and (shared or task.agent.backend == "echo")
         ]
 
     def idle(self) -> list[str]:

@@ -69,8 +69,9 @@ class ChannelHost(Protocol):
         """Cancel these channel tasks as R29's forced stop does (messages stay open)."""
         ...
 
-    def idle_movable(self) -> list[str]:
-        """Owned channels with nothing running or queued that may move (P13)."""
+    def idle_movable(self, shared: bool) -> list[str]:
+        """Owned channels with nothing running or queued that may move (P13):
+        any with workspaces on shared storage (``shared``), else echo ones."""
         ...
 
     def idle(self) -> list[str]:
@@ -148,6 +149,7 @@ class Cluster:
         fast_failover: bool = True,
         listen: bool = True,
         rebalance_s: float = REBALANCE_S,
+        workspaces_shared: bool = False,
         metrics: ClusterMetrics | None = None,
     ) -> None:
         self.store = store
@@ -159,6 +161,7 @@ class Cluster:
         self.fast_failover = fast_failover
         self.listen = listen
         self.rebalance_s = rebalance_s
+        self.workspaces_shared = workspaces_shared
         self.metrics = metrics
         #: Roles this incarnation holds (P17): role name -> fence.
         self.roles: dict[str, Fence] = {}
@@ -349,7 +352,7 @@ class Cluster:
                 over = len(self.host.owned()) - (fair + slack)
                 if over <= 0:
                     continue
-                give = self.host.idle_movable()[: min(over, REBALANCE_BATCH)]
+                give = self.host.idle_movable(self.workspaces_shared)[: min(over, REBALANCE_BATCH)]
                 await self.host.abandon(give, "rebalance")
                 await self.ownership.release(give)
             except (StoreUnreachable, NotJoined):

@@ -79,6 +79,7 @@ class PgHost:
             max_channels=s.max_channels,
             fast_failover=s.fast_failover,
             listen=os.environ.get(NO_LISTEN_ENV) != "1",
+            workspaces_shared=s.workspaces_shared,
             metrics=self.metrics,
         )
         owned = Gauge(
