@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -255,16 +255,20 @@ def db_now(url: str) -> float:
     return float(str(sql(url, "SELECT extract(epoch FROM clock_timestamp())::float8")[0][0]))
 
 
-async def poster(urls: list[str], channels: list[str], rate: float, stop: trio.Event) -> None:
+async def poster(
+    urls: Callable[[], list[str]], channels: list[str], rate: float, stop: trio.Event
+) -> None:
+    """Round-robin posts with ids; a refused or failed one goes to the next host."""
     n = 0
     async with httpx.AsyncClient(timeout=2) as client:
         while not stop.is_set():
             channel = channels[n % len(channels)]
             text = f"{channel}:{n}"
-            for attempt in range(len(urls) * 3):
+            now = urls()
+            for attempt in range(len(now) * 3):
                 try:
                     response = await client.post(
-                        f"{urls[(n + attempt) % len(urls)]}/api/channels/{channel}/messages",
+                        f"{now[(n + attempt) % len(now)]}/api/channels/{channel}/messages",
                         json={"content": text, "id": text},
                     )
                 except httpx.HTTPError:
@@ -275,103 +279,83 @@ async def poster(urls: list[str], channels: list[str], rate: float, stop: trio.E
             await trio.sleep(1 / rate)
 
 
-def pb2(
-    cluster: PgCluster, channels: int, rate: float, rounds: int, ttl: float
-) -> dict[str, list[float]]:
+def pb2_kind(
+    cluster: PgCluster, kind: str, channels: int, rate: float, rounds: int, ttl: float
+) -> list[float]:
+    """``rounds`` rounds of one fault on a fresh set of 3 hosts."""
     url = cluster.new_database(template=None)
     root = Path(tempfile.mkdtemp(prefix="pb2-"))
-    common = ("--store", url, "--lease-ttl", str(ttl))
+    common = ["--store", url, "--lease-ttl", str(ttl)]
+    if kind == "SIGKILL no-fast":
+        common.append("--no-fast-failover")  # the survivors are the ones that would expire it
+    restarts = iter(range(1_000_000))
 
-    def start(host_id: str, tag: str, *extra: str) -> Daemon:
-        return Daemon(root / f"{host_id}-{tag}", *common, "--host-id", host_id, *extra)
+    def start(host_id: str) -> Daemon:
+        return Daemon(root / f"{host_id}-{next(restarts)}", *common, "--host-id", host_id)
 
-    hosts: dict[str, Daemon] = {
-        h: Daemon(root / h, *common, "--host-id", h) for h in ("h0", "h1", "h2")
-    }
+    hosts = {h: start(h) for h in ("h0", "h1", "h2")}
     names = [f"p{i:04d}" for i in range(channels)]
     with httpx.Client(timeout=10) as client:
         for name in names:
             spec = {"name": name, "channel": name, "backend": "echo", "mode": "multi-threaded"}
             client.post(f"{hosts['h0'].url}/api/agents", json=spec)
-    samples: dict[str, list[float]] = {
-        "SIGKILL": [],
-        "SIGKILL no-fast": [],
-        "SIGSTOP": [],
-        "SIGTERM": [],
-    }
-    generation = 0
+    samples: list[float] = []
+
+    def owned_by(host_id: str) -> list[str]:
+        rows = sql(
+            url,
+            "SELECT l.name FROM leases l JOIN hosts h ON (h.host_id, h.incarnation) = "
+            "(l.owner, l.incarnation) WHERE h.expires_at > now() AND l.owner = %s "
+            "AND l.name NOT LIKE 'role:%%'",
+            host_id,
+        )
+        return [str(name) for (name,) in rows]
 
     async def run_rounds() -> None:
-        nonlocal generation
         stop = trio.Event()
         async with trio.open_nursery() as nursery:
-            urls = [d.url for d in hosts.values()]
-            nursery.start_soon(poster, urls, names, rate, stop)
-            for kind in samples:
-                for _ in range(rounds):
-                    await trio.sleep(2 * ttl)  # settle: every host owns its share again
-                    counts: dict[str, int] = {}
-                    for (owner,) in sql(
+            nursery.start_soon(poster, lambda: [d.url for d in hosts.values()], names, rate, stop)
+            for _ in range(rounds):
+                await trio.sleep(ttl)  # settle
+                victim = max(hosts, key=lambda h: len(owned_by(h)))
+                owned = owned_by(victim)
+                daemon = hosts[victim]
+                at = db_now(url)
+                if kind.startswith("SIGKILL"):
+                    daemon.proc.kill()
+                elif kind == "SIGSTOP":
+                    daemon.proc.send_signal(signal.SIGSTOP)
+                else:
+                    daemon.proc.send_signal(signal.SIGTERM)
+                await trio.sleep(ttl + 3)
+                for channel in owned:
+                    ((first,),) = sql(
                         url,
-                        "SELECT owner FROM leases WHERE owner IS NOT NULL "
-                        "AND name NOT LIKE 'role:%%'",
-                    ):
-                        counts[str(owner)] = counts.get(str(owner), 0) + 1
-                    victim = max(counts, key=lambda h: counts[h])
-                    owned = [
-                        str(n)
-                        for (n,) in sql(
-                            url,
-                            "SELECT name FROM leases WHERE owner = %s AND name NOT LIKE 'role:%%'",
-                            victim,
-                        )
-                    ]
-                    daemon = hosts[victim]
-                    if kind == "SIGKILL no-fast":
-                        daemon.stop()
-                        generation += 1
-                        daemon = hosts[victim] = await trio.to_thread.run_sync(
-                            start, victim, str(generation), "--no-fast-failover"
-                        )
-                        await trio.sleep(2 * ttl)
-                        owned = [
-                            str(n)
-                            for (n,) in sql(
-                                url,
-                                "SELECT name FROM leases WHERE "
-                                "owner = %s AND name NOT LIKE 'role:%%'",
-                                victim,
-                            )
-                        ]
-                    at = db_now(url)
-                    if kind.startswith("SIGKILL"):
-                        daemon.proc.kill()
-                    elif kind == "SIGSTOP":
-                        daemon.proc.send_signal(signal.SIGSTOP)
-                    else:
-                        daemon.proc.send_signal(signal.SIGTERM)
-                    await trio.sleep(ttl + 3)
-                    for channel in owned:
-                        ((first,),) = sql(
-                            url,
-                            "SELECT extract(epoch FROM min(started_at))::float8 "
-                            "FROM threads WHERE channel = %s AND host <> %s AND "
-                            "started_at > to_timestamp(%s)",
-                            channel,
-                            victim,
-                            at,
-                        )
-                        if first is not None:
-                            samples[kind].append(float(str(first)) - at)
-                    if kind == "SIGSTOP":
-                        await trio.sleep(max(0.0, 2 * ttl - (ttl + 3)))
-                        daemon.proc.send_signal(signal.SIGCONT)
-                    else:
-                        daemon.stop()
-                        generation += 1
-                        hosts[victim] = await trio.to_thread.run_sync(
-                            start, victim, str(generation)
-                        )
+                        "SELECT extract(epoch FROM min(started_at))::float8 FROM threads "
+                        "WHERE channel = %s AND host <> %s AND started_at > to_timestamp(%s)",
+                        channel,
+                        victim,
+                        at,
+                    )
+                    if first is not None:
+                        samples.append(float(str(first)) - at)
+                if kind == "SIGSTOP":
+                    await trio.sleep(max(0.0, 2 * ttl - (ttl + 3)))
+                daemon.stop()  # SIGCONT first for a stopped one
+                # The restored host gets channels back through fresh ones (as the spec's
+                # 30 newly registered channels do), so it owns its share again.
+                hosts[victim] = await trio.to_thread.run_sync(start, victim)
+                async with httpx.AsyncClient(timeout=10) as client:
+                    for _ in range(channels // 10):
+                        name = f"q{next(restarts):05d}"
+                        names.append(name)
+                        spec = {
+                            "name": name,
+                            "channel": name,
+                            "backend": "echo",
+                            "mode": "multi-threaded",
+                        }
+                        await client.post(f"{hosts[victim].url}/api/agents", json=spec)
             stop.set()
 
     try:
@@ -421,9 +405,10 @@ def main() -> None:
             )
             print("| kind | samples | p50 s | p99 s |")
             print("|---|---|---|---|")
-            for kind, values in pb2(
-                cluster, args.pb2_channels, args.rate, args.rounds, args.ttl
-            ).items():
+            for kind in ("SIGKILL", "SIGKILL no-fast", "SIGSTOP", "SIGTERM"):
+                values = pb2_kind(
+                    cluster, kind, args.pb2_channels, args.rate, args.rounds, args.ttl
+                )
                 if values:
                     print(
                         f"| {kind} | {len(values)} | {statistics.median(values):.2f} | "
