@@ -88,6 +88,19 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.sandbox_egress_denied = Counter(
+            "skydeck_sandbox_egress_denied",
+            "Sandbox gateway requests refused (S17 d), by agent",
+            ["agent"],
+            registry=self.registry,
+        )
+
+    def watch_sandboxes(self, count: Callable[[], int]) -> None:
+        gauge = Gauge(
+            "skydeck_sandbox_processes", "Sandboxed processes alive (S23)", registry=self.registry
+        )
+        gauge.set_function(count)
+
     def watch_queues(self, depths: Callable[[], Iterable[tuple[str, int]]]) -> None:
         """Queue depth per agent, read from the registry at each scrape."""
         self.registry.register(_QueueCollector(depths))

@@ -32,11 +32,13 @@ from .model import (
     MODES,
     NAME_PATTERN,
     QUEUE_MODES,
+    SANDBOX_MODES,
     AgentSpec,
     Job,
     Message,
     ThreadRecord,
 )
+from .sandbox.modes import MAX_EGRESS
 from .validate import (
     _AGENT_FIELDS,
     _JOB_FIELDS,
@@ -203,6 +205,19 @@ def agent_fields() -> Schema:
             "maximum": MAX_REPLY_BYTES,
             "description": "the longest reply kept, in UTF-8 bytes; the rest is cut",
         },
+        "sandbox": nullable(
+            {
+                "type": "string",
+                "enum": list(SANDBOX_MODES),
+                "description": "S1: the bubblewrap sandbox of its process; null: the daemon's",
+            }
+        ),
+        "egress": {
+            "type": "array",
+            "maxItems": MAX_EGRESS,
+            "items": {"type": "string"},
+            "description": "S2: host:port targets a workspace sandbox may reach (bare host: 443)",
+        },
     }
     return _with_defaults({field: table[field] for field in sorted(_AGENT_FIELDS)}, AgentSpec)
 
@@ -357,6 +372,7 @@ def schemas() -> Schema:
     agent_extra = {
         "status": schema_of(AgentStatus),
         "queued": {"type": "integer", "minimum": 0},
+        "sandbox_effective": {"type": "string", "enum": list(SANDBOX_MODES)},
     }
     agent = agent_fields()
     job = job_fields()
@@ -628,10 +644,22 @@ def operations() -> dict[tuple[str, str], Schema]:
         ("max", "idle_timeout_s", "processes"),
         description="the warm claude processes (issue 14)",
     )
+    sandbox = _object(
+        {
+            "available": {"type": "boolean"},
+            "default": {"type": "string", "enum": list(SANDBOX_MODES)},
+            "required": {"type": "boolean"},
+            "bwrap": {"type": "string"},
+            "reason": {"type": "string"},
+        },
+        optional=("bwrap", "reason"),
+        description="S5: the start-up probe, and the mode of agents without their own",
+    )
     health_body = {
         "agents": {"type": "array", "items": health_agent},
         "buffered": count,
         "claude_warm": warm,
+        "sandbox": sandbox,
         "vault": vault,
     }
     return {
@@ -685,7 +713,7 @@ def operations() -> dict[tuple[str, str], Schema]:
                     "serving",
                     _object(
                         {"status": {"const": "ok"}, "store": {"const": "ok"}, **health_body},
-                        optional=("claude_warm", "vault"),
+                        optional=("claude_warm", "sandbox", "vault"),
                     ),
                 ),
                 "503": response(
@@ -701,7 +729,7 @@ def operations() -> dict[tuple[str, str], Schema]:
                                     "error": {"type": "string", "minLength": 1},
                                     **health_body,
                                 },
-                                optional=("claude_warm", "vault"),
+                                optional=("claude_warm", "sandbox", "vault"),
                             ),
                         ]
                     },

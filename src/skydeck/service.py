@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -49,6 +50,7 @@ from .metrics import Metrics
 from .model import AgentSpec
 from .procs import ProcessRegistry
 from .registry import DEFAULT_BUFFER_CAP, DEFAULT_MAX_TURNS, build_registry
+from .sandbox import Sandbox, bwrap_path, parse_policy, probe
 from .scheduler import Scheduler, WallClock
 from .store import Store
 from .transports.vault import VaultClient, VaultMirror
@@ -127,6 +129,8 @@ ENV: dict[str, tuple[str, ...]] = {
     "allowed_origins": ("SKYDECK_ALLOWED_ORIGINS",),
     "keepalive_s": ("SKYDECK_KEEPALIVE_S",),
     "body_timeout_s": ("SKYDECK_BODY_TIMEOUT_S",),
+    "sandbox": ("SKYDECK_SANDBOX",),
+    "bwrap": ("SKYDECK_BWRAP",),
 }
 
 
@@ -180,6 +184,9 @@ class Settings:
     body_timeout_s: float = BODY_TIMEOUT_S
     #: Warm claude processes (SKYDECK_CLAUDE_WARM, _MAX, _IDLE_S).
     claude_warm: WarmConfig = field(default_factory=WarmConfig)
+    #: S3/S4: the sandbox policy for agents without their own, and bwrap's absolute path.
+    sandbox: str = "auto"
+    bwrap: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **flags: Any) -> Settings:
@@ -210,6 +217,11 @@ class Settings:
         )
 
     def check(self) -> None:
+        try:
+            parse_policy(self.sandbox)
+            bwrap_path(self.bwrap)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         secured = bool(self.token or self.jwt_secret or self.jwks_url)
         if not is_loopback(self.host) and not secured and not self.insecure:
             raise ConfigError(
@@ -261,6 +273,7 @@ class Service:
         workspaces = settings.data_dir / "workspaces"
         self.claude_bin = find_claude()
         self.processes = ProcessRegistry(self.store)
+        self.sandbox = self._sandbox()
         self.claude = ClaudeBackend(
             self.claude_bin,
             workspaces,
@@ -269,12 +282,13 @@ class Service:
             warm=settings.claude_warm,
             on_warm_spawn=lambda reason: self.metrics.claude_warm_spawns.labels(reason).inc(),
             on_cold_fallback=lambda reason: self.metrics.claude_cold_fallbacks.labels(reason).inc(),
+            sandbox=self.sandbox,
         )
         self.warm = self.claude.pool
         self.metrics.watch_claude_warm(lambda: self.warm.count if self.warm else 0)
         backends: dict[str, Backend] = {
             "echo": EchoBackend(),
-            "command": CommandBackend(workspaces, self.processes),
+            "command": CommandBackend(workspaces, self.processes, self.sandbox),
             "claude": self.claude,
         }
         self.vault: VaultMirror | None = None
@@ -319,10 +333,28 @@ class Service:
             max_body=settings.max_body,
             body_timeout_s=settings.body_timeout_s,
             origins=settings.origin_policy(),
+            sandbox=self.sandbox,
         )
         self._stopped = trio.Event()
         self._http_done = trio.Event()
         self.demo_note: str | None = None
+
+    def _sandbox(self) -> Sandbox:
+        """S3-S5: the policy, and the probe, once, before any turn (replays included)."""
+        policy = parse_policy(self.settings.sandbox)
+        found = probe(bwrap_path(self.settings.bwrap))
+        if policy == "required" and not found.available:
+            raise ConfigError(f"refusing to start: --sandbox required, but {found.reason}")
+        sandbox = Sandbox(
+            policy,
+            found,
+            data_dir=self.settings.data_dir,
+            on_denied=lambda agent, _: self.metrics.sandbox_egress_denied.labels(agent).inc(),
+        )
+        self.metrics.watch_sandboxes(lambda: sandbox.running)
+        if sandbox.default == "off" and not found.available:
+            log.warning(sandbox.banner())
+        return sandbox
 
     def _hub_keys(self) -> HubKeys | None:
         s = self.settings
@@ -389,6 +421,8 @@ class Service:
                     )
                 )
                 log.info("skydeck listening", extra={"binds": ",".join(binds)})
+                bound = urlsplit(binds[0])
+                self.sandbox.listening(bound.hostname or self.settings.host, bound.port or 0)
                 task_status.started(binds)
                 await self._stopped.wait()
                 scheduler_scope.cancel()  # a slot due from now on fires at next start
@@ -401,14 +435,17 @@ class Service:
                     await self.warm.close()  # W16: no warm process outlives the daemon
                 self._http_done.set()
         finally:
+            with trio.CancelScope(shield=True):
+                await self.sandbox.aclose()
             self.store.close()
             self._lock.close()
 
     def _health_extra(self) -> dict[str, Any]:
         extra: dict[str, Any] = {
+            "sandbox": self.sandbox.health(),
             "claude_warm": self.warm.health()
             if self.warm is not None
-            else {"max": 0, "idle_timeout_s": self.settings.claude_warm.idle_s, "processes": []}
+            else {"max": 0, "idle_timeout_s": self.settings.claude_warm.idle_s, "processes": []},
         }
         if self.vault is None or self.sync is None:
             return extra
