@@ -31,7 +31,10 @@ SCRIPT = r"""
 read -r DPID; read -r PORT; read -r DATA; read -r VICTIM; read -r CLIDIR; read -r ME
 read -r A1; read -r A2; read -r B1; read -r B2; read -r EGRESS
 printf '%s%s\n%s%s\n' "$A1" "$A2" "$B1" "$B2" > /tmp/patterns
-probe() { n=$1; shift; if out=$("$@" 2>&1); then echo "ESCAPED $n"; else echo "denied $n (${out//$'\n'/ })"; fi; }
+probe() {
+  n=$1; shift
+  if out=$("$@" 2>&1); then echo "ESCAPED $n"; else echo "denied $n (${out//$'\n'/ })"; fi
+}
 p1() { head -c 16 "$DATA/skydeck.db" >/dev/null; }
 p2() { names=$(ls "$DATA/workspaces") || return 1; [ "$names" != "$ME" ]; }
 p3() { cat "$VICTIM/secret.txt"; }
@@ -50,10 +53,12 @@ ask() {  # $1: a request head; prints the proxy's status line and whatever the b
   printf '%b' "$1" >&4
   timeout 5 head -c 400 <&4
 }
+END="Connection: close\r\n\r\n"
 p10() {
-  r=$(ask "CONNECT 127.0.0.1:$PORT HTTP/1.1\r\nHost: 127.0.0.1:$PORT\r\n\r\nGET /api/agents HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n") || return 1
+  tunnel="CONNECT 127.0.0.1:$PORT HTTP/1.1\r\nHost: 127.0.0.1:$PORT\r\n\r\n"
+  r=$(ask "${tunnel}GET /api/agents HTTP/1.1\r\nHost: x\r\n$END") || return 1
   case "$r" in *'"agents"'*) return 0;; esac
-  r2=$(ask "GET http://127.0.0.1:$PORT/api/agents HTTP/1.1\r\nHost: 127.0.0.1:$PORT\r\nConnection: close\r\n\r\n")
+  r2=$(ask "GET http://127.0.0.1:$PORT/api/agents HTTP/1.1\r\nHost: 127.0.0.1:$PORT\r\n$END")
   case "$r2" in *'"agents"'*) return 0;; esac
   echo "${r%%$'\r'*}"; return 1
 }
@@ -65,13 +70,13 @@ p11() {
 p12() { unshare -U true; }
 for n in 1 2 3 4 5 6 7 8 9 10 11 12; do probe $n p$n; done
 echo ws-ok > own.txt && [ "$(cat own.txt)" = ws-ok ] && echo "control workspace ok"
-r=$(ask "GET http://$EGRESS/ping HTTP/1.1\r\nHost: $EGRESS\r\nConnection: close\r\n\r\n")
+r=$(ask "GET http://$EGRESS/ping HTTP/1.1\r\nHost: $EGRESS\r\n$END")
 case "$r" in *pong*) echo "control egress ok";; *) echo "control egress failed: ${r%%$'\r'*}";; esac
 """
 
 
 class Pong(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+    def do_GET(self) -> None:
         body = b"pong"
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
