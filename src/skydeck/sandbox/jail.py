@@ -349,7 +349,7 @@ class Sandbox:
             mode=mode,
             env=final_env,
             workspace=workspace.resolve(),
-            program=program_to_bind(executable, os.path.realpath(executable), workspace.resolve()),
+            program=program_to_bind(executable, workspace.resolve()),
             routes=routes,
             mcp_file=mcp_file,
         )

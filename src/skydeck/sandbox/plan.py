@@ -170,12 +170,13 @@ def _under(path: str, parent: str) -> bool:
     return path == parent or path.startswith(parent.rstrip("/") + "/")
 
 
-def program_to_bind(executable: str, real: str, workspace: Path) -> str | None:
-    """S9 row 6: None when the sandbox sees ``executable`` already (it, or the file it
-    resolves to, ``real``, is under /usr or the workspace); else the path itself
-    (``--ro-bind`` follows a symlink to its file)."""
-    for path in (executable, real):
-        if _under(path, "/usr") or _under(path, str(workspace)):
+def program_to_bind(executable: str, workspace: Path) -> str | None:
+    """S9 row 6: None when the sandbox sees ``executable`` at that path already (under
+    /usr, a row-2 directory such as /bin, or the workspace); else the path itself.
+    ``--ro-bind`` follows a symlink, so a venv's ``bin/python`` is bound as the file
+    it points to, at the venv's path."""
+    for visible in ("/usr", *TOP_LEVEL, str(workspace)):
+        if _under(executable, visible):
             return None
     return executable
 
