@@ -14,7 +14,7 @@ import trio
 
 from claude_rig import API_KEY, DAEMON_SECRET, Rig, claude_processes, claude_rig, cli_processes
 from fake_anthropic import FakeAnthropic, Step
-from helpers import post, settle
+from helpers import alive_in, namespace_of, post, settle
 from skydeck.backends.claude_warm import WarmConfig
 from skydeck.backends.process import KILL_GRACE_S
 from skydeck.sandbox.plan import PLACEHOLDER
@@ -103,24 +103,6 @@ async def test_t4_bash_tool_sees_no_store_no_victim_no_loopback(rig: Rig, tmp_pa
     assert "IS_SANDBOX=1" in output and "HTTPS_PROXY=http://127.0.0.1:3128" in output, output
     everything = json.dumps(rig.api.requests)
     assert DAEMON_SECRET not in everything and VICTIM_SECRET not in everything
-
-
-def namespace_of(pid: int) -> str:
-    return os.readlink(f"/proc/{pid}/ns/pid")
-
-
-def alive_in(namespace: str) -> list[int]:
-    """Host pids in ``namespace`` that are not zombies."""
-    found = []
-    for proc in psutil.process_iter(["status"]):
-        try:
-            if proc.info["status"] == psutil.STATUS_ZOMBIE:
-                continue
-            if namespace_of(proc.pid) == namespace:
-                found.append(proc.pid)
-        except (OSError, psutil.Error):
-            continue
-    return found
 
 
 async def sleeper_namespace(workspace: Path) -> str:

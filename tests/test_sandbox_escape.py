@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 from daemon_process import SKYDECK, DaemonProcess, clean_env
+from helpers import alive_in, namespace_of
 
 TOKEN = "daemon-secret-" + os.urandom(8).hex()
 VICTIM_SECRET = "victim-secret-" + os.urandom(8).hex()
@@ -381,3 +382,60 @@ def test_s3_required_refuses_off_and_fails_a_stored_off_agent(tmp_path: Path) ->
             assert client.get("/health").json()["sandbox"]["required"] is True
     finally:
         second.stop()
+
+
+# -- T5 for command turns and a daemon killed with SIGKILL (S13, S21) ----------------
+
+NAMESPACE_FIRST = "readlink /proc/self/ns/pid > ns.txt; "
+
+
+def wait_for(check: Any, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(what)
+        time.sleep(0.02)
+
+
+def test_t5_a_command_turn_that_exits_takes_its_setsid_child_along(
+    escape_daemon: tuple[DaemonProcess, httpx.Client],
+) -> None:
+    daemon, client = escape_daemon
+    body = {
+        "name": "quick",
+        "channel": "quick",
+        "backend": "command",
+        "command": ["/bin/sh", "-c", NAMESPACE_FIRST + "setsid sleep 300 & echo bye; exit 0"],
+    }
+    assert client.post("/api/agents", json=body).status_code == 201
+    message = run_turn(client, "quick", "go")
+    assert (message["state"], message["reply"]) == ("done", "bye")
+    namespace = (daemon.data_dir / "workspaces" / "quick" / "ns.txt").read_text().strip()
+    assert namespace != namespace_of(os.getpid())
+    wait_for(lambda: not alive_in(namespace), 1.0, f"left in {namespace}: {alive_in(namespace)}")
+
+
+def test_t5_a_daemon_killed_with_sigkill_takes_every_sandbox_along(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    daemon = DaemonProcess(data, "--no-demo")
+    stubborn = NAMESPACE_FIRST + "(setsid sleep 300 &); trap '' TERM; sleep 300"
+    try:
+        with httpx.Client(base_url=daemon.url, timeout=30) as client:
+            body = {
+                "name": "s",
+                "channel": "s",
+                "backend": "command",
+                "command": ["/bin/sh", "-c", stubborn],
+            }
+            assert client.post("/api/agents", json=body).status_code == 201
+            client.post("/api/channels/s/messages", json={"content": "go"}).raise_for_status()
+        ns_file = data / "workspaces" / "s" / "ns.txt"
+        wait_for(
+            lambda: ns_file.exists() and len(alive_in(ns_file.read_text().strip())) >= 4,
+            20,
+            "no sandbox",
+        )
+        namespace = ns_file.read_text().strip()
+    finally:
+        daemon.kill()
+    wait_for(lambda: not alive_in(namespace), 1.0, f"left in {namespace}: {alive_in(namespace)}")
