@@ -177,6 +177,12 @@ def _with_defaults(properties: Schema, cls: type) -> Schema:
     return properties
 
 
+_LABEL = "[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_PORT = "(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+#: S2's ``host[:port]`` for a DNS name or IPv4 address (what `modes.parse_target` takes).
+EGRESS_PATTERN = f"^{_LABEL}(?:\\.{_LABEL})*(?::{_PORT})?$"
+
+
 def agent_fields() -> Schema:
     """One schema per `validate._AGENT_FIELDS` entry (a missing one is a KeyError)."""
     name = ref("Name")
@@ -215,8 +221,11 @@ def agent_fields() -> Schema:
         "egress": {
             "type": "array",
             "maxItems": MAX_EGRESS,
-            "items": {"type": "string"},
-            "description": "S2: host:port targets a workspace sandbox may reach (bare host: 443)",
+            "items": {"type": "string", "pattern": EGRESS_PATTERN, "maxLength": 200},
+            "description": (
+                "S2: host:port targets a workspace sandbox may reach (a bare host means 443; "
+                "the daemon also takes [IPv6] hosts). Never the daemon's own port on loopback"
+            ),
         },
     }
     return _with_defaults({field: table[field] for field in sorted(_AGENT_FIELDS)}, AgentSpec)
@@ -381,6 +390,10 @@ def schemas() -> Schema:
         "if": {"required": ["backend"], "properties": {"backend": {"const": "command"}}},
         "then": {"required": ["command"], "properties": {"command": {"type": "array"}}},
     }
+    egress_needs_workspace = {
+        "if": {"required": ["sandbox"], "properties": {"sandbox": {"enum": ["off", "strict"]}}},
+        "then": {"properties": {"egress": {"maxItems": 0}}},
+    }
     return {
         "Name": name_schema(),
         "JsonValue": json_value(),
@@ -411,18 +424,22 @@ def schemas() -> Schema:
             description="a vault note tagged outbound: acknowledged, nothing runs",
         ),
         "Agent": record(AgentSpec, extra=agent_extra),
-        "NewAgent": _object(agent, ("name", "channel"), allOf=[command_needs_argv]),
+        "NewAgent": _object(
+            agent, ("name", "channel"), allOf=[command_needs_argv, egress_needs_workspace]
+        ),
         "AgentChanges": _object(
             agent,
             description=(
-                "a partial update; `name` may repeat the agent's name but not change it, and an "
-                "agent on the command backend keeps a command (else 400)"
+                "a partial update; `name` may repeat the agent's name but not change it, an "
+                "agent on the command backend keeps a command, and one with egress keeps "
+                "sandbox workspace or null (else 400)"
             ),
             allOf=[
+                egress_needs_workspace,
                 {
                     "if": command_needs_argv["if"],
                     "then": {"properties": {"command": {"type": "array"}}},
-                }
+                },
             ],
         ),
         "Job": record(Job),
