@@ -44,7 +44,7 @@ def tool_output(api: FakeAnthropic, request: int) -> str:
 
 async def test_t3_sandboxed_turns_resume_keep_the_workspace_and_drop_tmp(rig: Rig) -> None:
     """S10, S16, S22: a workspace claude agent's session survives PATCHes to off and back."""
-    rig.add("box")
+    await rig.add("box")
     workspace = rig.workspaces / "box"
     rig.api.script(
         bash("echo kept > ws.txt; echo gone > /tmp/t3.txt; pwd; hostname"),
@@ -56,7 +56,7 @@ async def test_t3_sandboxed_turns_resume_keep_the_workspace_and_drop_tmp(rig: Ri
     assert first.state == "done", first.error
     written = tool_output(rig.api, 1)
     assert str(workspace) in written and "skydeck" in written, written  # its cwd, its hostname
-    session = rig.store.get_session("box")
+    session = await rig.store.get_session("box")
     assert session is not None
     assert list(workspace.glob(f".claude/projects/*/{session}.jsonl")), "persisted in the workspace"
     assert (workspace / "ws.txt").read_text() == "kept\n"
@@ -70,11 +70,11 @@ async def test_t3_sandboxed_turns_resume_keep_the_workspace_and_drop_tmp(rig: Ri
     else:  # S20: a warm process keeps its one sandbox, /tmp included, for its whole life
         assert "gone" in read, read
     for turn, sandbox in ((3, "off"), (4, None)):
-        rig.registry.update("box", {"sandbox": sandbox})
+        await rig.registry.update("box", {"sandbox": sandbox})
         message = await rig.turn("box", f"turn {turn}")
         assert message.state == "done", message.error
         assert any("kumquat" in t for t in FakeAnthropic.texts(rig.api.requests[-1]))
-        assert rig.store.get_session("box") == session
+        assert await rig.store.get_session("box") == session
     assert {h["x-claude-code-session-id"] for h in rig.api.headers} == {session}
 
 
@@ -85,7 +85,7 @@ async def test_t4_bash_tool_sees_no_store_no_victim_no_loopback(rig: Rig, tmp_pa
     victim.mkdir(parents=True)
     (victim / "secret.txt").write_text(VICTIM_SECRET)
     port = rig.api.url.rsplit(":", 1)[1]
-    rig.add("tools")
+    await rig.add("tools")
     db = tmp_path / "skydeck.db"
     assert db.exists()
     rig.api.script(
@@ -129,9 +129,9 @@ STUBBORN = "(setsid sleep 300 &); trap '' TERM; sleep 300"
 
 async def test_t5_a_timeout_empties_the_pid_namespace(rig: Rig) -> None:
     """S13, S21: R14's reason, and nothing of the sandbox outlives the grace."""
-    rig.add("slow", timeout_s=3)
+    await rig.add("slow", timeout_s=3)
     rig.api.script(bash(STUBBORN), Step(text="never"))
-    message_id = post(rig.registry, "slow", "sleep")
+    message_id = await post(rig.registry, "slow", "sleep")
     namespace = await sleeper_namespace(rig.workspaces / "slow")
     assert namespace != namespace_of(os.getpid()), "the tool runs in the sandbox's namespace"
     (message,) = await settle(rig.store, [message_id], 30)
@@ -141,22 +141,22 @@ async def test_t5_a_timeout_empties_the_pid_namespace(rig: Rig) -> None:
 
 async def test_t5_a_delete_empties_the_pid_namespace(rig: Rig) -> None:
     """S13, R26: removing the agent mid-turn ends its whole sandbox."""
-    rig.add("doomed")
+    await rig.add("doomed")
     rig.api.script(bash(STUBBORN), Step(text="never"))
-    message_id = post(rig.registry, "doomed", "sleep")
+    message_id = await post(rig.registry, "doomed", "sleep")
     namespace = await sleeper_namespace(rig.workspaces / "doomed")
-    rig.registry.remove("doomed")
+    await rig.registry.remove("doomed")
     await gone_within(namespace, KILL_GRACE_S + 1)
-    message = rig.store.get_message(message_id)
+    message = await rig.store.get_message(message_id)
     assert message is not None and message.state == "cancelled"
 
 
 async def test_t9_bwrap_argv_holds_no_secret_and_its_env_is_the_childs(rig: Rig) -> None:
     """S11: bwrap's cmdline has no secret; its environment is exactly the CLI's (what the
     sandbox can read in /proc/1/environ holds nothing the child does not have)."""
-    rig.add("stalled")
+    await rig.add("stalled")
     rig.api.script(Step(stall=True))
-    post(rig.registry, "stalled", "wait")
+    await post(rig.registry, "stalled", "wait")
     with trio.fail_after(30):
         while not rig.api.requests:
             await trio.sleep(0.05)
@@ -172,7 +172,7 @@ async def test_t9_bwrap_argv_holds_no_secret_and_its_env_is_the_childs(rig: Rig)
     assert child.pop("PWD") == str(rig.workspaces / "stalled")  # bwrap's --chdir sets PWD
     assert outer.environ() == child
     assert "SKYDECK_TOKEN" not in outer.environ() and outer.environ()["IS_SANDBOX"] == "1"
-    rig.registry.remove("stalled")
+    await rig.registry.remove("stalled")
 
 
 # -- T6: strict ----------------------------------------------------------------------
@@ -181,7 +181,7 @@ async def test_t9_bwrap_argv_holds_no_secret_and_its_env_is_the_childs(rig: Rig)
 async def test_t6_strict_keeps_the_key_outside(rig: Rig) -> None:
     """S11, S17 (b): the fake gets the real key; the sandbox only ever holds the
     placeholder, and the gateway tunnels nothing."""
-    rig.add("locked", sandbox="strict")
+    await rig.add("locked", sandbox="strict")
     rig.api.script(
         bash(
             "env; exec 3<>/dev/tcp/127.0.0.1/3128; "
@@ -205,7 +205,7 @@ async def test_t6_strict_with_only_an_oauth_token_fails_readably(
 ) -> None:
     monkeypatch.delenv("ANTHROPIC_API_KEY")
     monkeypatch.setenv("CLAUDE_CODE_OAUTH_TOKEN", "oauth-token")
-    rig.add("oauth", sandbox="strict")
+    await rig.add("oauth", sandbox="strict")
     message = await rig.turn("oauth", "hello")
     assert message.state == "failed"
     assert message.error == (

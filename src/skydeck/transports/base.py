@@ -41,15 +41,15 @@ class Mirror(Protocol):
 
     async def read_session(self, agent: AgentSpec) -> str | None: ...
 
-    def queue_callback(self, callback: Inbound) -> None:
+    async def queue_callback(self, callback: Inbound) -> None:
         """R22a: a callback for a sender served there; written from a durable outbox."""
         ...
 
-    def defer_reply(self, reply: Message, thread: ThreadRecord) -> None:
+    async def defer_reply(self, reply: Message, thread: ThreadRecord) -> None:
         """Keep retrying a reply that could not be written now (durable outbox)."""
         ...
 
-    def clear_session(self, agent: AgentSpec) -> None:
+    async def clear_session(self, agent: AgentSpec) -> None:
         """R27 there too (durable outbox)."""
         ...
 
