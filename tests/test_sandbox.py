@@ -4,6 +4,7 @@ S20, T7); the agent fields through a real daemon (S1, S2)."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import subprocess
 import sys
@@ -19,7 +20,8 @@ import trio
 
 from conftest import Daemon
 from skydeck.backends.command import CommandBackend
-from skydeck.errors import BackendError, BadRequest
+from skydeck.definitions import parse_definition
+from skydeck.errors import BackendError, BadRequest, InvalidNote
 from skydeck.model import AgentSpec, TurnSession
 from skydeck.sandbox import Sandbox, bwrap_path, parse_policy, probe
 from skydeck.sandbox.gateway import Deny, Forward, Routes, Tunnel, hits_daemon, route
@@ -240,6 +242,20 @@ def test_s2_egress_targets(raw: str, target: str) -> None:
 def test_s2_bad_egress_targets(raw: str) -> None:
     with pytest.raises(ValueError):
         parse_target(raw)
+
+
+def test_s1_s2_vault_definitions_carry_sandbox_and_egress() -> None:
+    note = {
+        "id": "n1",
+        "content": "",
+        "metadata": {"name": "v", "backend": "echo", "egress": "a.org, b.org:80 c.org"},
+    }
+    assert parse_definition(note).egress == ["a.org:443", "b.org:80", "c.org:443"]
+    note["metadata"] = {"name": "v", "backend": "echo", "sandbox": "strict", "egress": ["x.org"]}
+    with pytest.raises(InvalidNote, match="egress needs sandbox workspace"):
+        parse_definition(note)
+    note["metadata"] = {"name": "v", "backend": "echo", "sandbox": "off"}
+    assert parse_definition(note).sandbox == "off"
 
 
 def test_s1_s2_validation() -> None:
@@ -555,8 +571,9 @@ async def wait_reply(client: httpx.AsyncClient, channel: str, content: str) -> s
 
 
 async def test_t7_s20_each_agent_reaches_only_its_own_egress_at_the_same_time(
-    daemon: Daemon,
+    daemon: Daemon, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="skydeck.turn")
     client = daemon.client
     with answering("one") as one, answering("two") as two:
         targets = f"127.0.0.1:{one} 127.0.0.1:{two}"
@@ -587,6 +604,8 @@ async def test_t7_s20_each_agent_reaches_only_its_own_egress_at_the_same_time(
         f"127.0.0.1:{one} 403 skydeck sandbox: 127.0.0.1:{one} is not allowed for agent second",
         f"127.0.0.1:{two} 200 two",
     ]
+    finished = [r for r in caplog.records if r.getMessage() == "turn finished"]
+    assert [getattr(r, "sandbox", None) for r in finished] == ["workspace", "workspace"]  # S23
 
 
 @asynccontextmanager

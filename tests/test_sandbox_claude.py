@@ -76,6 +76,8 @@ async def test_t3_sandboxed_turns_resume_keep_the_workspace_and_drop_tmp(rig: Ri
         assert any("kumquat" in t for t in FakeAnthropic.texts(rig.api.requests[-1]))
         assert await rig.store.get_session("box") == session
     assert {h["x-claude-code-session-id"] for h in rig.api.headers} == {session}
+    if rig.backend.pool is not None:  # W11: the mode is in the fingerprint
+        assert rig.spawns == ["new", "definition", "definition"]
 
 
 async def test_t4_bash_tool_sees_no_store_no_victim_no_loopback(rig: Rig, tmp_path: Path) -> None:

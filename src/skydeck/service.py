@@ -305,6 +305,7 @@ class Service:
             metrics=self.metrics,
             buffer_cap=settings.buffer_cap,
             max_turns=settings.max_turns,
+            sandbox_mode=self._sandbox_mode,
         )
         self.deps = self.registry.deps
         self.metrics.watch_queues(self.registry.depths)
@@ -355,6 +356,10 @@ class Service:
         if sandbox.default == "off" and not found.available:
             log.warning(sandbox.banner())
         return sandbox
+
+    def _sandbox_mode(self, agent: AgentSpec) -> str:
+        """S23: echo runs no process; the others run in their effective mode."""
+        return "off" if agent.backend == "echo" else self.sandbox.effective(agent)
 
     def _hub_keys(self) -> HubKeys | None:
         s = self.settings
