@@ -24,7 +24,7 @@ from skydeck.definitions import parse_definition
 from skydeck.errors import BackendError, BadRequest, InvalidNote
 from skydeck.model import AgentSpec, TurnSession
 from skydeck.sandbox import Sandbox, bwrap_path, parse_policy, probe
-from skydeck.sandbox.gateway import Deny, Forward, Routes, Tunnel, hits_daemon, route
+from skydeck.sandbox.gateway import Deny, Forward, Gateway, Routes, Tunnel, hits_daemon, route
 from skydeck.sandbox.jail import RELAY_SCRIPT
 from skydeck.sandbox.modes import Availability, decide, parse_target
 from skydeck.sandbox.plan import (
@@ -545,6 +545,10 @@ def answering(text: str) -> Iterator[int]:
             self.end_headers()
             self.wfile.write(body)
 
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            self.do_GET()
+
         def log_message(self, *args: Any) -> None:
             pass
 
@@ -645,3 +649,43 @@ async def test_s1_s2_fields_round_trip_and_the_daemon_refuses_itself(tmp_path: P
         assert (stored["sandbox"], stored["egress"]) == ("off", [])
         await client.patch("/api/agents/a", json={"sandbox": None})
         assert (await client.get("/api/agents/a")).json()["sandbox_effective"] == "strict"
+
+
+async def test_s17_every_request_on_one_connection_is_routed_by_its_own_head(
+    tmp_path: Path,
+) -> None:
+    """The CLI reuses a proxy connection for another target: each head decides (S17)."""
+    with answering("one") as one, answering("two") as two:
+        routes = Routes(
+            agent="reuser",
+            mode="workspace",
+            allow=frozenset({f"127.0.0.1:{one}", f"127.0.0.1:{two}"}),
+        )
+        denied: list[tuple[str, str]] = []
+        async with httpx.AsyncClient(trust_env=False) as upstream:
+            gateway = Gateway(
+                routes, tmp_path / "g.sock", upstream, lambda *hit: denied.append(hit)
+            )
+            gateway.listen()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(gateway.serve)
+                stream = await trio.open_unix_socket(str(tmp_path / "g.sock"))
+                heads = [
+                    f"GET http://127.0.0.1:{one}/ HTTP/1.1\r\nHost: 127.0.0.1:{one}\r\n\r\n",
+                    f"POST http://127.0.0.1:{two}/ HTTP/1.1\r\nHost: 127.0.0.1:{two}\r\n"
+                    "Content-Length: 2\r\nExpect: 100-continue\r\n\r\nhi",
+                    "GET http://127.0.0.1:9/ HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n",
+                ]
+                await stream.send_all("".join(heads).encode())
+                received = b""
+                with trio.fail_after(10):
+                    while b"is not allowed" not in received:
+                        received += await stream.receive_some(65536)
+                await stream.aclose()
+                nursery.cancel_scope.cancel()
+    text = received.decode()
+    assert text.count("HTTP/1.1 200") == 2 and "one" in text and "two" in text, text
+    assert "HTTP/1.1 100" in text, "Expect: 100-continue is answered before the body"
+    assert "403" in text and "127.0.0.1:9 is not allowed for agent reuser" in text, text
+    assert denied == [("reuser", "127.0.0.1:9")]
+    assert not (tmp_path / "g.sock").exists(), "S13: the socket goes with its gateway"

@@ -227,6 +227,8 @@ class Gateway:
             pass
         except httpx.HTTPError as exc:
             log.info("sandbox gateway request failed", extra={"error": str(exc)})
+        except Exception:  # R25: one connection's failure never ends the sandbox's turn
+            log.exception("sandbox gateway connection failed", extra={"agent": self.routes.agent})
 
     async def _requests(self, stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
@@ -340,6 +342,10 @@ async def _next_event(conn: h11.Connection, stream: trio.SocketStream) -> object
 
 
 async def _read_body(conn: h11.Connection, stream: trio.SocketStream) -> bytes | None:
+    if conn.they_are_waiting_for_100_continue:
+        await stream.send_all(
+            conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
+        )
     parts: list[bytes] = []
     size = 0
     while True:
