@@ -689,3 +689,20 @@ async def test_s17_every_request_on_one_connection_is_routed_by_its_own_head(
     assert "403" in text and "127.0.0.1:9 is not allowed for agent reuser" in text, text
     assert denied == [("reuser", "127.0.0.1:9")]
     assert not (tmp_path / "g.sock").exists(), "S13: the socket goes with its gateway"
+
+
+def test_s5_banner_lines(tmp_path: Path) -> None:
+    def banner(policy: str, found: Availability) -> str:
+        return Sandbox(parse_policy(policy), found, data_dir=tmp_path).banner()
+
+    assert banner("auto", OK) == (
+        "sandbox: workspace for agents without their own setting (bwrap 0.8.0 at /usr/bin/bwrap)"
+    )
+    assert banner("auto", MISSING) == (
+        f"sandbox: OFF for agents without their own setting: {MISSING.reason}"
+    )
+    assert banner("off", OK) == "sandbox: OFF for agents without their own setting: --sandbox off"
+    assert banner("strict", MISSING) == (
+        "sandbox: strict for agents without their own setting, but unavailable, "
+        f"so their turns fail: {MISSING.reason}"
+    )

@@ -353,7 +353,7 @@ class Service:
             on_denied=lambda agent, _: self.metrics.sandbox_egress_denied.labels(agent).inc(),
         )
         self.metrics.watch_sandboxes(lambda: sandbox.running)
-        if sandbox.default == "off" and not found.available:
+        if not found.available:
             log.warning(sandbox.banner())
         return sandbox
 

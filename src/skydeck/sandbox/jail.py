@@ -191,11 +191,6 @@ class Jail:
         codes = [r["exit-code"] for r in self.records if isinstance(r.get("exit-code"), int)]
         return codes[-1] if codes else None
 
-    def pid_namespace(self) -> int | None:
-        self._read_records()
-        found = [r["pid-namespace"] for r in self.records if "pid-namespace" in r]
-        return int(found[0]) if found else None
-
     def returncode(self, returncode: int) -> int:
         """S12: what the program's exit means (128+N is "killed by signal N")."""
         code = self.exit_code()
@@ -281,13 +276,18 @@ class Sandbox:
 
     def banner(self) -> str:
         """S5: the start-up line."""
-        if self.default != "off":
+        if self.default == "off":
+            reason = self.probe.reason or "--sandbox off"
+            return f"sandbox: OFF for agents without their own setting: {reason}"
+        if not self.probe.available:  # S6: asked for, so their turns fail instead
             return (
-                f"sandbox: {self.default} for agents without their own setting "
-                f"(bwrap {self.probe.version} at {self.bwrap})"
+                f"sandbox: {self.default} for agents without their own setting, "
+                f"but unavailable, so their turns fail: {self.probe.reason}"
             )
-        reason = self.probe.reason or "--sandbox off"
-        return f"sandbox: OFF for agents without their own setting: {reason}"
+        return (
+            f"sandbox: {self.default} for agents without their own setting "
+            f"(bwrap {self.probe.version} at {self.bwrap})"
+        )
 
     # -- turns ----------------------------------------------------------------------
 
