@@ -67,6 +67,7 @@ bench: $(STAMP) $(CLAUDE) $(BWRAP)
 	$(BIN)/python bench/queue_throughput.py
 	$(BIN)/python bench/turn_overhead.py
 	$(BIN)/python bench/warm_turns.py
+	$(BIN)/python bench/sandbox_turns.py
 	$(BIN)/python bench/http_ingest.py
 	$(BIN)/python bench/scheduler.py
 
