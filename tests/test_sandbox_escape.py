@@ -301,6 +301,46 @@ def test_t8_required_refuses_to_start_without_user_namespaces(tmp_path: Path) ->
     assert "ENOSPC" in stderr and "user.max_user_namespaces" in stderr
 
 
+def test_t8_auto_without_user_namespaces_says_why_in_the_banner_and_health(
+    tmp_path: Path,
+) -> None:
+    """The same real failure under auto: the daemon starts, unsandboxed, and says why."""
+    # --die-with-parent: bwrap forwards no signal, so the daemon goes when bwrap does.
+    wrap = [
+        "/usr/bin/bwrap",
+        "--dev-bind",
+        "/",
+        "/",
+        "--unshare-user",
+        "--disable-userns",
+        "--die-with-parent",
+        "--",
+    ]
+    data = tmp_path / "data"
+    proc = subprocess.Popen(
+        [*wrap, SKYDECK, "serve", "--port", "0", "--no-demo", "--data-dir", str(data)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean_env(),
+    )
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(4)]
+        url = lines[2].split()[1].removesuffix("/api")
+        banner = lines[3].strip()
+        assert banner.startswith(
+            "sandbox: OFF for agents without their own setting: bwrap cannot create a sandbox: "
+        ), lines
+        assert "ENOSPC" in banner
+        health = httpx.get(f"{url}/health", timeout=10).json()["sandbox"]
+        assert health["available"] is False and health["default"] == "off"
+        assert "ENOSPC" in health["reason"]
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
+
+
 def test_s4_a_relative_bwrap_path_refuses_to_start(tmp_path: Path) -> None:
     stderr = serve_result(tmp_path / "data", env={"SKYDECK_BWRAP": "bin/bwrap"})
     assert "SKYDECK_BWRAP must be an absolute path, not 'bin/bwrap'" in stderr
