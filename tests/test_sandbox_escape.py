@@ -73,6 +73,24 @@ for n in 1 2 3 4 5 6 7 8 9 10 11 12; do probe $n p$n; done
 echo ws-ok > own.txt && [ "$(cat own.txt)" = ws-ok ] && echo "control workspace ok"
 r=$(ask "GET http://$EGRESS/ping HTTP/1.1\r\nHost: $EGRESS\r\n$END")
 case "$r" in *pong*) echo "control egress ok";; *) echo "control egress failed: ${r%%$'\r'*}";; esac
+/usr/bin/python3 - <<'PY'
+import json, os, urllib.request
+url, token = os.environ["SKYDECK_MCP_URL"], os.environ["SKYDECK_MCP_TOKEN"]
+def post(body, session=None):
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json",
+               "Accept": "application/json, text/event-stream"}
+    if session:
+        headers["Mcp-Session-Id"] = session
+    request = urllib.request.Request(url, json.dumps(body).encode(), headers)
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return answer.headers.get("Mcp-Session-Id"), answer.read().decode()
+params = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t1"}}
+session, _ = post({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": params})
+post({"jsonrpc": "2.0", "method": "notifications/initialized"}, session)
+_, listed = post({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}, session)
+print("control mcp ok" if '"send_message"' in listed else f"control mcp failed: {listed[:300]}")
+print("mcp url " + url)
+PY
 """
 
 
@@ -206,6 +224,8 @@ def test_t1_escape_probes_are_denied_and_controls_work(
     assert sorted(probes, key=int) == [str(n) for n in range(1, 13)], reply
     assert all(line.startswith("denied") for line in probes.values()), reply
     assert "control workspace ok" in reply and "control egress ok" in reply, reply
+    # S11, S17 (a): its own /mcp/<channel>, through the relay, is the one way to the daemon.
+    assert "control mcp ok" in reply and "mcp url http://127.0.0.1:3128/mcp/prober" in reply
     # From the host: nothing escaped, the daemon is whole.
     assert (data / "workspaces" / "prober" / "own.txt").read_text() == "ws-ok\n"
     assert not Path("/etc/skydeck-escape").exists()

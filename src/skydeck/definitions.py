@@ -107,6 +107,10 @@ def parse_definition(note: dict[str, Any]) -> AgentSpec:
     if egress not in (None, ""):
         # S2: an array, or one string of targets split by commas or spaces.
         body["egress"] = egress.replace(",", " ").split() if isinstance(egress, str) else egress
+    if str(metadata.get("mcp", "")).strip().lower() == "false":  # mcp.md M26
+        body["mcp"] = False
+    if (allow := _text(metadata, "mcp_allow")) is not None:
+        body["mcp_allow"] = allow.replace(",", " ").split()
     try:
         spec = validate.new_agent(body)
     except BadRequest as exc:

@@ -5,7 +5,7 @@
     ├── Registry.serve         (a task per registered channel, the store flusher)
     ├── Scheduler.run          (cron jobs: sleeps until the next due slot)
     ├── VaultMirror.run_outbox, VaultSync.run   (with --vault-url)
-    └── hypercorn.trio.serve   (the HTTP app; its shutdown_trigger is ours)
+    └── hypercorn.trio.serve   (the HTTP app and /mcp/{channel}; its shutdown_trigger is ours)
 
 `stop` is the one way down (R29): stop accepting (posts get 503), start no
 new turn, give running turns a grace period, cancel the rest (their messages
@@ -30,7 +30,6 @@ from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
-from urllib.parse import urlsplit
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -46,6 +45,10 @@ from .definitions import VaultSync
 from .errors import StoreFailure, unwrap
 from .events import TurnEvents
 from .guard import OriginPolicy, is_loopback
+from .mcp.access import Sessions, TurnTokens
+from .mcp.endpoint import McpEndpoint
+from .mcp.tools import Toolbox
+from .mcp.wiring import TurnTools, prepare_dir
 from .metrics import Metrics
 from .model import AgentSpec
 from .procs import ProcessRegistry
@@ -297,6 +300,13 @@ class Service:
                 VaultClient(settings.vault_url, settings.vault_token), self.store
             )
             self.metrics.watch_outbox(self.vault.pending)
+        # mcp.md: turn tokens and sessions live in memory only; the config files of
+        # a killed daemon's turns are removed here (M9).
+        tokens, sessions = TurnTokens(), Sessions()
+        prepare_dir(settings.data_dir / "mcp")
+        self.turn_tools = TurnTools(
+            tokens, sessions, settings.data_dir / "mcp", sandboxed_base=self.sandbox.mcp_base
+        )
         self.registry = build_registry(
             self.store,
             backends,
@@ -306,6 +316,7 @@ class Service:
             buffer_cap=settings.buffer_cap,
             max_turns=settings.max_turns,
             sandbox_mode=self._sandbox_mode,
+            tools=self.turn_tools,
         )
         self.deps = self.registry.deps
         self.metrics.watch_queues(self.registry.depths)
@@ -324,10 +335,15 @@ class Service:
                 self.scheduler,
                 poll_s=settings.vault_poll_s,
             )
+        auth = Auth(settings.token, settings.jwt_secret, self._hub_keys())
+        toolbox = Toolbox(
+            self.registry, self.store, self.events, self.scheduler, on_call=self.metrics.on_mcp_call
+        )
+        self.metrics.watch_mcp_sessions(lambda: len(sessions))
         self.app = create_app(
             self.registry,
             self.store,
-            Auth(settings.token, settings.jwt_secret, self._hub_keys()),
+            auth,
             self.metrics,
             self.scheduler,
             health_extra=self._health_extra,
@@ -335,6 +351,7 @@ class Service:
             body_timeout_s=settings.body_timeout_s,
             origins=settings.origin_policy(),
             sandbox=self.sandbox,
+            mcp=McpEndpoint(toolbox, auth, tokens=tokens, sessions=sessions),
         )
         self._stopped = trio.Event()
         self._http_done = trio.Event()
@@ -425,9 +442,9 @@ class Service:
                         shutdown_trigger=self._http_done.wait,
                     )
                 )
+                self.sandbox.listening(binds[0])  # before any turn waiting for the address
+                self.turn_tools.listening(binds)
                 log.info("skydeck listening", extra={"binds": ",".join(binds)})
-                bound = urlsplit(binds[0])
-                self.sandbox.listening(bound.hostname or self.settings.host, bound.port or 0)
                 task_status.started(binds)
                 await self._stopped.wait()
                 scheduler_scope.cancel()  # a slot due from now on fires at next start

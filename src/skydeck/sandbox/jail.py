@@ -36,6 +36,7 @@ import httpx
 import trio
 
 from ..errors import BackendError, BadRequest
+from ..mcp.wiring import base_url
 from ..model import AgentSpec
 from ..procs import Launch
 from .gateway import Gateway, Routes
@@ -50,7 +51,16 @@ from .modes import (
     default_mode,
     names_daemon,
 )
-from .plan import HostLayout, Plan, Relay, bwrap_argv, decode_exit, program_to_bind, sandbox_env
+from .plan import (
+    PROXY_URL,
+    HostLayout,
+    Plan,
+    Relay,
+    bwrap_argv,
+    decode_exit,
+    program_to_bind,
+    sandbox_env,
+)
 
 #: The relay's source, bound read-only into every sandbox that has one (S9 row 7).
 RELAY_SCRIPT = Path(__file__).with_name("relay.py")
@@ -233,7 +243,7 @@ class Sandbox:
         self.python = os.path.realpath(sys.executable)
         self.on_denied = on_denied
         #: The daemon's own address, once it listens (S18, S19; the M24 base of (a)).
-        self.daemon_host = "127.0.0.1"
+        self.daemon_base: str | None = None
         self.daemon_port: int | None = None
         #: Sandboxes alive now (``skydeck_sandbox_processes``).
         self.running = 0
@@ -354,17 +364,18 @@ class Sandbox:
             mcp_file=mcp_file,
         )
 
-    @property
-    def daemon_base(self) -> str | None:
-        if self.daemon_port is None:
-            return None
-        host = f"[{self.daemon_host}]" if ":" in self.daemon_host else self.daemon_host
-        return f"http://{host}:{self.daemon_port}"
+    def listening(self, bind: str) -> None:
+        """The daemon's own address, known once Hypercorn has bound it (its first bind,
+        as the loopback URL the MCP endpoint is reached at, M24)."""
+        self.daemon_base = base_url(bind)
+        self.daemon_port = urlsplit(bind).port
 
-    def listening(self, host: str, port: int) -> None:
-        """The daemon's own address, known once Hypercorn has bound it."""
-        self.daemon_host = "127.0.0.1" if host in ("0.0.0.0", "", "localhost") else host
-        self.daemon_port = port
+    def mcp_base(self, agent: AgentSpec) -> str | None:
+        """S11: the M24 ``<base>`` of a sandboxed agent is its relay; None: the daemon's."""
+        decision = self.decide(agent)
+        if agent.backend == "echo" or decision.mode == "off" or decision.refusal is not None:
+            return None
+        return PROXY_URL
 
     def next_socket(self) -> int:
         self._sockets += 1

@@ -53,6 +53,10 @@ class Mirror(Protocol):
         """R27 there too (durable outbox)."""
         ...
 
+    async def queue_notify(self, message: Message) -> None:
+        """mcp.md M17: a `notify` message, written there like a reply (durable outbox)."""
+        ...
+
 
 async def with_retry(
     write: Callable[[], Awaitable[T]],
