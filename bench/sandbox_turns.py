@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -59,12 +60,26 @@ def version_times(claude: str, workspace: Path) -> tuple[float, float]:
     return statistics.median(times["bare"]), statistics.median(times["bwrap"])
 
 
-async def run(runs: int, warm: bool, tmp: Path) -> dict[str, list[float]]:
+def cpu_seconds() -> float:
+    """CPU of this process and of its reaped children (a cold turn's processes are
+    reaped before its ``done``): what a turn costs whatever else loads the machine."""
+    mine, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return mine.ru_utime + mine.ru_stime + children.ru_utime + children.ru_stime
+
+
+async def run(
+    runs: int, warm: bool, tmp: Path
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall time per turn and mode, and (cold) the CPU each turn cost."""
     api = FakeAnthropic()
     config = Config()
     config.bind = ["127.0.0.1:0"]
     config.accesslog = None
     times: dict[str, list[float]] = {mode: [] for mode in MODES}
+    cpu: dict[str, list[float]] = {mode: [] for mode in MODES}
     async with trio.open_nursery() as nursery:
         (api_url,) = await nursery.start(serve, api.app(), config)
         os.environ.update({"ANTHROPIC_BASE_URL": api_url, "ANTHROPIC_API_KEY": "sk-bench"})
@@ -86,24 +101,28 @@ async def run(runs: int, warm: bool, tmp: Path) -> dict[str, list[float]]:
             await skydeck_turn(client, name)  # not counted: the session's first turn
         for i in range(runs):
             for name, client in clients.items():
+                before = cpu_seconds()
                 times[name].append(await skydeck_turn(client, name))
+                cpu[name].append(cpu_seconds() - before)
             shown = ", ".join(f"{m} {times[m][-1] * 1000:.0f} ms" for m in MODES)
             print(f"  {'warm' if warm else 'cold'} run {i + 1}/{runs}: {shown}", flush=True)
         for client in clients.values():
             await client.aclose()
         service.stop()
         nursery.cancel_scope.cancel()
-    return times
+    return times, cpu
 
 
-def report(label: str, times: dict[str, list[float]]) -> float:
+def report(label: str, times: dict[str, list[float]], cpu: dict[str, list[float]] | None) -> float:
     """Print one table; returns workspace p50 - off p50 in ms."""
     off = statistics.median(times["off"]) * 1000
-    print(f"\n{label}\n\n| sandbox | p50 ms | p95 ms | p50 - off |")
-    print("|---|---:|---:|---:|")
+    extra = " CPU p50 ms |" if cpu else ""
+    print(f"\n{label}\n\n| sandbox | p50 ms | p95 ms | p50 - off |{extra}")
+    print("|---|---:|---:|---:|" + ("---:|" if cpu else ""))
     for mode in MODES:
         median, p95 = statistics.median(times[mode]) * 1000, percentile(times[mode], 95) * 1000
-        print(f"| {mode} | {median:.0f} | {p95:.0f} | {median - off:+.0f} |")
+        used = f" {statistics.median(cpu[mode]) * 1000:.0f} |" if cpu else ""
+        print(f"| {mode} | {median:.0f} | {p95:.0f} | {median - off:+.0f} |{used}")
     return statistics.median(times["workspace"]) * 1000 - off
 
 
@@ -117,12 +136,12 @@ async def main(runs: int) -> None:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         bare, boxed = version_times(claude, Path(tmp))
-        cold = await run(runs, False, Path(tmp))
-        warm = await run(runs, True, Path(tmp))
+        cold, cold_cpu = await run(runs, False, Path(tmp))
+        warm, _ = await run(runs, True, Path(tmp))
     load_after = os.getloadavg()
     print(f"\nclaude --version: {bare * 1000:.1f} ms bare, {boxed * 1000:.1f} ms in bwrap")
-    cold_delta = report(f"cold turns ({runs} each)", cold)
-    report(f"warm turns ({runs} each)", warm)
+    cold_delta = report(f"cold turns ({runs} each)", cold, cold_cpu)
+    report(f"warm turns ({runs} each)", warm, None)  # a warm process is reaped only at the end
     verdict = "pass" if cold_delta <= PASS_MS else "FAIL"
     target = f"target <= {PASS_MS:.0f}: {verdict}"
     print(f"\ncold: workspace p50 - off p50 = {cold_delta:+.0f} ms ({target})")
