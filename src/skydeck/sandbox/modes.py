@@ -15,8 +15,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from ..model import SANDBOX_MODES as MODES
-from ..model import SandboxMode as Mode
+from ..model import SANDBOX_MODES, SandboxMode
+
+#: S1's agent field (defined with the record, `model.AgentSpec`).
+Mode = SandboxMode
+MODES = SANDBOX_MODES
 
 Policy = Literal["auto", "off", "workspace", "strict", "required"]
 POLICIES: tuple[Policy, ...] = ("auto", "off", "workspace", "strict", "required")
@@ -138,6 +141,3 @@ def decide(sandbox: Mode | None, policy: Policy, probe: Availability) -> Decisio
     if not probe.available:
         return Decision(mode, f"sandbox unavailable: {probe.reason}")
     return Decision(mode)
-
-
-__all__ = ["MODES", "POLICIES", "Availability", "Decision", "Mode", "Policy"]
