@@ -356,6 +356,20 @@ def test_s17_d_everything_else_is_denied() -> None:
     )
 
 
+def test_s18_a_checked_name_is_sent_to_the_address_it_resolved_to() -> None:
+    """No second lookup (DNS rebinding): the checked address, the name in Host."""
+    forward = Forward(
+        "http://api.example:8080/v1/messages?x=1",
+        [("host", "api.example:8080")],
+        target="api.example:8080",
+        address="203.0.113.7",
+    )
+    assert forward.url_to_send() == "http://203.0.113.7:8080/v1/messages?x=1"
+    six = Forward("http://h.example/", [], target="h.example:80", address="2001:db8::1")
+    assert six.url_to_send() == "http://[2001:db8::1]:80/"
+    assert Forward("http://127.0.0.1:1941/mcp/c", []).url_to_send() == "http://127.0.0.1:1941/mcp/c"
+
+
 def test_s18_a_name_resolving_to_loopback_on_the_daemon_port_is_caught() -> None:
     assert hits_daemon(["127.0.0.1"], 1941, 1941)
     assert hits_daemon(["::ffff:10.0.0.1", "0.0.0.0"], 1941, 1941)

@@ -29,7 +29,7 @@ import os
 import socket
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -87,6 +87,8 @@ class Routes:
 @dataclass(frozen=True, slots=True)
 class Tunnel:
     target: str
+    #: The address the target's name resolved to when it was checked (S18).
+    address: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +99,15 @@ class Forward:
     close: bool = False
     #: For the S18 resolve check; None when the far side is the daemon or the model API.
     target: str | None = None
+    address: str | None = None
+
+    def url_to_send(self) -> str:
+        """`url`, with the checked address in place of the name (Host keeps the name)."""
+        if self.address is None or self.target is None:
+            return self.url
+        parts = urlsplit(self.url)
+        shown = f"[{self.address}]" if ":" in self.address else self.address
+        return parts._replace(netloc=f"{shown}:{split_target(self.target)[1]}").geturl()
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,8 +249,7 @@ class Gateway:
                 return
             headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in event.headers]
             method, target = event.method.decode("ascii"), event.target.decode("latin-1")
-            decision = route(self.routes, method, target, headers)
-            decision = await self._check_resolved(decision)
+            decision = await self._pin_resolved(route(self.routes, method, target, headers))
             if isinstance(decision, Deny):
                 self._denied(decision.target)
                 await _reply(conn, stream, 403, denial(decision.target, self.routes.agent))
@@ -257,21 +267,26 @@ class Gateway:
                 return
             conn.start_next_cycle()
 
-    async def _check_resolved(self, decision: Decision) -> Decision:
-        """S18: the daemon's own port is never reached, whatever name resolves to it."""
-        target = decision.target if isinstance(decision, Tunnel | Forward) else None
-        if target is None:
+    async def _pin_resolved(self, decision: Decision) -> Decision:
+        """S18: the daemon's own port is never reached, whatever name resolves to it.
+
+        The name is resolved once, here, and the connection goes to that address
+        (the Host header keeps the name): a name that answers differently the
+        second time (DNS rebinding) cannot slip past the check.
+        """
+        if not isinstance(decision, Tunnel | Forward) or decision.target is None:
             return decision
-        host, port = split_target(target)
+        host, port = split_target(decision.target)
         if is_local_host(host) and port == self.routes.daemon_port:
-            return Deny(target)
+            return Deny(decision.target)
         try:
             infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_STREAM)
         except OSError:
             return decision  # the connect fails with the same error, as a 502
-        if hits_daemon([str(info[4][0]) for info in infos], port, self.routes.daemon_port):
-            return Deny(target)
-        return decision
+        addresses = [str(info[4][0]) for info in infos]
+        if not addresses or hits_daemon(addresses, port, self.routes.daemon_port):
+            return Deny(decision.target)
+        return replace(decision, address=addresses[0])
 
     def _denied(self, target: str) -> None:
         log.warning("sandbox egress denied", extra={"agent": self.routes.agent, "target": target})
@@ -283,7 +298,7 @@ class Gateway:
     ) -> None:
         host, port = split_target(tunnel.target)
         try:
-            upstream = await trio.open_tcp_stream(host, port)
+            upstream = await trio.open_tcp_stream(tunnel.address or host, port)
         except OSError as exc:
             await _reply(conn, stream, 502, f"skydeck sandbox: {tunnel.target}: {exc}\n".encode())
             return
@@ -306,7 +321,7 @@ class Gateway:
     ) -> bool:
         """Send one request on, stream its answer back; False when the connection ends."""
         request = self.client.build_request(
-            method, forward.url, headers=forward.headers, content=body
+            method, forward.url_to_send(), headers=forward.headers, content=body
         )
         try:
             response = await self.client.send(request, stream=True)
