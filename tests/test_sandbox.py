@@ -26,7 +26,7 @@ from skydeck.model import AgentSpec, TurnSession
 from skydeck.sandbox import Sandbox, bwrap_path, parse_policy, probe
 from skydeck.sandbox.gateway import Deny, Forward, Gateway, Routes, Tunnel, hits_daemon, route
 from skydeck.sandbox.jail import RELAY_SCRIPT
-from skydeck.sandbox.modes import Availability, decide, parse_target
+from skydeck.sandbox.modes import Availability, decide, names_daemon, parse_target
 from skydeck.sandbox.plan import (
     PLACEHOLDER,
     HostLayout,
@@ -375,6 +375,29 @@ def test_s18_a_name_resolving_to_loopback_on_the_daemon_port_is_caught() -> None
     assert hits_daemon(["::ffff:10.0.0.1", "0.0.0.0"], 1941, 1941)
     assert not hits_daemon(["127.0.0.1"], 8080, 1941)
     assert not hits_daemon(["93.184.216.34"], 1941, 1941)
+    # IPv4-mapped loopback reaches 127.0.0.1; Python 3.11 does not call it loopback.
+    assert hits_daemon(["::ffff:127.0.0.1"], 1941, 1941)
+    assert names_daemon(["[::ffff:127.0.0.1]:1941"], 1941)
+    assert not names_daemon(["[::ffff:10.0.0.1]:1941"], 1941)
+
+
+async def test_s18_s19_a_networked_sandbox_waits_for_the_daemon_port(tmp_path: Path) -> None:
+    """A turn replayed at start builds its sandbox before the server listens: its
+    gateway must still know the daemon's port, so it waits for it."""
+    found = probe(bwrap_path(None))
+    sandbox = Sandbox("workspace", found, data_dir=tmp_path, await_listener=True)
+    routes = Routes(agent="a", mode="workspace", allow=frozenset({"127.0.0.1:9"}))
+    got: list[Routes] = []
+
+    async def build() -> None:
+        got.append(await sandbox.routes_now(routes))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(build)
+        await trio.sleep(0.05)
+        assert got == [], "no gateway before the port is known"
+        sandbox.listening("http://127.0.0.1:4242")
+    assert got[0].daemon_port == 4242
 
 
 # -- S16: the relay --------------------------------------------------------------------

@@ -368,6 +368,7 @@ class Service:
             found,
             data_dir=self.settings.data_dir,
             on_denied=lambda agent, _: self.metrics.sandbox_egress_denied.labels(agent).inc(),
+            await_listener=True,
         )
         self.metrics.watch_sandboxes(lambda: sandbox.running)
         if not found.available:

@@ -38,7 +38,7 @@ import h11
 import httpx
 import trio
 
-from .modes import Mode, is_local_host, split_target
+from .modes import Mode, is_local_address, is_local_host, split_target
 from .plan import RELAY_PORT
 
 if TYPE_CHECKING:
@@ -49,7 +49,10 @@ log = logging.getLogger(__name__)
 CHUNK = 65536
 MAX_HEAD_BYTES = 64 * 1024
 #: A request body the gateway holds before forwarding it (the API's own limit is 32 MB).
-MAX_BODY_BYTES = 64 * 1024 * 1024
+MAX_BODY_BYTES = 32 * 1024 * 1024
+#: Connections one sandbox is served at once; more wait in the socket's backlog. With
+#: the body cap this bounds what one sandbox can make the daemon hold (512 MiB at most).
+MAX_CONNECTIONS = 16
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -185,7 +188,7 @@ def hits_daemon(addresses: list[str], port: int, daemon_port: int | None) -> boo
             ip = ipaddress.ip_address(address.split("%")[0])
         except ValueError:
             continue
-        if ip.is_loopback or ip.is_unspecified:
+        if is_local_address(ip):
             return True
     return False
 
@@ -219,18 +222,20 @@ class Gateway:
         """Serve connections until cancelled; then close and unlink the socket (S13)."""
         assert self._listener is not None, "listen() first"
         listener = trio.SocketListener(self._listener)
+        slots = trio.Semaphore(MAX_CONNECTIONS)
         try:
             async with trio.open_nursery() as nursery:
                 task_status.started()
                 while True:
+                    await slots.acquire()
                     stream = await listener.accept()
-                    nursery.start_soon(self._connection, stream)
+                    nursery.start_soon(self._connection, stream, slots)
         finally:
             self._listener.close()
             with suppress(FileNotFoundError):
                 os.unlink(self.socket_path)
 
-    async def _connection(self, stream: trio.SocketStream) -> None:
+    async def _connection(self, stream: trio.SocketStream, slots: trio.Semaphore) -> None:
         try:
             async with stream:
                 await self._requests(stream)
@@ -240,6 +245,8 @@ class Gateway:
             log.info("sandbox gateway request failed", extra={"error": str(exc)})
         except Exception:  # R25: one connection's failure never ends the sandbox's turn
             log.exception("sandbox gateway connection failed", extra={"agent": self.routes.agent})
+        finally:
+            slots.release()
 
     async def _requests(self, stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)

@@ -27,7 +27,7 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -132,9 +132,10 @@ class Jail:
             relay = None
             gateway = None
             if self.routes is not None:
+                routes = await self.sandbox.routes_now(self.routes)
                 socket_path = directory / f"{self.sandbox.next_socket()}.sock"
                 gateway = Gateway(
-                    self.routes, socket_path, self.sandbox.client(), self.sandbox.on_denied
+                    routes, socket_path, self.sandbox.client(), self.sandbox.on_denied
                 )
                 gateway.listen()
                 relay = Relay(
@@ -232,7 +233,10 @@ class Sandbox:
         layout: HostLayout | None = None,
         environ: Mapping[str, str] | None = None,
         on_denied: Callable[[str, str], None] | None = None,
+        await_listener: bool = False,
     ) -> None:
+        """``await_listener``: a daemon's sandbox, whose port is known only once its
+        server listens; a networked sandbox waits for it (S18/S19 need the port)."""
         self.policy = policy
         self.probe = probe
         self.bwrap = probe.bwrap
@@ -245,6 +249,8 @@ class Sandbox:
         #: The daemon's own address, once it listens (S18, S19; the M24 base of (a)).
         self.daemon_base: str | None = None
         self.daemon_port: int | None = None
+        self.await_listener = await_listener
+        self._listener = trio.Event()
         #: Sandboxes alive now (``skydeck_sandbox_processes``).
         self.running = 0
         self._sockets = 0
@@ -369,6 +375,14 @@ class Sandbox:
         as the loopback URL the MCP endpoint is reached at, M24)."""
         self.daemon_base = base_url(bind)
         self.daemon_port = urlsplit(bind).port
+        self._listener.set()
+
+    async def routes_now(self, routes: Routes) -> Routes:
+        """``routes`` with the daemon's port, waiting for the server to listen first
+        when the port is not known yet (a turn replayed at start runs before it)."""
+        if self.await_listener:
+            await self._listener.wait()
+        return replace(routes, daemon_port=self.daemon_port, daemon_base=self.daemon_base)
 
     def mcp_base(self, agent: AgentSpec) -> str | None:
         """S11: the M24 ``<base>`` of a sandboxed agent is its relay; None: the daemon's."""

@@ -90,6 +90,14 @@ def is_local_host(host: str) -> bool:
         address = ipaddress.ip_address(name)
     except ValueError:
         return False
+    return is_local_address(address)
+
+
+def is_local_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Loopback or unspecified, also written as an IPv4-mapped IPv6 address
+    (``::ffff:127.0.0.1`` reaches 127.0.0.1, and Python 3.11 does not call it loopback)."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
     return address.is_loopback or address.is_unspecified
 
 
