@@ -54,6 +54,7 @@ from .model import AgentSpec
 from .pg import config as store_config
 from .procs import ProcessRegistry
 from .registry import DEFAULT_BUFFER_CAP, DEFAULT_MAX_TURNS, build_registry
+from .sandbox import Sandbox, bwrap_path, parse_policy, probe
 from .scheduler import Scheduler, WallClock
 from .store import Store
 from .store.sqlite import SQLiteStore
@@ -135,6 +136,8 @@ ENV: dict[str, tuple[str, ...]] = {
     "allowed_origins": ("SKYDECK_ALLOWED_ORIGINS",),
     "keepalive_s": ("SKYDECK_KEEPALIVE_S",),
     "body_timeout_s": ("SKYDECK_BODY_TIMEOUT_S",),
+    "sandbox": ("SKYDECK_SANDBOX",),
+    "bwrap": ("SKYDECK_BWRAP",),
     # Several hosts on one PostgreSQL (docs/multi-host.md, multi-host.md §1).
     "store_url": ("SKYDECK_STORE_URL",),
     "store_schema": ("SKYDECK_STORE_SCHEMA",),
@@ -202,6 +205,9 @@ class Settings:
     body_timeout_s: float = BODY_TIMEOUT_S
     #: Warm claude processes (SKYDECK_CLAUDE_WARM, _MAX, _IDLE_S).
     claude_warm: WarmConfig = field(default_factory=WarmConfig)
+    #: S3/S4: the sandbox policy for agents without their own, and bwrap's absolute path.
+    sandbox: str = "auto"
+    bwrap: str | None = None
     #: None: the embedded SQLite file; a postgres:// URL: one host of a cluster (§1).
     store_url: str | None = None
     store_schema: str = "skydeck"
@@ -246,6 +252,11 @@ class Settings:
         )
 
     def check(self) -> None:
+        try:
+            parse_policy(self.sandbox)
+            bwrap_path(self.bwrap)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         try:
             store_config.check(
                 url=self.store_url, host_id=self.host_id, lease_ttl_s=self.lease_ttl_s
@@ -318,6 +329,7 @@ class Service:
         workspaces = settings.data_dir / "workspaces"
         self.claude_bin = find_claude()
         self.processes = ProcessRegistry(self.store)
+        self.sandbox = self._sandbox()
         self.claude = ClaudeBackend(
             self.claude_bin,
             workspaces,
@@ -326,12 +338,13 @@ class Service:
             warm=settings.claude_warm,
             on_warm_spawn=lambda reason: self.metrics.claude_warm_spawns.labels(reason).inc(),
             on_cold_fallback=lambda reason: self.metrics.claude_cold_fallbacks.labels(reason).inc(),
+            sandbox=self.sandbox,
         )
         self.warm = self.claude.pool
         self.metrics.watch_claude_warm(lambda: self.warm.count if self.warm else 0)
         backends: dict[str, Backend] = {
             "echo": EchoBackend(),
-            "command": CommandBackend(workspaces, self.processes),
+            "command": CommandBackend(workspaces, self.processes, self.sandbox),
             "claude": self.claude,
         }
         self.vault: VaultMirror | None = None
@@ -344,7 +357,9 @@ class Service:
         # a killed daemon's turns are removed here (M9).
         tokens, sessions = TurnTokens(), Sessions()
         prepare_dir(settings.data_dir / "mcp")
-        self.turn_tools = TurnTools(tokens, sessions, settings.data_dir / "mcp")
+        self.turn_tools = TurnTools(
+            tokens, sessions, settings.data_dir / "mcp", sandboxed_base=self.sandbox.mcp_base
+        )
         self.registry = build_registry(
             self.store,
             backends,
@@ -354,6 +369,7 @@ class Service:
             buffer_cap=settings.buffer_cap,
             max_turns=settings.max_turns,
             clustered=self.pg is not None,
+            sandbox_mode=self._sandbox_mode,
             tools=self.turn_tools,
         )
         if self.pg is not None:
@@ -391,11 +407,34 @@ class Service:
             max_body=settings.max_body,
             body_timeout_s=settings.body_timeout_s,
             origins=settings.origin_policy(),
+            sandbox=self.sandbox,
             mcp=McpEndpoint(toolbox, auth, tokens=tokens, sessions=sessions),
         )
         self._stopped = trio.Event()
         self._http_done = trio.Event()
         self.demo_note: str | None = None
+
+    def _sandbox(self) -> Sandbox:
+        """S3-S5: the policy, and the probe, once, before any turn (replays included)."""
+        policy = parse_policy(self.settings.sandbox)
+        found = probe(bwrap_path(self.settings.bwrap))
+        if policy == "required" and not found.available:
+            raise ConfigError(f"refusing to start: --sandbox required, but {found.reason}")
+        sandbox = Sandbox(
+            policy,
+            found,
+            data_dir=self.settings.data_dir,
+            on_denied=lambda agent, _: self.metrics.sandbox_egress_denied.labels(agent).inc(),
+            await_listener=True,
+        )
+        self.metrics.watch_sandboxes(lambda: sandbox.running)
+        if not found.available:
+            log.warning(sandbox.banner())
+        return sandbox
+
+    def _sandbox_mode(self, agent: AgentSpec) -> str:
+        """S23: echo runs no process; the others run in their effective mode."""
+        return "off" if agent.backend == "echo" else self.sandbox.effective(agent)
 
     def _hub_keys(self) -> HubKeys | None:
         s = self.settings
@@ -476,6 +515,7 @@ class Service:
                         shutdown_trigger=self._http_done.wait,
                     )
                 )
+                self.sandbox.listening(binds[0])  # before any turn waiting for the address
                 self.turn_tools.listening(binds)
                 log.info("skydeck listening", extra={"binds": ",".join(binds)})
                 task_status.started(binds)
@@ -493,15 +533,18 @@ class Service:
                     await self.warm.close()  # W16: no warm process outlives the daemon
                 self._http_done.set()
         finally:
+            with trio.CancelScope(shield=True):
+                await self.sandbox.aclose()
             self.store.close()
             self._lock.close()
 
     async def _health_extra(self) -> dict[str, Any]:
         extra: dict[str, Any] = await self.pg.health() if self.pg is not None else {}
         extra |= {
+            "sandbox": self.sandbox.health(),
             "claude_warm": self.warm.health()
             if self.warm is not None
-            else {"max": 0, "idle_timeout_s": self.settings.claude_warm.idle_s, "processes": []}
+            else {"max": 0, "idle_timeout_s": self.settings.claude_warm.idle_s, "processes": []},
         }
         if self.vault is None or self.sync is None:
             return extra
