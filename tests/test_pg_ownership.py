@@ -363,3 +363,14 @@ def test_redact_never_shows_a_password() -> None:
     assert (
         redact("postgresql://skydeck@/t_1?host=/tmp/s") == "postgresql://skydeck@/t_1?host=/tmp/s"
     )
+
+
+async def test_p10_rejoin_after_lease_lost_while_the_row_is_still_unexpired(
+    hosts: Callable[[str], PgOwnership],
+) -> None:
+    host = hosts("h1")
+    first = await host.join()
+    host.forget()  # the local deadline passed first (P10): the row has not expired yet
+    assert await host.join() > first  # its own old sessions do not make it "in use"
+    with pytest.raises(HostInUse):  # another process with the same id still cannot
+        await hosts("h1").join()

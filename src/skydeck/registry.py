@@ -85,8 +85,8 @@ class ChannelTask:
     epoch: int = 0
     #: Messages taken off the queue, not yet finished (waiting for a slot or in a turn).
     holding: bool = False
-    #: Ids of the messages handed to this task: a wake-up (several hosts, P19) reads
-    #: the channel's open messages by state and hands on only the others.
+    #: Ids of the open messages handed to this task (several hosts only): a wake-up
+    #: (P19) reads the channel's open messages by state and hands on only the others.
     known: set[str] = field(default_factory=set)
     #: A wake-up is reading the store now; another one asked meanwhile reads again after.
     waking: bool = False
@@ -350,7 +350,8 @@ class Registry:
         self._drain_nowait(task.receive)
         for message in messages:
             task.send.send_nowait(message)
-        task.known |= {message.id for message in messages}
+        if self.clustered:
+            task.known |= {message.id for message in messages}
         task.epoch = epoch
 
     async def _resync_after_failures(self) -> None:
@@ -502,8 +503,9 @@ class Registry:
                     return
                 fresh = [m for m in messages if m.id not in task.known]
                 for message in fresh:
-                    task.known.add(message.id)
                     task.send.send_nowait(message)
+                # Only open messages can come back in a later read: the rest is forgotten.
+                task.known = {m.id for m in messages}
                 if fresh and task.agent.queue_mode == "interrupt" and task.turn is not None:
                     await task.turn.cancel(INTERRUPTED_REASON)
                 if not task.wake_again:

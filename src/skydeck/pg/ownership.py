@@ -202,6 +202,8 @@ class PgOwnership:
         self.version = version
         self.clock = clock
         self.incarnation: int | None = None
+        #: The incarnation this process gave up last (P10): its sessions are ours.
+        self._previous: int | None = None
         #: P10: the monotonic time past which this host must not write as owner.
         self._deadline = -math.inf
         #: Database clock minus this host's wall clock, at the last heartbeat (P23).
@@ -249,10 +251,14 @@ class PgOwnership:
                 ).fetchone()
                 assert old is not None  # the conflict was with this row
                 incarnation, age = int(old[0]), float(old[1])
-                live = conn.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
-                    (application_name(self.host_id, incarnation),),
-                ).fetchone()
+                live = (
+                    None
+                    if incarnation == self._previous
+                    else conn.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                        (application_name(self.host_id, incarnation),),
+                    ).fetchone()
+                )
                 if live is not None and live[0] > 0:
                     raise HostInUse(
                         f"host id {self.host_id} is in use by a live daemon (last heartbeat "
@@ -306,6 +312,7 @@ class PgOwnership:
 
     def forget(self) -> None:
         """P10: this incarnation is over (lease lost); `join` makes the next one."""
+        self._previous = self.incarnation
         self.incarnation = None
         self._deadline = -math.inf
 
