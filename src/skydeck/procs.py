@@ -34,6 +34,7 @@ from pathlib import Path
 
 import trio
 
+from .errors import StoreFailure
 from .model import AgentSpec, ProcessRecord
 from .store import Store
 
@@ -181,10 +182,16 @@ class ProcessRegistry:
         await self.store.flushed()
 
     async def untrack(self, pid: int) -> None:
-        """``pid`` was reaped: forget it (a row left by a crash here is harmless)."""
+        """``pid`` was reaped: forget it (a row left by a crash here is harmless).
+
+        So is one a failing store keeps (a shared store's outage, multi-host.md
+        P6): this runs in a turn's shielded cleanup, and an error here would
+        join the turn's cancellation and take its channel task down with it.
+        """
         record = self._records.pop(pid, None)
         if record is not None:
-            await self.store.remove_process(record)
+            with suppress(StoreFailure):
+                await self.store.remove_process(record)
 
     async def kill_leftovers(self) -> list[ProcessRecord]:
         """At start: kill what a previous run of this data dir left running.
