@@ -747,7 +747,7 @@ def asgi(fake: FakeTelegram) -> Any:
     app = fake.app()
 
     async def wrapped(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
-        match = re.fullmatch(r"/bot([^/]*)/([^/]+)", scope.get("path", ""))
+        match = re.fullmatch(r"/bot([^/]*)/([^/]+)", str(scope.get("path", "")))
         if scope["type"] == "http" and match and match.group(1) == fake.token:
             method = match.group(2)
             queue = fake.scripted.get(method.lower())

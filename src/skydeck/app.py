@@ -47,6 +47,9 @@ from .model import Accepted, AgentSpec
 from .registry import Registry
 from .scheduler import Scheduler
 from .store import Store
+from .transports import telegram_http
+from .transports.telegram import WEBHOOK_PATH, TelegramReceiver
+from .transports.telegram_store import TelegramStore
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +154,7 @@ def create_app(
     max_body: int = MAX_BODY_BYTES,
     body_timeout_s: float = BODY_TIMEOUT_S,
     origins: OriginPolicy | None = None,
+    telegram: tuple[TelegramStore, TelegramReceiver | None] | None = None,
 ) -> QuartTrio:
     app = QuartTrio("skydeck", static_folder=str(WEB_DIR), static_url_path="/web")
     # No 308 redirects with HTML bodies for `a//b` paths: a path is a route or a JSON 404.
@@ -184,6 +188,8 @@ def create_app(
 
     @app.before_request
     async def authenticate() -> None:
+        if request.path == WEBHOOK_PATH and request.method == "POST":
+            return  # T14: Telegram's; its secret is checked before the body is read
         # Read every request's body before answering, even on routes that ignore
         # it (a GET with a body): a response sent while body bytes are still in
         # flight could leave a kept-alive connection waiting (seen in the fuzz).
@@ -503,4 +509,6 @@ def create_app(
         await store.flushed()
         return {"ok": True, "id": accepted.id, "state": accepted.state}
 
+    if telegram is not None:
+        app.register_blueprint(telegram_http.blueprint(store, *telegram))
     return app

@@ -51,6 +51,9 @@ from .procs import ProcessRegistry
 from .registry import DEFAULT_BUFFER_CAP, DEFAULT_MAX_TURNS, build_registry
 from .scheduler import Scheduler, WallClock
 from .store import Store
+from .transports.base import Mirror, Mirrors
+from .transports.telegram import Telegram, TelegramConfig, load_config
+from .transports.telegram_store import TelegramStore
 from .transports.vault import VaultClient, VaultMirror
 
 if TYPE_CHECKING:
@@ -127,6 +130,17 @@ ENV: dict[str, tuple[str, ...]] = {
     "allowed_origins": ("SKYDECK_ALLOWED_ORIGINS",),
     "keepalive_s": ("SKYDECK_KEEPALIVE_S",),
     "body_timeout_s": ("SKYDECK_BODY_TIMEOUT_S",),
+    # Telegram (telegram.md §1): the token comes from the environment or a file, never a flag.
+    "telegram_token": ("SKYDECK_TELEGRAM_TOKEN",),
+    "telegram_api_url": ("SKYDECK_TELEGRAM_API_URL",),
+    "telegram_mode": ("SKYDECK_TELEGRAM_MODE",),
+    "telegram_webhook_url": ("SKYDECK_TELEGRAM_WEBHOOK_URL",),
+    "telegram_webhook_secret": ("SKYDECK_TELEGRAM_WEBHOOK_SECRET",),
+    "telegram_poll_timeout_s": ("SKYDECK_TELEGRAM_POLL_TIMEOUT_S",),
+    "telegram_format": ("SKYDECK_TELEGRAM_FORMAT",),
+    "telegram_pairing": ("SKYDECK_TELEGRAM_PAIRING",),
+    "telegram_wait_s": ("SKYDECK_TELEGRAM_WAIT_S",),
+    "telegram_misconfig_retry_s": ("SKYDECK_TELEGRAM_MISCONFIG_RETRY_S",),
 }
 
 
@@ -180,6 +194,18 @@ class Settings:
     body_timeout_s: float = BODY_TIMEOUT_S
     #: Warm claude processes (SKYDECK_CLAUDE_WARM, _MAX, _IDLE_S).
     claude_warm: WarmConfig = field(default_factory=WarmConfig)
+    #: Telegram (telegram.md §1); no token: Telegram off. Never in a repr.
+    telegram_token: str | None = field(default=None, repr=False)
+    telegram_token_file: Path | None = None
+    telegram_api_url: str | None = None
+    telegram_mode: str | None = None
+    telegram_webhook_url: str | None = None
+    telegram_webhook_secret: str | None = field(default=None, repr=False)
+    telegram_poll_timeout_s: float = 30.0
+    telegram_format: str | None = None
+    telegram_pairing: str | None = None
+    telegram_wait_s: float = 10.0
+    telegram_misconfig_retry_s: float = 60.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **flags: Any) -> Settings:
@@ -209,6 +235,25 @@ class Settings:
             origins=self.allowed_origins,
         )
 
+    def telegram(self) -> TelegramConfig | None:
+        """T1/T3: the Telegram settings, checked (a bad one is a `ConfigError`)."""
+        try:
+            return load_config(
+                token=self.telegram_token,
+                token_file=str(self.telegram_token_file) if self.telegram_token_file else None,
+                api_url=self.telegram_api_url,
+                mode=self.telegram_mode,
+                webhook_url=self.telegram_webhook_url,
+                webhook_secret=self.telegram_webhook_secret,
+                poll_timeout_s=self.telegram_poll_timeout_s,
+                format=self.telegram_format,
+                pairing=self.telegram_pairing,
+                wait_s=self.telegram_wait_s,
+                misconfig_retry_s=self.telegram_misconfig_retry_s,
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
     def check(self) -> None:
         secured = bool(self.token or self.jwt_secret or self.jwks_url)
         if not is_loopback(self.host) and not secured and not self.insecure:
@@ -222,6 +267,7 @@ class Settings:
 class Service:
     def __init__(self, settings: Settings, *, clock: WallClock | None = None) -> None:
         settings.check()
+        self.telegram_config = settings.telegram()
         self.settings = settings
         self.db_path = settings.data_dir / DB_NAME
         with self._starting():
@@ -283,16 +329,28 @@ class Service:
                 VaultClient(settings.vault_url, settings.vault_token), self.store
             )
             self.metrics.watch_outbox(self.vault.pending)
+        self.telegram_rows = TelegramStore(self.store)
+        self.telegram: Telegram | None = None
+        if self.telegram_config is not None:
+            self.telegram = Telegram(
+                self.store, self.telegram_rows, self.telegram_config, self.metrics.registry
+            )
+        telegram_mirror = self.telegram.mirror if self.telegram is not None else None
+        mirrors: list[Mirror] = [m for m in (self.vault, telegram_mirror) if m is not None]
+        mirror = mirrors[0] if len(mirrors) == 1 else Mirrors(*mirrors) if mirrors else None
         self.registry = build_registry(
             self.store,
             backends,
             events=self.events,
-            mirror=self.vault,
+            mirror=mirror,
             metrics=self.metrics,
             buffer_cap=settings.buffer_cap,
             max_turns=settings.max_turns,
         )
         self.deps = self.registry.deps
+        self.telegram_receiver = (
+            self.telegram.receive_with(self.registry) if self.telegram is not None else None
+        )
         self.metrics.watch_queues(self.registry.depths)
         self.scheduler = Scheduler(
             self.store,
@@ -319,6 +377,7 @@ class Service:
             max_body=settings.max_body,
             body_timeout_s=settings.body_timeout_s,
             origins=settings.origin_policy(),
+            telegram=(self.telegram_rows, self.telegram_receiver),
         )
         self._stopped = trio.Event()
         self._http_done = trio.Event()
@@ -367,6 +426,8 @@ class Service:
                     with registry_scope:
                         await self.registry.serve(task_status=task_status)
 
+                if self.telegram is not None:
+                    self.telegram.mirror.recover()  # T38: before any turn replays
                 with self._starting():  # the stored agents are read and replayed here
                     await nursery.start(run_registry)
                     self._ensure_demo()
@@ -377,6 +438,15 @@ class Service:
                         await self.scheduler.run(task_status=task_status)
 
                 await nursery.start(run_scheduler)
+                telegram_scope = trio.CancelScope()
+                if self.telegram is not None:
+                    telegram = self.telegram
+
+                    async def run_telegram(task_status: TaskStatus[None]) -> None:
+                        with telegram_scope:
+                            await telegram.run(task_status=task_status)
+
+                    await nursery.start(run_telegram)
                 if self.vault is not None and self.sync is not None:
                     await nursery.start(self.vault.run_outbox)
                     nursery.start_soon(self.sync.run)
@@ -397,6 +467,7 @@ class Service:
                 # only then does the HTTP server stop listening.
                 await self.registry.drain(self.settings.grace_s)
                 registry_scope.cancel()
+                telegram_scope.cancel()  # T38: pending rows go at next start
                 if self.warm is not None:
                     await self.warm.close()  # W16: no warm process outlives the daemon
                 self._http_done.set()
@@ -410,6 +481,8 @@ class Service:
             if self.warm is not None
             else {"max": 0, "idle_timeout_s": self.settings.claude_warm.idle_s, "processes": []}
         }
+        if self.telegram is not None:
+            extra["telegram"] = self.telegram.health_block()
         if self.vault is None or self.sync is None:
             return extra
         return {
@@ -430,5 +503,7 @@ class Service:
         """Begin the graceful shutdown (R29); `run` returns once it is complete."""
         log.info("stopping", extra={"grace_s": self.settings.grace_s})
         self.registry.stop_accepting()
+        if self.telegram_receiver is not None:
+            self.telegram_receiver.stop()  # T38: no getUpdates or webhook update from now on
         self.events.close_all()
         self._stopped.set()
