@@ -613,7 +613,14 @@ class FakeTelegram:
                         params.update(decoded)
                 else:
                     params.update((await request.form).to_dict())
-            entry = {"method": method, "params": params, "code": 200, "at": time.monotonic()}
+            entry = {
+                "method": method,
+                "params": params,
+                "code": 200,
+                "at": time.monotonic(),
+                "http": request.method,
+                "json": (request.content_type or "").startswith("application/json"),
+            }
             fake.log.append(entry)
             if token != fake.token:
                 entry["code"] = 401

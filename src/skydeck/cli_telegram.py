@@ -12,6 +12,10 @@ if TYPE_CHECKING:
     from .cli import Client
 
 
+TRIGGER = "groups: every message (all) or only those addressed to the bot (mention, default)"
+DELIVER = "replies to other sources' messages too (all, default) or only to this chat's (origin)"
+
+
 def _link_line(link: dict[str, Any]) -> str:
     flags = [link["trigger"], f"deliver {link['deliver']}"]
     if link.get("allow_users") is not None:
@@ -23,40 +27,50 @@ def _link_line(link: dict[str, Any]) -> str:
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    telegram = commands.add_parser(
+    from .cli import _actions, _command
+
+    pair_example = "skydeck telegram pair K7M2QX --channel support"
+    telegram = _command(
+        commands,
         "telegram",
-        help="link Telegram chats to channels, pair chats, show the bot's status",
-        description="Link Telegram chats (or forum topics) to channels.",
-        epilog="example:\n  skydeck telegram pair K7M2QX --channel support\n"
-        "  skydeck telegram link -1001234567890 --channel ops --topic 7",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "link Telegram chats to channels, pair chats, show the bot's status",
+        pair_example,
+        "skydeck telegram link -1001234567890 --channel ops --topic 7",
     )
-    actions = telegram.add_subparsers(
-        dest="telegram_cmd", required=True, metavar="ACTION", title="actions"
+    actions = _actions(telegram, "telegram_cmd")
+    link = _command(
+        actions,
+        "link",
+        "link a chat (or a topic of it) to a channel",
+        "skydeck telegram link 123456789 --channel support",
+        "skydeck telegram link -1001234567890 --channel ops --topic 7 --trigger all",
     )
-    link = actions.add_parser("link", help="link a chat (or a topic of it) to a channel")
     link.add_argument("chat_id", help="the chat's id (negative for groups)")
-    link.add_argument("--channel", metavar="CH", required=True)
+    link.add_argument("--channel", metavar="CH", required=True, help="the channel it talks to")
     link.add_argument("--topic", metavar="N", type=int, help="a forum topic's id")
-    link.add_argument("--trigger", choices=("all", "mention"))
-    link.add_argument("--deliver", choices=("all", "origin"))
+    link.add_argument("--trigger", choices=("all", "mention"), help=TRIGGER)
+    link.add_argument("--deliver", choices=("all", "origin"), help=DELIVER)
     link.add_argument(
         "--allow-user", metavar="ID", action="append", help="only these users (repeatable)"
     )
     link.add_argument("--json", action="store_true", help="print raw JSON")
-    ls = actions.add_parser("ls", help="list links")
+    ls = _command(actions, "ls", "list links, oldest first", "skydeck telegram ls")
     ls.add_argument("--json", action="store_true", help="print raw JSON")
-    unlink = actions.add_parser("unlink", help="remove a link")
+    unlink = _command(actions, "unlink", "remove a link", "skydeck telegram unlink 123456789")
     unlink.add_argument("id", help="the link id (<chat_id> or <chat_id>:<topic_id>)")
-    pairings = actions.add_parser("pairings", help="list chats waiting to be paired")
+    pairings = _command(
+        actions, "pairings", "list chats waiting to be paired", "skydeck telegram pairings"
+    )
     pairings.add_argument("--json", action="store_true", help="print raw JSON")
-    pair = actions.add_parser("pair", help="link the chat that got this pairing code")
-    pair.add_argument("code")
-    pair.add_argument("--channel", metavar="CH", required=True)
-    pair.add_argument("--trigger", choices=("all", "mention"))
-    pair.add_argument("--deliver", choices=("all", "origin"))
+    pair = _command(actions, "pair", "link the chat that got this pairing code", pair_example)
+    pair.add_argument("code", help="the code the chat got from the bot")
+    pair.add_argument("--channel", metavar="CH", required=True, help="the channel it talks to")
+    pair.add_argument("--trigger", choices=("all", "mention"), help=TRIGGER)
+    pair.add_argument("--deliver", choices=("all", "origin"), help=DELIVER)
     pair.add_argument("--json", action="store_true", help="print raw JSON")
-    status = actions.add_parser("status", help="print the telegram block of /health")
+    status = _command(
+        actions, "status", "print the telegram block of /health", "skydeck telegram status"
+    )
     status.add_argument("--json", action="store_true", help="print raw JSON")
 
 
