@@ -11,8 +11,8 @@ from typing import Any
 
 import httpx
 import trio
-from fake_telegram import TOKEN, FakeTelegram, serving
 
+from fake_telegram import TOKEN, FakeTelegram, serving
 from skydeck.service import Service, Settings
 
 SECRET_PART = TOKEN.split(":", 1)[1]

@@ -8,10 +8,10 @@ import re
 from typing import Any
 
 import pytest
-from fake_telegram import BOT_ID, BOT_USERNAME, ApiError, FakeTelegram, visible_html
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fake_telegram import BOT_ID, BOT_USERNAME, ApiError, FakeTelegram, visible_html
 from skydeck.transports import telegram_access as access
 from skydeck.transports.telegram import load_config
 from skydeck.transports.telegram_format import chunk, to_html, utf16_units
@@ -131,12 +131,17 @@ def parsed(element: dict[str, Any]) -> access.TgMessage:
     return result
 
 
-def link(lid: str, channel: str = "c", trigger: str = "mention", allow: Any = None) -> Any:
+Links = dict[tuple[int, int | None], access.LinkView]
+
+
+def link(
+    lid: str, channel: str = "c", trigger: str = "mention", allow: Any = None
+) -> access.LinkView:
     return access.LinkView(lid, channel, trigger, allow)  # type: ignore[arg-type]
 
 
 def test_t4_topic_link_else_chat_link() -> None:
-    links = {(-100, None): link("-100", "a"), (-100, 7): link("-100:7", "b")}
+    links: Links = {(-100, None): link("-100", "a"), (-100, 7): link("-100:7", "b")}
     assert access.link_for(links, -100, 7) is links[(-100, 7)]
     assert access.link_for(links, -100, 9) is links[(-100, None)]
     assert access.link_for(links, -100, None) is links[(-100, None)]
@@ -146,7 +151,7 @@ def test_t4_topic_link_else_chat_link() -> None:
 def test_t6_t7_who_and_what_a_group_link_admits() -> None:
     fake = FakeTelegram()
     fake.chat(-100, "supergroup")
-    links = {(-100, None): link("-100", allow=("42",))}
+    links: Links = {(-100, None): link("-100", allow=("42",))}
 
     def decide(text: str, **kw: Any) -> access.Decision:
         kw.setdefault("from_id", 42)
@@ -171,7 +176,7 @@ def test_t6_t7_who_and_what_a_group_link_admits() -> None:
 
 def test_t7_private_and_all_take_text_verbatim() -> None:
     fake = FakeTelegram()
-    links = {(5, None): link("5", trigger="all")}
+    links: Links = {(5, None): link("5", trigger="all")}
     text = f"@{BOT_USERNAME} keep me"
     decision = access.decide(parsed(message(fake, 5, text, from_id=5)), links, BOT, pairing=False)
     assert decision == access.Accept(links[(5, None)], text)
@@ -180,7 +185,7 @@ def test_t7_private_and_all_take_text_verbatim() -> None:
 def test_t8_t21_commands_and_pairing() -> None:
     fake = FakeTelegram()
     fake.chat(-100, "group")
-    links = {(5, None): link("5", trigger="all")}
+    links: Links = {(5, None): link("5", trigger="all")}
 
     def decide(chat: int, text: str, pairing: bool = True) -> access.Decision:
         return access.decide(
@@ -200,7 +205,7 @@ def test_t8_t21_commands_and_pairing() -> None:
 
 def test_t16_t17_service_media_and_other_kinds() -> None:
     fake = FakeTelegram()
-    links = {(5, None): link("5", trigger="all")}
+    links: Links = {(5, None): link("5", trigger="all")}
 
     def decide(**fields: Any) -> Any:
         raw = {"update_id": 9, "message": fake.message(5, None, from_id=5, **fields)}
