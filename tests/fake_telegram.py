@@ -708,7 +708,15 @@ def _answer_error(exc: ApiError) -> tuple[dict[str, Any], int]:
 async def _scripted(outcome: str, entry: dict[str, Any]) -> Any:
     """A scripted failure's answer, or None to answer normally (after ``slow``)."""
     kind, _, arg = outcome.partition(":")
-    codes = {"500": 500, "502": 502, "502html": 502, "401": 401, "garbage": 200, "shape": 200}
+    codes = {
+        "409": 409,
+        "500": 500,
+        "502": 502,
+        "502html": 502,
+        "401": 401,
+        "garbage": 200,
+        "shape": 200,
+    }
     entry["code"] = codes.get(kind, int(kind) if kind.isdigit() else 0)
     if kind == "slow":
         entry["code"] = 200
@@ -719,6 +727,8 @@ async def _scripted(outcome: str, entry: dict[str, Any]) -> Any:
         raise ApiError(429, f"Too Many Requests: retry after {seconds}", {"retry_after": seconds})
     if kind == "500":
         raise ApiError(500, "Internal Server Error")
+    if kind == "409":
+        raise ApiError(409, CONFLICT_POLL)
     if kind == "502":
         raise ApiError(502, "Bad Gateway")
     if kind == "502html":

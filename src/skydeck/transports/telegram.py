@@ -337,7 +337,7 @@ class TelegramSender:
         self._chat_backoff: dict[int, tuple[float, float]] = {}  # chat -> (until, delay)
         self._pause_until = 0.0
         self._misconfig_delay = 1.0
-        self._typing: dict[str, trio.CancelScope] = {}
+        self._typing: dict[str, trio.Event] = {}
         self._nursery: trio.Nursery | None = None
 
     def wake(self) -> None:
@@ -514,31 +514,37 @@ class TelegramSender:
     def start_typing(self, key: str, chat: int, topic: int | None) -> None:
         if self._nursery is None or key in self._typing:
             return
-        scope = trio.CancelScope()
-        self._typing[key] = scope
-        self._nursery.start_soon(self._type, key, scope, chat, topic)
+        stop = trio.Event()
+        self._typing[key] = stop
+        self._nursery.start_soon(self._type, key, stop, chat, topic)
 
     def stop_typing(self, key: str) -> None:
-        scope = self._typing.pop(key, None)
-        if scope is not None:
-            scope.cancel()
+        stop = self._typing.pop(key, None)
+        if stop is not None:
+            stop.set()
 
-    async def _type(self, key: str, scope: trio.CancelScope, chat: int, topic: int | None) -> None:
+    async def _type(self, key: str, stop: trio.Event, chat: int, topic: int | None) -> None:
+        """T29: at once (even for a turn that is over before this task runs: the
+        chat saw it start), then every 4 s while the message is still working."""
         params: dict[str, Any] = {"chat_id": chat, "action": "typing"}
         if topic is not None:
             params["message_thread_id"] = topic
-        with scope:
+        try:
             while True:
-                message = self.store.get_message(key)
-                if message is None or message.state is not MessageState.WORKING or message.reply_id:
-                    break
                 if trio.current_time() >= self._pause_until:
                     # typing is a courtesy: no retry, no error state
                     with contextlib.suppress(TelegramError):
                         await self.client.call("sendChatAction", params)
-                await trio.sleep(TYPING_EVERY_S)
-        if self._typing.get(key) is scope:
-            del self._typing[key]
+                with trio.move_on_after(TYPING_EVERY_S):
+                    await stop.wait()
+                message = self.store.get_message(key)
+                if stop.is_set() or message is None or message.reply_id:
+                    return
+                if message.state is not MessageState.WORKING:
+                    return
+        finally:
+            if self._typing.get(key) is stop:
+                del self._typing[key]
 
 
 def settle_late(store: Store, rows: TelegramStore, reply_id: str) -> None:
@@ -949,8 +955,8 @@ class TelegramReceiver:
                 if link.notice_at is None or now - link.notice_at >= NOTICE_EVERY_S:
                     changes["notice_at"] = now
                     self._notice(message, buffered_text(link.channel))
-            if changes:
-                self.rows.update_link(link.id, changes)
+            if changes:  # the batch's later updates see it (one notice per hour, T19)
+                links[(link.chat_id, link.topic_id)] = self.rows.update_link(link.id, changes)
             return "accepted", [accepted]
         if isinstance(decision, access.Command):
             link = self._full(links, decision.link.id)
