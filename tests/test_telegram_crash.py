@@ -120,7 +120,11 @@ async def test_t11_kill_when_getupdates_confirms(tmp_path: Path) -> None:
         url = await daemon.start()
         await until(lambda: fake.state()["confirmed_offset"] >= fake.next_id, 15)
         for chat, channel in chats.items():
-            stored = await until(lambda channel=channel: inbound_of(url, channel), 10)
+
+            async def stored_once(channel: str = channel) -> list[dict[str, Any]]:
+                return await inbound_of(url, channel)
+
+            stored = await until(stored_once, 10)
             numbers = [int(m["content"].split()[1]) for m in stored]
             assert numbers == list(range(chat - 1, 150, 2)), channel  # each once, in order
             ids = [int(m["metadata"]["telegram_message_id"]) for m in stored]
@@ -230,7 +234,7 @@ async def test_t1_the_token_secret_is_written_nowhere(tmp_path: Path) -> None:
         await until(lambda: len(fake.texts(300)) == 2, 15)
         fake.outage(True)
         fake.push(300, "third", from_id=300)
-        await trio.sleep(2.5)
+        await trio.sleep(1.2)
         fake.outage(False)
         await until(lambda: len(fake.texts(300)) == 3, 15)
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
@@ -251,7 +255,7 @@ async def test_t1_the_token_secret_is_written_nowhere(tmp_path: Path) -> None:
     for answer in answers:
         assert SECRET_PART not in answer
     logs = (tmp_path / "data-daemon.log").read_bytes()
-    assert b"telegram poll failed" in logs and b"DEBUG" in logs.upper()
+    assert b"telegram poll failed" in logs and b"code=401" in logs
     assert SECRET_PART.encode() not in logs
     for name in ("skydeck.db", "skydeck.db-wal"):
         path = tmp_path / "data" / name

@@ -248,7 +248,8 @@ class TelegramClient:
             response = await self.http.post(self._base + method, json=params, timeout=timeout)
         except httpx.HTTPError as exc:
             self._metrics.requests.labels(method, "network").inc()
-            raise TelegramError(f"{method}: network error ({type(exc).__name__})") from None
+            reason = f"network error ({type(exc).__name__})"
+            raise TelegramError(f"{method}: {reason}", description=reason) from None
         self._metrics.requests.labels(method, str(response.status_code)).inc()
         if len(response.content) > MAX_ANSWER_BYTES:
             raise TelegramError(f"{method}: answer over 8 MiB", status=response.status_code)
@@ -260,11 +261,14 @@ class TelegramClient:
             raise TelegramError(
                 f"{method} {response.status_code}: not a JSON answer",
                 status=response.status_code if response.status_code >= 400 else None,
+                description="not a JSON answer",
             )
         if body.get("ok") is True and response.status_code == 200:
             result = body.get("result")
             if not isinstance(result, RESULT_TYPES.get(method, object)):
-                raise TelegramError(f"{method}: answer of the wrong shape")
+                raise TelegramError(
+                    f"{method}: answer of the wrong shape", description="answer of the wrong shape"
+                )
             return result
         status = response.status_code if response.status_code >= 400 else None
         code = body.get("error_code")
