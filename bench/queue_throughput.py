@@ -38,6 +38,7 @@ from skydeck.ledger import MessageState
 from skydeck.model import AgentSpec, Inbound, TurnResult, TurnSession
 from skydeck.registry import build_registry
 from skydeck.store import Store
+from skydeck.store.sqlite import SQLiteStore
 
 SHAPES = [(1, 100_000), (1_000, 100), (10_000, 10)]
 QUICK_SHAPES = [(1, 5_000), (100, 50), (1_000, 5)]
@@ -97,16 +98,14 @@ async def registry_run(store: Store, channels: int, per_channel: int) -> float:
         await nursery.start(registry.serve)
         names = [f"ch{i}" for i in range(channels)]
         for name in names:
-            registry.create(AgentSpec(name=name, channel=name, backend="echo"))
+            await registry.create(AgentSpec(name=name, channel=name, backend="echo"))
         await trio.lowlevel.checkpoint()
         start = time.perf_counter()
         for n in range(per_channel):
             for name in names:
-                registry.submit(Inbound(channel=name, content=f"m{n}"))
-            if n % 10 == 0:
-                await (
-                    trio.lowlevel.checkpoint()
-                )  # let turns run while we post, as live traffic would
+                await registry.submit(Inbound(channel=name, content=f"m{n}"))
+            if n % 10 == 0:  # let turns run while we post, as live traffic would
+                await trio.lowlevel.checkpoint()
         await done.wait()
         elapsed = time.perf_counter() - start
         nursery.cancel_scope.cancel()
@@ -114,18 +113,18 @@ async def registry_run(store: Store, channels: int, per_channel: int) -> float:
 
 
 async def idle_channel_rss(channels: int, tmp: Path) -> float:
-    store = Store(tmp / "idle.db")
+    store = SQLiteStore(tmp / "idle.db")
     registry = build_registry(store, {})
     async with trio.open_nursery() as nursery:
         await nursery.start(registry.serve)
         # warm the code paths so one-time allocations are not charged to the channels
         for i in range(100):
-            registry.create(AgentSpec(name=f"warm{i}", channel=f"warm{i}", backend="echo"))
+            await registry.create(AgentSpec(name=f"warm{i}", channel=f"warm{i}", backend="echo"))
         await trio.sleep(0.1)
         gc.collect()
         before: int = psutil.Process().memory_info().rss
         for i in range(channels):
-            registry.create(AgentSpec(name=f"idle{i}", channel=f"idle{i}", backend="echo"))
+            await registry.create(AgentSpec(name=f"idle{i}", channel=f"idle{i}", backend="echo"))
         await trio.sleep(0.1)
         gc.collect()
         after: int = psutil.Process().memory_info().rss
@@ -168,9 +167,9 @@ def main() -> None:
         for i, (channels, per_channel) in enumerate(shapes):
             print(f"{channels} channels x {per_channel} messages", flush=True)
             raw = measure("raw", raw_baseline, channels, per_channel)
-            memory = measure("memory", registry_run, Store(":memory:"), channels, per_channel)
+            memory = measure("memory", registry_run, SQLiteStore(":memory:"), channels, per_channel)
             path = Path(tmp) / f"bench{i}.db"
-            durable = measure("durable", registry_run, Store(path), channels, per_channel)
+            durable = measure("durable", registry_run, SQLiteStore(path), channels, per_channel)
             rows.append((channels, per_channel, raw, memory, durable))
         idle = idle_rss_in_fresh_process(1_000 if args.quick else 10_000)
     print()

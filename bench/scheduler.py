@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import trio
@@ -23,7 +24,8 @@ import trio.testing
 from skydeck.ledger import MessageState
 from skydeck.model import Accepted, Inbound, Job
 from skydeck.scheduler import Scheduler, TrioWallClock
-from skydeck.store import Store
+from skydeck.store import Fence, Store
+from skydeck.store.sqlite import SQLiteStore
 
 
 class InstantIntake:
@@ -33,29 +35,37 @@ class InstantIntake:
         self.store = store
         self.fired = 0
 
-    def accept(self, inbound: Inbound) -> Accepted:
-        return self.store.accept_inbound(inbound, registered=True, buffer_cap=1000)
-
-    def dispatch(self, accepted: Accepted) -> None:
-        working = self.store.set_state([accepted.message], MessageState.WORKING)
-        self.store.set_state(working, MessageState.DONE)
+    async def submit_slot(
+        self, inbound: Inbound, fired: Callable[[Accepted], Job]
+    ) -> tuple[Accepted, Job]:
+        accepted, job = await self.store.fire_slot(
+            inbound, registered=True, buffer_cap=1000, fired=fired
+        )
+        fence = Fence.local(inbound.channel)
+        working = await self.store.set_state([accepted.message], MessageState.WORKING, fence)
+        await self.store.set_state(working, MessageState.DONE, fence)
         self.fired += 1
+        return accepted, job
 
 
-def make_jobs(scheduler: Scheduler, jobs: int, schedule: str | None) -> None:
+async def make_jobs(scheduler: Scheduler, jobs: int, schedule: str | None) -> None:
     rng = random.Random(7)
     for i in range(jobs):
         cron = schedule or f"{rng.randrange(60)} {rng.randrange(24)} * * *"
-        scheduler.create(Job(name=f"job{i}", channel=f"ch{i % 1000}", schedule=cron, content="x"))
+        await scheduler.create(
+            Job(name=f"job{i}", channel=f"ch{i % 1000}", schedule=cron, content="x")
+        )
 
 
 async def simulated_day(jobs: int) -> None:
-    store = Store(":memory:")
+    store = SQLiteStore(":memory:")
     intake = InstantIntake(store)
     scheduler = Scheduler(store, intake, TrioWallClock(datetime(2026, 1, 1, tzinfo=UTC)))
-    make_jobs(scheduler, jobs, None)
+    await make_jobs(scheduler, jobs, None)
     for i in range(10):
-        scheduler.create(Job(name=f"minutely{i}", channel="m", schedule="* * * * *", content="x"))
+        await scheduler.create(
+            Job(name=f"minutely{i}", channel="m", schedule="* * * * *", content="x")
+        )
     start = time.perf_counter()
     async with trio.open_nursery() as nursery:
         await nursery.start(scheduler.run)
@@ -72,9 +82,9 @@ async def simulated_day(jobs: int) -> None:
 
 
 async def idle(jobs: int, seconds: float) -> None:
-    store = Store(":memory:")
+    store = SQLiteStore(":memory:")
     scheduler = Scheduler(store, InstantIntake(store))
-    make_jobs(scheduler, jobs, "0 0 29 2 *")  # next due on a leap day
+    await make_jobs(scheduler, jobs, "0 0 29 2 *")  # next due on a leap day
     async with trio.open_nursery() as nursery:
         await nursery.start(scheduler.run)
         cpu, wall = time.process_time(), time.perf_counter()

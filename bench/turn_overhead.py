@@ -89,7 +89,7 @@ async def main(runs: int) -> None:
             agent = AgentSpec(
                 name="bench", channel="bench", backend="claude", mode="multi-threaded"
             )
-            service.registry.create(agent)
+            await service.registry.create(agent)
             bare_home = Path(tmp) / "bare"
             bare_home.mkdir()
             backend = ClaudeBackend(executable, Path(tmp) / "unused")

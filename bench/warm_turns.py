@@ -58,7 +58,9 @@ async def main(runs: int) -> None:
                     Settings(port=0, data_dir=Path(tmp) / mode, demo=False, claude_warm=warm)
                 )
                 (url,) = await nursery.start(service.run)
-                service.registry.create(AgentSpec(name="bench", channel="bench", backend="claude"))
+                await service.registry.create(
+                    AgentSpec(name="bench", channel="bench", backend="claude")
+                )
                 services[mode] = service
                 clients[mode] = httpx.AsyncClient(base_url=url, timeout=60)
             times: dict[str, list[float]] = {"warm": [], "cold": []}

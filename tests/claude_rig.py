@@ -24,7 +24,7 @@ from skydeck.backends.claude import ClaudeBackend, find_claude
 from skydeck.backends.claude_warm import WarmConfig
 from skydeck.model import AgentSpec, Message
 from skydeck.registry import Registry
-from skydeck.store import Store
+from skydeck.store.sqlite import SQLiteStore
 
 DAEMON_SECRET = "daemon-secret-7f3a"
 API_KEY = "sk-ant-fake-key"
@@ -33,22 +33,22 @@ API_KEY = "sk-ant-fake-key"
 @dataclass
 class Rig:
     api: FakeAnthropic
-    store: Store
+    store: SQLiteStore
     registry: Registry
     workspaces: Path
     backend: ClaudeBackend
     spawns: list[str] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)
 
-    def add(self, name: str, **kwargs: object) -> AgentSpec:
+    async def add(self, name: str, **kwargs: object) -> AgentSpec:
         spec = AgentSpec(name=name, channel=name, backend="claude", **kwargs)  # type: ignore[arg-type]
-        return self.registry.create(spec)
+        return await self.registry.create(spec)
 
     async def turn(self, channel: str, prompt: str, timeout: float = 60) -> Message:
         """Post, and return once the turn has ended: its final event (R24) is out, which
         is one group commit after the store shows the message terminal."""
         with self.registry.events.subscribe(channel, buffer=-1) as events:
-            message_id = post(self.registry, channel, prompt)
+            message_id = await post(self.registry, channel, prompt)
             with trio.fail_after(timeout):
                 async for event in events:
                     if event.message_id == message_id and event.kind in ("done", "error"):

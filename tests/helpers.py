@@ -36,6 +36,7 @@ from skydeck.model import (
 )
 from skydeck.registry import Registry, build_registry
 from skydeck.store import Store
+from skydeck.store.sqlite import SQLiteStore
 from skydeck.transports.base import Mirror
 
 
@@ -127,18 +128,18 @@ class FlakyMirror:
     async def read_session(self, agent: AgentSpec) -> str | None:
         return None
 
-    def queue_callback(self, callback: Inbound) -> None:
+    async def queue_callback(self, callback: Inbound) -> None:
         self.callbacks.append(callback)
 
-    def defer_reply(self, reply: Message, thread: ThreadRecord) -> None:
+    async def defer_reply(self, reply: Message, thread: ThreadRecord) -> None:
         self.deferred.append(reply)
 
-    def clear_session(self, agent: AgentSpec) -> None:
+    async def clear_session(self, agent: AgentSpec) -> None:
         pass
 
 
-def make_store(tmp_path: Path, name: str = "skydeck.db") -> Store:
-    return Store(tmp_path / name)
+def make_store(tmp_path: Path, name: str = "skydeck.db") -> SQLiteStore:
+    return SQLiteStore(tmp_path / name)
 
 
 @asynccontextmanager
@@ -163,7 +164,7 @@ async def running_registry(
     async with trio.open_nursery() as nursery:
         await nursery.start(registry.serve)
         for agent in agents:
-            registry.create(agent)
+            await registry.create(agent)
         yield registry
         nursery.cancel_scope.cancel()
 
@@ -173,8 +174,10 @@ def agent(name: str, channel: str | None = None, **kwargs: object) -> AgentSpec:
     return AgentSpec(name=name, channel=channel or name, backend="echo", **kwargs)  # type: ignore[arg-type]
 
 
-def post(registry: Registry, channel: str, content: str, **metadata: object) -> str:
-    return registry.submit(Inbound(channel=channel, content=content, metadata=dict(metadata))).id
+async def post(registry: Registry, channel: str, content: str, **metadata: object) -> str:
+    return (
+        await registry.submit(Inbound(channel=channel, content=content, metadata=dict(metadata)))
+    ).id
 
 
 async def settle(store: Store, ids: Iterable[str], timeout: float = 600) -> list[Message]:
@@ -182,14 +185,14 @@ async def settle(store: Store, ids: Iterable[str], timeout: float = 600) -> list
     wanted = list(ids)
     with trio.fail_after(timeout):
         while True:
-            messages = [store.get_message(i) for i in wanted]
+            messages = [await store.get_message(i) for i in wanted]
             if all(m is not None and m.state in TERMINAL_STATES for m in messages):
                 return [m for m in messages if m is not None]
             await trio.sleep(0.01)
 
 
-def reply_of(store: Store, message: Message) -> Message:
+async def reply_of(store: Store, message: Message) -> Message:
     assert message.reply_id is not None, f"{message.id} has no reply"
-    reply = store.get_message(message.reply_id)
+    reply = await store.get_message(message.reply_id)
     assert reply is not None
     return reply

@@ -36,15 +36,15 @@ async def rig(
 
 
 async def test_r11_new_session_then_resume_carries_history(rig: Rig) -> None:
-    rig.add("solo")
+    await rig.add("solo")
     rig.api.script(Step(text="first answer"), Step(text="second answer"))
     first = await rig.turn("solo", "remember the word kumquat")
     second = await rig.turn("solo", "what was the word?")
-    assert reply_of(rig.store, first).content == "first answer"
-    assert reply_of(rig.store, second).content == "second answer"
+    assert (await reply_of(rig.store, first)).content == "first answer"
+    assert (await reply_of(rig.store, second)).content == "second answer"
     history = FakeAnthropic.texts(rig.api.requests[1])
     assert any("kumquat" in t for t in history) and "first answer" in history
-    (thread,) = rig.store.list_threads("solo")  # R4: one record for the conversation
+    (thread,) = await rig.store.list_threads("solo")  # R4: one record for the conversation
     sessions = {h["x-claude-code-session-id"] for h in rig.api.headers}
     assert len(sessions) == 1 and thread.session in sessions, "R17: the echoed id"
     assert thread.turn_count == 2
@@ -52,7 +52,7 @@ async def test_r11_new_session_then_resume_carries_history(rig: Rig) -> None:
 
 
 async def test_r4_multi_threaded_turns_carry_no_history(rig: Rig) -> None:
-    rig.add("multi", mode="multi-threaded")
+    await rig.add("multi", mode="multi-threaded")
     await rig.turn("multi", "remember the word kumquat")
     await rig.turn("multi", "what was the word?")
     assert not any("kumquat" in t for t in FakeAnthropic.texts(rig.api.requests[1]))
@@ -60,15 +60,15 @@ async def test_r4_multi_threaded_turns_carry_no_history(rig: Rig) -> None:
 
 
 async def test_r18_resume_not_found_falls_back_once_and_heals(rig: Rig) -> None:
-    rig.add("heal")
+    await rig.add("heal")
     lost = str(uuid.uuid4())
     with rig.store._tx() as db:
         db.execute("INSERT INTO sessions (agent, session_id) VALUES ('heal', ?)", (lost,))
     rig.api.script(Step(text="fresh start"))
     message = await rig.turn("heal", "hello again")
     assert message.state == "done"
-    assert reply_of(rig.store, message).content == "fresh start"
-    healed = rig.store.get_session("heal")
+    assert (await reply_of(rig.store, message)).content == "fresh start"
+    healed = await rig.store.get_session("heal")
     assert healed not in (None, lost)
     assert rig.api.headers[-1]["x-claude-code-session-id"] == healed
     await rig.turn("heal", "and again")
@@ -76,43 +76,43 @@ async def test_r18_resume_not_found_falls_back_once_and_heals(rig: Rig) -> None:
 
 
 async def test_r18_session_persisted_only_when_echoed(rig: Rig) -> None:
-    rig.add("stall", timeout_s=8)
+    await rig.add("stall", timeout_s=8)
     rig.api.script(Step(stall=True))
     timed_out = await rig.turn("stall", "this will hang")
     assert timed_out.error == "turn timed out after 8 s"
-    assert rig.store.get_session("stall") is None, "nothing echoed back to us: nothing kept"
+    assert await rig.store.get_session("stall") is None, "nothing echoed back to us: nothing kept"
     await rig.turn("stall", "second try")
     first_id, second_id = (h["x-claude-code-session-id"] for h in rig.api.headers)
     assert first_id != second_id, "a fresh session, not a resume of one never established"
-    assert rig.store.get_session("stall") == second_id
+    assert await rig.store.get_session("stall") == second_id
 
 
 async def test_r33_5xx_is_retried_then_succeeds(rig: Rig) -> None:
-    rig.add("flaky")
+    await rig.add("flaky")
     rig.api.script(
         Step(status=529, error_type="overloaded_error", message="Overloaded"), Step(text="made it")
     )
     message = await rig.turn("flaky", "try hard")
     assert message.state == "done"
-    assert reply_of(rig.store, message).content == "made it"
+    assert (await reply_of(rig.store, message)).content == "made it"
     assert len(rig.api.requests) == 2
 
 
 async def test_r33_401_is_not_retried_and_the_reason_is_readable(rig: Rig) -> None:
-    rig.add("denied")
+    await rig.add("denied")
     rig.api.script(Step(status=401, error_type="authentication_error", message="invalid x-api-key"))
     message = await rig.turn("denied", "hello")
     assert message.state == "failed"
     assert len(rig.api.requests) == 1, "auth errors are not retried"
     assert message.error is not None and "Traceback" not in message.error
     assert "API key" in message.error or "401" in message.error, message.error
-    assert reply_of(rig.store, message).content == failure_reply_text(message.error)
+    assert (await reply_of(rig.store, message)).content == failure_reply_text(message.error)
 
 
 async def test_r14_stall_times_out_and_kills_the_process_group(rig: Rig) -> None:
-    rig.add("hung", timeout_s=8)
+    await rig.add("hung", timeout_s=8)
     rig.api.script(Step(stall=True))
-    message_id = post(rig.registry, "hung", "wait forever")
+    message_id = await post(rig.registry, "hung", "wait forever")
     with trio.fail_after(30):
         while not rig.api.requests:
             await trio.sleep(0.05)
@@ -123,22 +123,22 @@ async def test_r14_stall_times_out_and_kills_the_process_group(rig: Rig) -> None
 
 
 async def test_r26_deregister_mid_turn_kills_the_cli(rig: Rig) -> None:
-    rig.add("gone")
+    await rig.add("gone")
     rig.api.script(Step(stall=True))
-    message_id = post(rig.registry, "gone", "wait forever")
+    message_id = await post(rig.registry, "gone", "wait forever")
     with trio.fail_after(30):
         while not rig.api.requests:
             await trio.sleep(0.05)
-    rig.registry.remove("gone")
+    await rig.registry.remove("gone")
     with trio.fail_after(10):
         while claude_processes(rig.workspaces / "gone"):
             await trio.sleep(0.05)
-    message = rig.store.get_message(message_id)
+    message = await rig.store.get_message(message_id)
     assert message is not None and message.state == "cancelled"
 
 
 async def test_r30_prompt_that_looks_like_flags_is_delivered_verbatim(rig: Rig) -> None:
-    rig.add("flags")
+    await rig.add("flags")
     message = await rig.turn("flags", "-v --help")
     assert message.state == "done"
     assert rig.api.last_prompt() == "-v --help"
@@ -147,7 +147,7 @@ async def test_r30_prompt_that_looks_like_flags_is_delivered_verbatim(rig: Rig) 
 async def test_r30_child_env_has_no_daemon_secret_and_tools_stream_before_done(
     rig: Rig,
 ) -> None:
-    rig.add("tools", system_prompt="You are a test agent.", model="claude-fake-1")
+    await rig.add("tools", system_prompt="You are a test agent.", model="claude-fake-1")
     rig.api.script(
         Step(tool=("Bash", {"command": "env", "description": "show env"})), Step(text="env shown")
     )

@@ -85,15 +85,15 @@ def history(rig: Rig) -> list[str]:
 
 
 async def test_w1_w3_two_turns_run_in_one_process_that_holds_the_history(rig: Rig) -> None:
-    rig.add("solo")
+    await rig.add("solo")
     rig.api.script(Step(text="first answer"), Step(text="second answer"))
     first = await rig.turn("solo", "remember the word kumquat")
     cli = one_cli(rig, "solo")
     assert "--input-format" in cli.cmdline() and "--" not in cli.cmdline(), "no positional prompt"
     second = await rig.turn("solo", "what was the word?")
     assert one_cli(rig, "solo").pid == cli.pid, "the second turn ran in the same process"
-    assert reply_of(rig.store, first).content == "first answer"
-    assert reply_of(rig.store, second).content == "second answer"
+    assert (await reply_of(rig.store, first)).content == "first answer"
+    assert (await reply_of(rig.store, second)).content == "second answer"
     assert any("kumquat" in t for t in history(rig)) and "first answer" in history(rig)
     assert rig.spawns == ["new"]
     assert rig.backend.pool is not None
@@ -103,13 +103,13 @@ async def test_w1_w3_two_turns_run_in_one_process_that_holds_the_history(rig: Ri
 
 
 async def test_w1_multi_threaded_agents_keep_no_process(rig: Rig) -> None:
-    rig.add("multi", mode="multi-threaded")
+    await rig.add("multi", mode="multi-threaded")
     await rig.turn("multi", "hello there")
     assert claude_processes(rig.workspaces / "multi") == []
-    rig.add("switch")
+    await rig.add("switch")
     await rig.turn("switch", "remember the word kumquat")
     cli = one_cli(rig, "switch")
-    rig.registry.update("switch", {"mode": "multi-threaded"})
+    await rig.registry.update("switch", {"mode": "multi-threaded"})
     await rig.turn("switch", "what was the word?")
     assert gone(cli) and claude_processes(rig.workspaces / "switch") == []
     assert not any("kumquat" in t for t in history(rig)), "a fresh session, cold"
@@ -119,9 +119,9 @@ async def test_w1_multi_threaded_agents_keep_no_process(rig: Rig) -> None:
 async def test_w3_a_second_line_is_written_only_after_the_first_result(rig: Rig) -> None:
     """Written while a tool runs, a line would be absorbed into the running turn
     (one result for two lines); the pool waits for the result instead."""
-    agent = rig.add("serial")
+    agent = await rig.add("serial")
     await rig.turn("serial", "hello there")
-    stored = rig.store.get_session("serial")
+    stored = await rig.store.get_session("serial")
     assert stored is not None
     session = TurnSession(id=stored, resume=True)
     rig.api.script(
@@ -179,11 +179,11 @@ def test_w4_cost_is_this_turns_share_of_the_cumulative_total() -> None:
 
 
 async def test_w4_recorded_cost_per_turn_is_not_cumulative(rig: Rig) -> None:
-    rig.add("costly")
+    await rig.add("costly")
     totals = []
     for prompt in ("one, please", "two, please", "three, please"):
         await rig.turn("costly", prompt)
-        (thread,) = rig.store.list_threads("costly")
+        (thread,) = await rig.store.list_threads("costly")
         assert thread.usage is not None
         totals.append(thread.usage["cost_usd"])
     one = totals[0]
@@ -192,12 +192,12 @@ async def test_w4_recorded_cost_per_turn_is_not_cumulative(rig: Rig) -> None:
 
 
 async def test_w5_a_500_is_retried_on_the_same_process(rig: Rig) -> None:
-    rig.add("flaky")
+    await rig.add("flaky")
     await rig.turn("flaky", "hello there")
     cli = one_cli(rig, "flaky")
     rig.api.script(Step(status=500), Step(text="made it"))
     message = await rig.turn("flaky", "try hard")
-    assert message.state == "done" and reply_of(rig.store, message).content == "made it"
+    assert message.state == "done" and (await reply_of(rig.store, message)).content == "made it"
     assert "try hard" in FakeAnthropic.texts(rig.api.requests[-2])
     assert rig.api.last_prompt() == "try hard", "the same line, written again"
     assert len(rig.api.requests) == 3
@@ -205,7 +205,7 @@ async def test_w5_a_500_is_retried_on_the_same_process(rig: Rig) -> None:
 
 
 async def test_w5_a_401_fails_at_once_and_closes_the_process(rig: Rig) -> None:
-    rig.add("denied")
+    await rig.add("denied")
     await rig.turn("denied", "remember the word kumquat")
     cli = one_cli(rig, "denied")
     rig.api.script(Step(status=401, error_type="authentication_error", message="bad key"))
@@ -254,13 +254,13 @@ async def test_w6_a_non_json_line_drops_the_process_and_the_turn_runs_cold(
     wrapper.chmod(0o755)
     monkeypatch.setenv("SKYDECK_CLAUDE_BIN", str(wrapper))
     async with claude_rig(tmp_path, monkeypatch, WarmConfig()) as rig:
-        rig.add("odd")
+        await rig.add("odd")
         rig.api.script(Step(text="first answer"), Step(text="cold answer"))
         first = await rig.turn("odd", "remember the word kumquat")
         assert first.state == "done" and rig.fallbacks == []
         second = await rig.turn("odd", "what was the word?")
         assert second.state == "done", second.error
-        assert reply_of(rig.store, second).content == "cold answer"
+        assert (await reply_of(rig.store, second)).content == "cold answer"
         assert rig.fallbacks == ["surprise"], "the turn ran cold"
         assert any("kumquat" in t for t in history(rig)), "cold --resume: the history is kept"
         surprises = [r for r in caplog.records if "protocol surprise" in r.getMessage()]
@@ -274,7 +274,7 @@ async def test_w6_sigkill_while_idle_is_logged_and_the_next_turn_succeeds(
     rig: Rig, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger=WARM_LOG)
-    rig.add("oom")
+    await rig.add("oom")
     await rig.turn("oom", "remember the word kumquat")
     cli = one_cli(rig, "oom")
     # The CLI writes its session file up to ~0.1 s after a result (a SIGKILL right after
@@ -295,7 +295,7 @@ async def test_w6_an_agent_over_the_surprise_limit_stays_cold(rig: Rig) -> None:
     assert rig.backend.pool is not None
     pool = rig.backend.pool
     pool.surprises = SurpriseLog(limit=1)  # the rule itself (3 an hour) is tested below
-    rig.add("shaky")
+    await rig.add("shaky")
     await rig.turn("shaky", "remember the word kumquat")
     cli = one_cli(rig, "shaky")
     await trio.sleep(0.5)  # see the OOM test: let the CLI write its session file
@@ -338,15 +338,15 @@ def test_w6_surprises_end_a_warm_process_and_three_in_an_hour_keep_the_agent_col
 async def test_w7_timeout_kills_the_group_and_the_next_turn_keeps_the_history(
     rig: Rig,
 ) -> None:
-    rig.add("slow")
+    await rig.add("slow")
     await rig.turn("slow", "remember the word kumquat")
     cli = one_cli(rig, "slow")
-    rig.registry.update("slow", {"timeout_s": 1})  # not part of the definition: same process
+    await rig.registry.update("slow", {"timeout_s": 1})  # not part of the definition: same process
     rig.api.script(Step(stall=True))
     message = await rig.turn("slow", "this one hangs")
     assert message.error == "turn timed out after 1 s"
     await until(lambda: gone(cli), "the group is killed", timeout=KILL_GRACE_S)
-    rig.registry.update("slow", {"timeout_s": 60})  # room for a start-up on a busy box
+    await rig.registry.update("slow", {"timeout_s": 60})  # room for a start-up on a busy box
     again = await rig.turn("slow", "what was the word?")
     assert again.state == "done", again.error
     texts = history(rig)
@@ -355,11 +355,11 @@ async def test_w7_timeout_kills_the_group_and_the_next_turn_keeps_the_history(
 
 
 async def test_w8_an_interrupting_message_kills_the_process_and_runs(rig: Rig) -> None:
-    rig.add("eager", queue_mode="interrupt")
+    await rig.add("eager", queue_mode="interrupt")
     await rig.turn("eager", "remember the word kumquat")
     cli = one_cli(rig, "eager")
     rig.api.script(Step(stall=True))
-    first = post(rig.registry, "eager", "a long question")
+    first = await post(rig.registry, "eager", "a long question")
     await until(lambda: heard(rig, "a long question"), "the first turn reached the API")
     second = await rig.turn("eager", "never mind: what was the word?")
     assert second.state == "done" and any("kumquat" in t for t in history(rig))
@@ -375,7 +375,7 @@ async def test_w9_idle_timeout_closes_the_process_and_resume_keeps_the_history(
 ) -> None:
     caplog.set_level(logging.INFO, logger=WARM_LOG)
     async with claude_rig(tmp_path, monkeypatch, WarmConfig(idle_s=1)) as rig:
-        rig.add("idler")
+        await rig.add("idler")
         await rig.turn("idler", "remember the word kumquat")
         cli = one_cli(rig, "idler")
         assert rig.backend.pool is not None
@@ -394,8 +394,8 @@ async def test_w10_cap_closes_the_lru_process_and_a_busy_cap_runs_cold(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with claude_rig(tmp_path, monkeypatch, WarmConfig(max_processes=1)) as rig:
-        rig.add("a")
-        rig.add("b")
+        await rig.add("a")
+        await rig.add("b")
         workspaces = (rig.workspaces / "a", rig.workspaces / "b")
         most = 0
 
@@ -421,7 +421,7 @@ async def test_w10_cap_closes_the_lru_process_and_a_busy_cap_runs_cold(
 
         hold = trio.Event()
         rig.api.script(Step(hold=hold, text="b is done"))
-        busy = post(rig.registry, "b", "a slow one")
+        busy = await post(rig.registry, "b", "a slow one")
         await until(lambda: heard(rig, "a slow one"), "b's turn reached the API")
         cold = await rig.turn("a", "what was the word?")
         assert cold.state == "done" and rig.fallbacks == ["cap"], "ran cold, without waiting"
@@ -435,7 +435,7 @@ async def test_w10_cap_closes_the_lru_process_and_a_busy_cap_runs_cold(
 async def test_w10_a_process_is_recycled_after_its_turn_limit(rig: Rig) -> None:
     assert rig.backend.pool is not None
     rig.backend.pool.recycle_turns = 2
-    rig.add("busy")
+    await rig.add("busy")
     await rig.turn("busy", "remember the word kumquat")
     cli = one_cli(rig, "busy")
     await rig.turn("busy", "and another turn")
@@ -486,7 +486,7 @@ async def test_w11_a_changed_definition_restarts_the_process_with_the_history(
     wrapper.chmod(0o755)
     monkeypatch.setenv("SKYDECK_CLAUDE_BIN", str(wrapper))
     async with claude_rig(tmp_path, monkeypatch, WarmConfig()) as rig:
-        rig.add("def")
+        await rig.add("def")
         await rig.turn("def", "remember the word kumquat")
         pids = {one_cli(rig, "def").pid}
         changes: list[tuple[dict[str, Any], Callable[[psutil.Process], bool]]] = [
@@ -495,7 +495,7 @@ async def test_w11_a_changed_definition_restarts_the_process_with_the_history(
             ({"env": {"WARM_TEST": "1"}}, lambda p: p.environ().get("WARM_TEST") == "1"),
         ]
         for change, shows in changes:
-            rig.registry.update("def", change)
+            await rig.registry.update("def", change)
             message = await rig.turn("def", f"what was the word? ({next(iter(change))})")
             assert message.state == "done" and any("kumquat" in t for t in history(rig))
             cli = one_cli(rig, "def")  # exactly one: the old one was gone first (W12)
@@ -511,12 +511,12 @@ async def test_w11_a_changed_definition_restarts_the_process_with_the_history(
 async def test_w12_w14_a_missing_session_heals_and_the_healed_one_stays_warm(
     rig: Rig,
 ) -> None:
-    rig.add("heal")
+    await rig.add("heal")
     lost = str(uuid.uuid4())
     with rig.store._tx() as db:
         db.execute("INSERT INTO sessions (agent, session_id) VALUES ('heal', ?)", (lost,))
     message = await rig.turn("heal", "hello again")
-    healed = rig.store.get_session("heal")
+    healed = await rig.store.get_session("heal")
     assert message.state == "done" and healed not in (None, lost)
     cli = one_cli(rig, "heal")
     assert cli.cmdline()[-2:] == ["--session-id", healed]
@@ -525,10 +525,10 @@ async def test_w12_w14_a_missing_session_heals_and_the_healed_one_stays_warm(
 
 
 async def test_w13_reset_closes_the_process_and_the_next_turn_starts_fresh(rig: Rig) -> None:
-    rig.add("fresh")
+    await rig.add("fresh")
     await rig.turn("fresh", "remember the word kumquat")
     cli = one_cli(rig, "fresh")
-    rig.registry.reset("fresh")
+    await rig.registry.reset("fresh")
     await until(lambda: gone(cli), "reset closes the idle process")
     message = await rig.turn("fresh", "what was the word?")
     assert message.state == "done" and not any("kumquat" in t for t in history(rig))
@@ -539,40 +539,40 @@ async def test_w13_reset_closes_the_process_and_the_next_turn_starts_fresh(rig: 
     busy = one_cli(rig, "fresh")
     hold = trio.Event()
     rig.api.script(Step(hold=hold))
-    running = post(rig.registry, "fresh", "a slow one")
+    running = await post(rig.registry, "fresh", "a slow one")
     await until(lambda: heard(rig, "a slow one"), "the turn reached the API")
-    rig.registry.reset("fresh")
+    await rig.registry.reset("fresh")
     (failed,) = await settle(rig.store, [running], 10)
     assert failed.state == "failed"
     assert failed.error == "claude was stopped (the conversation was reset)"
-    assert rig.store.get_session("fresh") is None, "the reset holds"
+    assert await rig.store.get_session("fresh") is None, "the reset holds"
     assert gone(busy)
     hold.set()
 
 
 async def test_w15_deregister_busy_or_idle_leaves_no_process(rig: Rig) -> None:
-    rig.add("idle")
-    rig.add("busy")
+    await rig.add("idle")
+    await rig.add("busy")
     await rig.turn("idle", "hello there")
     await rig.turn("busy", "hello there")
     hold = trio.Event()
     rig.api.script(Step(hold=hold))
-    running = post(rig.registry, "busy", "a slow one")
+    running = await post(rig.registry, "busy", "a slow one")
     await until(lambda: heard(rig, "a slow one"), "the turn reached the API")
-    rig.registry.remove("busy")
-    rig.registry.remove("idle")
+    await rig.registry.remove("busy")
+    await rig.registry.remove("idle")
     workspaces = [rig.workspaces / "idle", rig.workspaces / "busy"]
     await until(lambda: not any(claude_processes(w) for w in workspaces), "no process left", 5)
-    message = rig.store.get_message(running)
+    message = await rig.store.get_message(running)
     assert message is not None and message.state == "cancelled"
     hold.set()
 
 
 async def test_w15_a_channel_move_restarts_the_process_on_the_new_channel(rig: Rig) -> None:
-    rig.add("mover")
+    await rig.add("mover")
     await rig.turn("mover", "remember the word kumquat")
     cli = one_cli(rig, "mover")
-    rig.registry.update("mover", {"channel": "elsewhere"})
+    await rig.registry.update("mover", {"channel": "elsewhere"})
     await until(lambda: gone(cli), "the move closes the process")
     message = await rig.turn("elsewhere", "what was the word?")
     assert message.state == "done" and any("kumquat" in t for t in history(rig))

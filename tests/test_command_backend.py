@@ -50,10 +50,13 @@ def backends(tmp_path: Path) -> dict[str, object]:
 async def test_r31_prompt_on_stdin_verbatim_reply_on_stdout(tmp_path: Path, store: Store) -> None:
     agents = [command_agent("cat", ["cat"])]
     async with running_registry(store, agents=agents, backends=backends(tmp_path)) as registry:  # type: ignore[arg-type]
-        ids = [post(registry, "cat", "-v --help"), post(registry, "cat", "multi\nline\n\n")]
+        ids = [
+            await post(registry, "cat", "-v --help"),
+            await post(registry, "cat", "multi\nline\n\n"),
+        ]
         flag, multi = await settle(store, ids, timeout=30)
-    assert reply_of(store, flag).content == "-v --help"
-    assert reply_of(store, multi).content == "multi\nline", "trailing whitespace stripped"
+    assert (await reply_of(store, flag)).content == "-v --help"
+    assert (await reply_of(store, multi)).content == "multi\nline", "trailing whitespace stripped"
 
 
 async def test_r31_nonzero_exit_fails_with_stderr_tail(tmp_path: Path, store: Store) -> None:
@@ -61,7 +64,9 @@ async def test_r31_nonzero_exit_fails_with_stderr_tail(tmp_path: Path, store: St
     agents = [command_agent("bad", [PY, "-c", script]), command_agent("gone", ["/no/such/prog"])]
     async with running_registry(store, agents=agents, backends=backends(tmp_path)) as registry:  # type: ignore[arg-type]
         bad, gone = await settle(
-            store, [post(registry, "bad", "hi"), post(registry, "gone", "hi")], timeout=30
+            store,
+            [await post(registry, "bad", "hi"), await post(registry, "gone", "hi")],
+            timeout=30,
         )
     assert bad.state == "failed"
     assert bad.error == ("x" * 3000 + "END\n")[-2000:].strip(), "last 2,000 characters, stripped"
@@ -76,10 +81,10 @@ async def test_r31_minimal_environment_keeps_daemon_secrets_out(
     dump = "import json, os; print(json.dumps(dict(os.environ)))"
     agents = [command_agent("env", [PY, "-c", dump], env={"AGENT_VAR": "mine"})]
     async with running_registry(store, agents=agents, backends=backends(tmp_path)) as registry:  # type: ignore[arg-type]
-        (message,) = await settle(store, [post(registry, "env", "x")], timeout=30)
+        (message,) = await settle(store, [await post(registry, "env", "x")], timeout=30)
     import json
 
-    env = json.loads(reply_of(store, message).content)
+    env = json.loads((await reply_of(store, message)).content)
     assert "daemon-secret-token" not in json.dumps(env)
     assert "cloud-secret" not in json.dumps(env)
     assert env["AGENT_VAR"] == "mine"
@@ -97,7 +102,7 @@ time.sleep(300)
 
 
 async def _start_spawner(tmp_path: Path, registry: Registry, name: str) -> tuple[str, list[int]]:
-    message_id = post(registry, name, "go")
+    message_id = await post(registry, name, "go")
     pids = await wait_for_file(tmp_path / "workspaces" / name / "pids")
     procs = [int(p) for p in pids.split()]
     assert all(alive(p) for p in procs)
@@ -110,11 +115,11 @@ async def test_r26_deregister_mid_turn_kills_the_whole_process_group(
     agents = [command_agent("spawner", [PY, "-c", SPAWNER])]
     async with running_registry(store, agents=agents, backends=backends(tmp_path)) as registry:  # type: ignore[arg-type]
         message_id, procs = await _start_spawner(tmp_path, registry, "spawner")
-        registry.remove("spawner")
+        await registry.remove("spawner")
         with trio.fail_after(10):
             while any(alive(p) for p in procs):
                 await trio.sleep(0.05)
-    message = store.get_message(message_id)
+    message = await store.get_message(message_id)
     assert message is not None and message.state == "cancelled"
     assert not any(alive(p) for p in procs), "no orphan process left"
 

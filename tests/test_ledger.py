@@ -166,6 +166,7 @@ def test_the_error_tree_and_its_http_statuses() -> None:
         errors.NotFound("x"): 404,
         errors.Conflict("x"): 409,
         errors.Unavailable("x"): 503,
+        errors.FencedOut("c", 1): 503,
         errors.StoreFailure("disk full"): 507,
         errors.BackendError("x"): 500,
         errors.DeliveryError("x"): 500,
@@ -175,7 +176,7 @@ def test_the_error_tree_and_its_http_statuses() -> None:
     }
     branches = {
         errors.InputError: {errors.BadRequest, errors.CursorError, errors.InvalidNote},
-        errors.StateError: {errors.NotFound, errors.Conflict, errors.Unavailable},
+        errors.StateError: {errors.NotFound, errors.Conflict, errors.Unavailable, errors.FencedOut},
         errors.ExternalError: {errors.BackendError, errors.DeliveryError, errors.StoreFailure},
     }
     for branch, leaves in branches.items():

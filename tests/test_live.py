@@ -64,7 +64,7 @@ async def test_slow_subscriber_is_dropped_and_turns_keep_flowing(
     store = make_store(tmp_path)
     async with running_registry(store, agents=[agent("busy")]) as registry:
         with registry.events.subscribe("busy", buffer=8) as never_read:
-            ids = [post(registry, "busy", f"m{i}") for i in range(300)]
+            ids = [await post(registry, "busy", f"m{i}") for i in range(300)]
             messages = await settle(store, ids)
             assert registry.events.subscriber_count("busy") == 0, "dropped"
             buffered = [never_read.receive_nowait() for _ in range(8)]
@@ -105,7 +105,7 @@ async def test_r29_graceful_shutdown_503s_then_waits_for_the_running_turn(
 ) -> None:
     ack = await _shutdown_during_turn(tmp_path, grace_s=20, sleep_s=1.5)
     store = make_store(tmp_path / "data")
-    message = store.get_message(ack)
+    message = await store.get_message(ack)
     assert message is not None and message.state == "done", "finished inside the grace period"
 
 
@@ -114,7 +114,7 @@ async def test_r29_turn_past_the_grace_is_cancelled_and_replayed_at_next_start(
 ) -> None:
     ack = await _shutdown_during_turn(tmp_path, grace_s=0.5, sleep_s=60)
     store = make_store(tmp_path / "data")
-    interrupted = store.get_message(ack)
+    interrupted = await store.get_message(ack)
     assert interrupted is not None and (interrupted.state, interrupted.attempts) == ("working", 1)
     store.close()
     service = Service(Settings(port=0, data_dir=tmp_path / "data", grace_s=5))
@@ -122,7 +122,7 @@ async def test_r29_turn_past_the_grace_is_cancelled_and_replayed_at_next_start(
         await nursery.start(service.run)
         (message,) = await settle(service.store, [ack], timeout=30)
         assert (message.state, message.attempts) == ("done", 2)
-        reply = service.store.get_message(message.reply_id or "")
+        reply = await service.store.get_message(message.reply_id or "")
         assert reply is not None and reply.content == "finished work"
         service.stop()
 
@@ -150,8 +150,8 @@ async def _shutdown_during_turn(tmp_path: Path, *, grace_s: float, sleep_s: floa
                     await trio.sleep(0.02)
             await trio.sleep(0.3)  # the process is running
             rows_before = (
-                service.store.count_buffered(),
-                len(service.store.list_messages("slow", limit=10).messages),
+                await service.store.count_buffered(),
+                len((await service.store.list_messages("slow", limit=10)).messages),
             )
             service.stop()
             refused = await client.post("/api/channels/slow/messages", json={"content": "late"})
@@ -160,8 +160,8 @@ async def _shutdown_during_turn(tmp_path: Path, *, grace_s: float, sleep_s: floa
             health = await client.get("/health")
             assert (health.status_code, health.json()) == (503, {"status": "stopping"})
             rows_after = (
-                service.store.count_buffered(),
-                len(service.store.list_messages("slow", limit=10).messages),
+                await service.store.count_buffered(),
+                len((await service.store.list_messages("slow", limit=10)).messages),
             )
             assert rows_after == rows_before, "a refused post stores nothing"
     return str(ack["id"])

@@ -18,15 +18,15 @@ async def test_r9_collect_joins_queued_messages_into_one_turn(
     async with running_registry(
         store, backend, agents=[agent("c", queue_mode="collect")]
     ) as registry:
-        first = post(registry, "c", "sleep:5 first")
+        first = await post(registry, "c", "sleep:5 first")
         await trio.sleep(1)
-        later = [post(registry, "c", text) for text in ("a", "b", "c")]
+        later = [await post(registry, "c", text) for text in ("a", "b", "c")]
         messages = await settle(store, [first, *later])
     assert backend.prompts("c") == ["sleep:5 first", "a\n\nb\n\nc"]
     joined = messages[1:]
     assert {m.state for m in joined} == {"done"}
     assert len({m.reply_id for m in joined}) == 1, "one turn, one reply for all of them"
-    assert reply_of(store, joined[0]).content == "re: a\n\nb\n\nc"
+    assert (await reply_of(store, joined[0])).content == "re: a\n\nb\n\nc"
     assert len({m.thread_id for m in joined}) == 1
 
 
@@ -39,9 +39,9 @@ async def test_r9_interrupt_cancels_the_running_turn_for_the_newest(
         store, backend, agents=[agent("i", queue_mode="interrupt")]
     ) as registry:
         with registry.events.subscribe("i", buffer=-1) as events:
-            running = post(registry, "i", "sleep:100 long job")
+            running = await post(registry, "i", "sleep:100 long job")
             await trio.sleep(1)
-            newer = post(registry, "i", "urgent")
+            newer = await post(registry, "i", "urgent")
             old, new = await settle(store, [running, newer])
             kinds = []
             while True:
@@ -55,7 +55,7 @@ async def test_r9_interrupt_cancels_the_running_turn_for_the_newest(
     assert new.state == "done"
     assert (running, "error", "interrupted by a newer message") in kinds
     # One conversation record (R4): the cancelled turn is not counted, the newest shows.
-    (thread,) = store.list_threads("i")
+    (thread,) = await store.list_threads("i")
     assert (thread.status, thread.turn_count, thread.input) == ("ok", 1, "urgent")
     assert old.thread_id == new.thread_id == thread.id
 
@@ -66,7 +66,7 @@ async def test_r9_followup_is_the_default_and_runs_every_message(
     store = make_store(tmp_path)
     backend = ScriptBackend()
     async with running_registry(store, backend, agents=[agent("f")]) as registry:
-        ids = [post(registry, "f", f"sleep:1 m{i}") for i in range(4)]
+        ids = [await post(registry, "f", f"sleep:1 m{i}") for i in range(4)]
         await settle(store, ids)
     assert len(backend.calls) == 4
 
@@ -82,7 +82,7 @@ async def test_r10_global_limit_caps_concurrent_turns(
         store, backend, agents=[agent(ch) for ch in channels], max_turns=limit
     ) as registry:
         start = trio.current_time()
-        ids = [post(registry, ch, "sleep:10 work") for ch in channels]
+        ids = [await post(registry, ch, "sleep:10 work") for ch in channels]
         await trio.sleep(1)
         statuses: list[str] = [registry.status(ch)[0] for ch in channels]
         await settle(store, ids)

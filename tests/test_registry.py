@@ -31,7 +31,7 @@ async def test_r6_fifo_per_channel_and_no_overlap_under_concurrent_posts(
                 ch = rng.choice(channels)
                 prompt = f"sleep:{rng.choice([0, 0.1, 0.5])} {seed}-{n}"
                 sent[ch].append(prompt)
-                ids.append(post(registry, ch, prompt))
+                ids.append(await post(registry, ch, prompt))
                 await trio.sleep(rng.random() / 10)
 
         async with trio.open_nursery() as nursery:
@@ -53,11 +53,11 @@ async def test_r7_buffered_then_replayed_in_order_on_register(
     store = make_store(tmp_path)
     backend = ScriptBackend()
     async with running_registry(store, backend) as registry:
-        acks = [registry.submit(Inbound(channel="later", content=f"m{i}")) for i in range(5)]
+        acks = [await registry.submit(Inbound(channel="later", content=f"m{i}")) for i in range(5)]
         assert {a.state for a in acks} == {"buffered"}
         await trio.sleep(1)
         assert backend.calls == [], "buffered messages must not run"
-        registry.create(agent("late", "later"))
+        await registry.create(agent("late", "later"))
         messages = await settle(store, [a.id for a in acks])
     assert backend.prompts("later") == [f"m{i}" for i in range(5)]
     assert [m.state for m in messages] == ["done"] * 5
@@ -66,12 +66,12 @@ async def test_r7_buffered_then_replayed_in_order_on_register(
 async def test_r7_cap_evicts_oldest_as_dropped_and_keeps_them_listed(tmp_path: Path) -> None:
     store = make_store(tmp_path)
     async with running_registry(store, buffer_cap=3) as registry:
-        ids = [post(registry, "nobody", f"m{i}") for i in range(5)]
-    states = [store.get_message(i).state for i in ids]  # type: ignore[union-attr]
+        ids = [await post(registry, "nobody", f"m{i}") for i in range(5)]
+    states = [(await store.get_message(i)).state for i in ids]  # type: ignore[union-attr]
     assert states == ["dropped", "dropped", "buffered", "buffered", "buffered"]
-    listed = store.list_messages("nobody", limit=10).messages
+    listed = (await store.list_messages("nobody", limit=10)).messages
     assert [m.content for m in listed] == [f"m{i}" for i in range(5)], "never silently deleted"
-    assert store.count_buffered() == 3
+    assert await store.count_buffered() == 3
 
 
 async def test_r8_duplicate_external_id_acknowledged_once(
@@ -80,8 +80,8 @@ async def test_r8_duplicate_external_id_acknowledged_once(
     store = make_store(tmp_path)
     backend = ScriptBackend()
     async with running_registry(store, backend, agents=[agent("a")]) as registry:
-        first = registry.submit(Inbound(channel="a", content="hi", external_id="note-1"))
-        again = registry.submit(Inbound(channel="a", content="hi", external_id="note-1"))
+        first = await registry.submit(Inbound(channel="a", content="hi", external_id="note-1"))
+        again = await registry.submit(Inbound(channel="a", content="hi", external_id="note-1"))
         await settle(store, [first.id])
     assert (first.state, again.state) == ("queued", "duplicate")
     assert again.id == first.id
@@ -90,7 +90,7 @@ async def test_r8_duplicate_external_id_acknowledged_once(
     # across a restart: a new store on the same file still knows the id
     reopened = make_store(tmp_path)
     async with running_registry(reopened, backend, agents=[]) as registry:
-        third = registry.submit(Inbound(channel="a", content="hi", external_id="note-1"))
+        third = await registry.submit(Inbound(channel="a", content="hi", external_id="note-1"))
     assert (third.state, third.id) == ("duplicate", first.id)
     assert len(backend.calls) == 1
 
@@ -99,13 +99,13 @@ async def test_r2_one_agent_per_channel_and_unique_names(tmp_path: Path) -> None
     store = make_store(tmp_path)
     async with running_registry(store, agents=[agent("a", "shared")]) as registry:
         with pytest.raises(Conflict) as taken:
-            registry.create(agent("b", "shared"))
+            await registry.create(agent("b", "shared"))
         assert taken.value.field == "channel"
         with pytest.raises(Conflict) as named:
-            registry.create(agent("a", "other"))
+            await registry.create(agent("a", "other"))
         assert named.value.field == "name"
         with pytest.raises(NotFound):
-            registry.remove("ghost")
+            await registry.remove("ghost")
 
 
 async def test_r5_status_idle_working_queued(
@@ -114,10 +114,10 @@ async def test_r5_status_idle_working_queued(
     store = make_store(tmp_path)
     async with running_registry(store, agents=[agent("a")]) as registry:
         assert registry.status("a") == ("idle", 0)
-        post(registry, "a", "sleep:10 one")
+        await post(registry, "a", "sleep:10 one")
         await trio.sleep(1)
         assert registry.status("a") == ("working", 0)
-        last = [post(registry, "a", "two"), post(registry, "a", "three")][-1]
+        last = [await post(registry, "a", "two"), await post(registry, "a", "three")][-1]
         assert registry.status("a") == ("queued", 2)
         await settle(store, [last])
         assert registry.status("a") == ("idle", 0)
@@ -128,12 +128,12 @@ async def test_r10_waiting_for_a_global_slot_reports_queued(
 ) -> None:
     store = make_store(tmp_path)
     async with running_registry(store, agents=[agent("a"), agent("b")], max_turns=1) as registry:
-        post(registry, "a", "sleep:10 busy")
+        await post(registry, "a", "sleep:10 busy")
         await trio.sleep(1)
-        waiting = post(registry, "b", "next")
+        waiting = await post(registry, "b", "next")
         await trio.sleep(1)
         assert registry.status("b") == ("queued", 1)
-        assert store.get_message(waiting).state == "queued"  # type: ignore[union-attr]
+        assert (await store.get_message(waiting)).state == "queued"  # type: ignore[union-attr]
         await settle(store, [waiting])
 
 
@@ -143,19 +143,19 @@ async def test_r26_deregister_cancels_turn_and_rebuffers_queue(
     store = make_store(tmp_path)
     backend = ScriptBackend()
     async with running_registry(store, backend, agents=[agent("a")]) as registry:
-        running = post(registry, "a", "hang")
-        queued = [post(registry, "a", f"q{i}") for i in range(3)]
+        running = await post(registry, "a", "hang")
+        queued = [await post(registry, "a", f"q{i}") for i in range(3)]
         await trio.sleep(1)
         with registry.events.subscribe("a") as events:
-            registry.remove("a")
+            await registry.remove("a")
             event = events.receive_nowait()
         assert (event.kind, event.data["error"]) == ("error", "agent removed")
-        cancelled = store.get_message(running)
+        cancelled = await store.get_message(running)
         assert cancelled is not None
         assert (cancelled.state, cancelled.error) == ("cancelled", "agent removed")
-        assert [store.get_message(q).state for q in queued] == ["buffered"] * 3  # type: ignore[union-attr]
+        assert [(await store.get_message(q)).state for q in queued] == ["buffered"] * 3  # type: ignore[union-attr]
         # a new agent on the channel replays them, in order, and never the cancelled one
-        registry.create(agent("b", "a"))
+        await registry.create(agent("b", "a"))
         await settle(store, queued)
     assert backend.prompts("a") == ["hang", "q0", "q1", "q2"]
 
@@ -166,15 +166,15 @@ async def test_r3_moving_an_agent_replays_the_new_channels_buffer(
     store = make_store(tmp_path)
     backend = ScriptBackend()
     async with running_registry(store, backend, agents=[agent("a", "old")]) as registry:
-        waiting = post(registry, "new", "for new")
-        registry.update("a", {"channel": "new"})
-        assert post(registry, "old", "for old") != ""
+        waiting = await post(registry, "new", "for new")
+        await registry.update("a", {"channel": "new"})
+        assert await post(registry, "old", "for old") != ""
         done = await settle(store, [waiting])
         assert done[0].state == "done"
         assert registry.status("a") == ("idle", 0)
     assert backend.prompts("new") == ["for new"]
     assert backend.prompts("old") == []
-    assert store.count_buffered() == 1
+    assert await store.count_buffered() == 1
 
 
 async def test_r25_crashing_event_subscriber_never_kills_the_channel(
@@ -187,6 +187,6 @@ async def test_r25_crashing_event_subscriber_never_kills_the_channel(
             raise RuntimeError("sink exploded")
 
         registry.events.publish = boom  # type: ignore[method-assign]
-        first, second = post(registry, "a", "one"), post(registry, "a", "two")
+        first, second = await post(registry, "a", "one"), await post(registry, "a", "two")
         messages = await settle(store, [first, second])
     assert [m.state for m in messages] == ["done", "done"]

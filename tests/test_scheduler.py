@@ -36,11 +36,11 @@ def starting_at(wall: datetime) -> datetime:
     return wall - timedelta(seconds=trio.current_time())
 
 
-def job_messages(store: Store, channel: str) -> list[Message]:
+async def job_messages(store: Store, channel: str) -> list[Message]:
     out: list[Message] = []
     cursor = None
     while True:
-        page = store.list_messages(channel, limit=500, after=cursor)
+        page = await store.list_messages(channel, limit=500, after=cursor)
         out += [m for m in page.messages if m.direction == "in" and "job" in m.metadata]
         if page.next is None:
             return out
@@ -55,10 +55,12 @@ async def test_every_minute_for_a_day_fires_1440_times_without_busy_ticking(
         running_registry(store, agents=[agent("tick")]) as registry,
         scheduler_on(store, registry) as scheduler,
     ):
-        scheduler.create(Job(name="every", channel="tick", schedule="* * * * *", content="go"))
+        await scheduler.create(
+            Job(name="every", channel="tick", schedule="* * * * *", content="go")
+        )
         await trio.sleep(DAY)
         wakeups = scheduler.wakeups
-    fired = job_messages(store, "tick")
+    fired = await job_messages(store, "tick")
     slots = [m.metadata["slot"] for m in fired]
     assert len(fired) == 1440
     assert len(set(slots)) == 1440, "no slot twice"
@@ -72,18 +74,22 @@ async def test_restart_mid_day_fires_the_latest_missed_slot_once_and_never_doubl
     store = make_store(tmp_path)
     async with running_registry(store, agents=[agent("tick")]) as registry:
         async with scheduler_on(store, registry) as first:
-            first.create(Job(name="every", channel="tick", schedule="* * * * *", content="go"))
+            await first.create(
+                Job(name="every", channel="tick", schedule="* * * * *", content="go")
+            )
             await trio.sleep(10 * 3600 + 10)  # stop 10 s after the 10:00:30 slot... (-30 s epoch)
-        before = len(job_messages(store, "tick"))
+        before = len(await job_messages(store, "tick"))
         async with scheduler_on(store, registry):  # restart 5 s later: same slot, no refire
             await trio.sleep(1)
-        assert len(job_messages(store, "tick")) == before, "the current slot is not fired twice"
+        assert len(await job_messages(store, "tick")) == before, (
+            "the current slot is not fired twice"
+        )
         await trio.sleep(3 * 3600)  # down for three hours: 180 slots missed
         async with scheduler_on(store, registry):
             await trio.sleep(1)
-            after_restart = job_messages(store, "tick")
+            after_restart = await job_messages(store, "tick")
             await trio.sleep(120)
-        final = job_messages(store, "tick")
+        final = await job_messages(store, "tick")
     assert len(after_restart) == before + 1, "the missed slots fire once, not as a burst"
     assert after_restart[-1].metadata["slot"] == "2026-01-01T13:00:00Z", "the latest missed slot"
     assert len(final) == before + 3
@@ -98,12 +104,12 @@ async def test_overlapping_run_skips_the_slot(
         running_registry(store, agents=[agent("slow")]) as registry,
         scheduler_on(store, registry) as scheduler,
     ):
-        scheduler.create(
+        await scheduler.create(
             Job(name="long", channel="slow", schedule="* * * * *", content="sleep:150 work")
         )
         await trio.sleep(10 * 60)
-        job = scheduler.get("long")
-    fired = job_messages(store, "slow")
+        job = await scheduler.get("long")
+    fired = await job_messages(store, "slow")
     assert job.skipped >= 5 and len(fired) + job.skipped == 10
     open_at_once = [m for m in fired if m.state in ("queued", "working", "buffered")]
     assert len(open_at_once) <= 1, "no pile-up"
@@ -119,7 +125,7 @@ async def test_dst_days_in_new_york_follow_croniter(
     async with running_registry(store, agents=[agent("ny")]) as registry:
         spring = starting_at(datetime(2026, 3, 7, 12, 0, tzinfo=UTC))
         async with scheduler_on(store, registry, spring) as scheduler:
-            scheduler.create(
+            await scheduler.create(
                 Job(
                     name="spring",
                     channel="ny",
@@ -129,11 +135,11 @@ async def test_dst_days_in_new_york_follow_croniter(
                 )
             )
             await trio.sleep(3 * DAY)
-            scheduler.remove("spring")
+            await scheduler.remove("spring")
         async with scheduler_on(
             store, registry, starting_at(datetime(2026, 10, 31, 0, 0, tzinfo=UTC))
         ) as scheduler:
-            scheduler.create(
+            await scheduler.create(
                 Job(
                     name="fall",
                     channel="ny",
@@ -143,7 +149,7 @@ async def test_dst_days_in_new_york_follow_croniter(
                 )
             )
             await trio.sleep(3 * DAY)
-    slots = [(m.metadata["job"], m.metadata["slot"]) for m in job_messages(store, "ny")]
+    slots = [(m.metadata["job"], m.metadata["slot"]) for m in await job_messages(store, "ny")]
     assert slots == [
         ("spring", "2026-03-08T07:00:00Z"),  # 03:00 EDT: the nonexistent 02:30 moved on
         ("spring", "2026-03-09T06:30:00Z"),
@@ -163,16 +169,18 @@ async def test_editing_the_schedule_moves_next_run_at_at_once(
         running_registry(store, agents=[agent("e")]) as registry,
         scheduler_on(store, registry) as scheduler,
     ):
-        job = scheduler.create(Job(name="j", channel="e", schedule="0 12 * * *", content="x"))
+        job = await scheduler.create(Job(name="j", channel="e", schedule="0 12 * * *", content="x"))
         assert job.next_run_at == "2026-01-01T12:00:00Z"
-        moved = scheduler.update("j", {"schedule": "*/5 * * * *"})
+        moved = await scheduler.update("j", {"schedule": "*/5 * * * *"})
         assert moved.next_run_at == "2026-01-01T00:05:00Z"
         await trio.sleep(5 * 60)
-        assert [m.metadata["slot"] for m in job_messages(store, "e")] == ["2026-01-01T00:05:00Z"]
-        off = scheduler.update("j", {"enabled": False})
+        assert [m.metadata["slot"] for m in await job_messages(store, "e")] == [
+            "2026-01-01T00:05:00Z"
+        ]
+        off = await scheduler.update("j", {"enabled": False})
         assert off.next_run_at is None
         await trio.sleep(3600)
-    assert len(job_messages(store, "e")) == 1, "a disabled job does not fire"
+    assert len(await job_messages(store, "e")) == 1, "a disabled job does not fire"
 
 
 async def test_deleting_a_job_stops_it(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
@@ -181,12 +189,12 @@ async def test_deleting_a_job_stops_it(tmp_path: Path, autojump_clock: trio.abc.
         running_registry(store, agents=[agent("d")]) as registry,
         scheduler_on(store, registry) as scheduler,
     ):
-        scheduler.create(Job(name="j", channel="d", schedule="* * * * *", content="x"))
+        await scheduler.create(Job(name="j", channel="d", schedule="* * * * *", content="x"))
         await trio.sleep(3 * 60)
-        scheduler.remove("j")
+        await scheduler.remove("j")
         await trio.sleep(3600)
-    assert len(job_messages(store, "d")) == 3
-    assert store.list_jobs() == []
+    assert len(await job_messages(store, "d")) == 3
+    assert await store.list_jobs() == []
 
 
 async def test_r7_a_job_for_a_channel_without_agent_buffers(
@@ -198,14 +206,14 @@ async def test_r7_a_job_for_a_channel_without_agent_buffers(
         running_registry(store, backend) as registry,
         scheduler_on(store, registry) as scheduler,
     ):
-        scheduler.create(Job(name="j", channel="later", schedule="* * * * *", content="x"))
+        await scheduler.create(Job(name="j", channel="later", schedule="* * * * *", content="x"))
         await trio.sleep(60)  # the 00:01 slot fired at t=30
-        (first,) = job_messages(store, "later")
+        (first,) = await job_messages(store, "later")
         assert first.state == "buffered"
-        assert scheduler.get("j").last_outcome == "buffered"
+        assert (await scheduler.get("j")).last_outcome == "buffered"
         await trio.sleep(60)  # 00:02 is skipped
-        assert scheduler.get("j").skipped == 1, "the buffered run is still open"
-        registry.create(agent("late", "later"))  # replays it
+        assert (await scheduler.get("j")).skipped == 1, "the buffered run is still open"
+        await registry.create(agent("late", "later"))  # replays it
         await trio.sleep(60)  # 00:03 fires again
     assert backend.prompts("later") == ["x", "x"]
 
@@ -218,9 +226,9 @@ async def test_run_now_posts_at_once_and_counts_as_the_previous_run(
         running_registry(store, agents=[agent("r")]) as registry,
         scheduler_on(store, registry) as scheduler,
     ):
-        scheduler.create(Job(name="j", channel="r", schedule="0 0 1 1 *", content="x"))
-        accepted = scheduler.run_now("j")
+        await scheduler.create(Job(name="j", channel="r", schedule="0 0 1 1 *", content="x"))
+        accepted = await scheduler.run_now("j")
         assert accepted.state == "queued"
         assert accepted.message.metadata["job"] == "j"
         await trio.sleep(1)
-        assert scheduler.get("j").last_outcome == "done"
+        assert (await scheduler.get("j")).last_outcome == "done"

@@ -205,7 +205,7 @@ async def test_trust_d2_failed_insert_fails_its_whole_group_and_is_not_run(
     outcome: dict[str, bool] = {}
 
     async def neighbour(task_status: TaskStatus[str]) -> None:
-        accepted = registry.submit(Inbound(channel="demo", content="neighbour"))
+        accepted = await registry.submit(Inbound(channel="demo", content="neighbour"))
         task_status.started(accepted.id)  # it runs on into flushed(): waiting for the commit
         try:
             await store.flushed()
@@ -216,8 +216,8 @@ async def test_trust_d2_failed_insert_fails_its_whole_group_and_is_not_run(
     async with trio.open_nursery() as nursery:
         neighbour_id = await nursery.start(neighbour)
         with pytest.raises(StoreFailure, match="database or disk is full"):
-            registry.submit(Inbound(channel="demo", content="y" * 200_000))
-    stored = store.get_message(neighbour_id) is not None
+            await registry.submit(Inbound(channel="demo", content="y" * 200_000))
+    stored = await store.get_message(neighbour_id) is not None
     assert outcome["acked"] == stored, "acknowledged if and only if stored"
     assert not stored, "SQLite rolled the whole group back"
 
@@ -234,7 +234,7 @@ async def test_trust_d2_failed_insert_fails_its_whole_group_and_is_not_run(
     ok = await daemon.client.post("/api/channels/demo/messages", json={"content": "after"})
     assert ok.status_code == 200
     with trio.fail_after(10):
-        while len(transcript := store.list_messages("demo", limit=100).messages) < 2:
+        while len(transcript := (await store.list_messages("demo", limit=100)).messages) < 2:
             await trio.sleep(0.02)
     assert [m.content for m in transcript] == ["after", "echo: after"], "no lost write ran"
 
@@ -254,4 +254,6 @@ async def test_trust_d2_a_batch_is_all_or_nothing_under_a_store_failure(daemon: 
         while (await daemon.client.get("/health")).status_code != 200:
             await trio.sleep(0.05)
     await trio.sleep(0.5)  # a dispatched item would have run by now
-    assert store.list_messages("demo", limit=100).messages == [], "nothing kept, nothing ran"
+    assert (await store.list_messages("demo", limit=100)).messages == [], (
+        "nothing kept, nothing ran"
+    )

@@ -40,17 +40,17 @@ async def test_r16_failed_turn_records_replies_and_emits_error(
     store = make_store(tmp_path)
     async with running_registry(store, agents=[agent("a")]) as registry:
         with registry.events.subscribe("a") as events:
-            (failed,) = await settle(store, [post(registry, "a", "fail:the model said no")])
+            (failed,) = await settle(store, [await post(registry, "a", "fail:the model said no")])
             kinds = [e.kind for e in _drain(events)]
     assert (failed.state, failed.error) == ("failed", "the model said no")
-    reply = reply_of(store, failed)
+    reply = await reply_of(store, failed)
     assert reply.content == failure_reply_text("the model said no")
     assert (reply.direction, reply.in_reply_to, reply.thread_id) == (
         "out",
         failed.id,
         failed.thread_id,
     )
-    (thread,) = store.list_threads("a")
+    (thread,) = await store.list_threads("a")
     assert (thread.status, thread.output, thread.turn_count) == ("error", "the model said no", 1)
     assert kinds == ["queued", "init", "error"], "R24: exactly one final event"
 
@@ -60,7 +60,7 @@ async def test_r15_backend_that_raises_is_a_failed_turn_not_a_dead_channel(
 ) -> None:
     store = make_store(tmp_path)
     async with running_registry(store, agents=[agent("a")]) as registry:
-        bad, good = post(registry, "a", "raise:kaput"), post(registry, "a", "after")
+        bad, good = await post(registry, "a", "raise:kaput"), await post(registry, "a", "after")
         first, second = await settle(store, [bad, good])
     assert (first.state, first.error) == ("failed", "kaput")
     assert second.state == "done"
@@ -73,7 +73,7 @@ async def test_r14_hung_turn_times_out_and_the_channel_moves_on(
     async with running_registry(store, agents=[agent("a", timeout_s=30)]) as registry:
         start = trio.current_time()
         hung, next_one = await settle(
-            store, [post(registry, "a", "hang"), post(registry, "a", "x")]
+            store, [await post(registry, "a", "hang"), await post(registry, "a", "x")]
         )
         assert trio.current_time() - start == pytest.approx(30, abs=0.1)
     assert (hung.state, hung.error) == ("failed", "turn timed out after 30 s")
@@ -86,18 +86,18 @@ async def test_r11_r17_r18_sessions_resume_only_what_was_echoed(
     store = make_store(tmp_path)
     backend = ScriptBackend()
     async with running_registry(store, backend, agents=[agent("a")]) as registry:
-        await settle(store, [post(registry, "a", "one")])
-        await settle(store, [post(registry, "a", "two")])
-        await settle(store, [post(registry, "a", "fail:no session echoed")])
-        await settle(store, [post(registry, "a", "three")])
-        registry.reset("a")  # R27
-        await settle(store, [post(registry, "a", "four")])
+        await settle(store, [await post(registry, "a", "one")])
+        await settle(store, [await post(registry, "a", "two")])
+        await settle(store, [await post(registry, "a", "fail:no session echoed")])
+        await settle(store, [await post(registry, "a", "three")])
+        await registry.reset("a")  # R27
+        await settle(store, [await post(registry, "a", "four")])
     one, two, failed, three, four = (call.session for call in backend.calls)
     assert not one.resume
     assert two.resume and two.id == one.id
     assert failed.resume and three.resume and three.id == one.id, "R18: failure kept the session"
     assert not four.resume and four.id != one.id, "R27: reset starts fresh"
-    (thread,) = store.list_threads("a")
+    (thread,) = await store.list_threads("a")
     assert thread.turn_count == 5, "R17/R27: every ended turn counts, a reset keeps counting"
     assert thread.session == four.id
 
@@ -108,9 +108,9 @@ async def test_r18_a_turn_that_echoes_no_session_keeps_the_previous_one(
     store = make_store(tmp_path)
     backend = ScriptBackend()
     async with running_registry(store, backend, agents=[agent("a")]) as registry:
-        await settle(store, [post(registry, "a", "nosession first")])
-        await settle(store, [post(registry, "a", "second")])
-        await settle(store, [post(registry, "a", "third")])
+        await settle(store, [await post(registry, "a", "nosession first")])
+        await settle(store, [await post(registry, "a", "second")])
+        await settle(store, [await post(registry, "a", "third")])
     first, second, third = (call.session for call in backend.calls)
     assert not first.resume and not second.resume, "nothing echoed: nothing to resume"
     assert third.resume and third.id == second.id
@@ -124,12 +124,12 @@ async def test_r4_r11_multi_threaded_never_resumes(
     async with running_registry(
         store, backend, agents=[agent("m", mode="multi-threaded")]
     ) as registry:
-        await settle(store, [post(registry, "m", "one")])
-        await settle(store, [post(registry, "m", "two")])
+        await settle(store, [await post(registry, "m", "one")])
+        await settle(store, [await post(registry, "m", "two")])
     sessions = [call.session for call in backend.calls]
     assert not any(s.resume for s in sessions)
     assert sessions[0].id != sessions[1].id
-    assert [t.turn_count for t in store.list_threads("m")] == [1, 1]
+    assert [t.turn_count for t in await store.list_threads("m")] == [1, 1]
 
 
 async def test_r12_thread_record_is_working_while_the_turn_runs(
@@ -137,13 +137,13 @@ async def test_r12_thread_record_is_working_while_the_turn_runs(
 ) -> None:
     store = make_store(tmp_path)
     async with running_registry(store, agents=[agent("a")]) as registry:
-        message_id = post(registry, "a", "sleep:5 hi")
+        message_id = await post(registry, "a", "sleep:5 hi")
         await trio.sleep(1)
-        (thread,) = store.list_threads("a")
+        (thread,) = await store.list_threads("a")
         assert (thread.status, thread.input, thread.output) == ("working", "sleep:5 hi", "")
         assert thread.turn_count == 0, "R12: the start record does not count a turn"
         await settle(store, [message_id])
-    (thread,) = store.list_threads("a")
+    (thread,) = await store.list_threads("a")
     assert (thread.status, thread.turn_count, thread.usage) == ("ok", 1, {"output_tokens": 1})
 
 
@@ -152,9 +152,9 @@ async def test_r19_empty_reply_posts_nothing(
 ) -> None:
     store = make_store(tmp_path)
     async with running_registry(store, agents=[agent("a")]) as registry:
-        (message,) = await settle(store, [post(registry, "a", "empty")])
+        (message,) = await settle(store, [await post(registry, "a", "empty")])
     assert (message.state, message.reply_id) == ("done", None)
-    assert len(store.list_messages("a", limit=10).messages) == 1
+    assert len((await store.list_messages("a", limit=10)).messages) == 1
 
 
 async def test_r20_transient_errors_retried_with_linear_backoff(
@@ -163,7 +163,7 @@ async def test_r20_transient_errors_retried_with_linear_backoff(
     store = make_store(tmp_path)
     sink = FlakyMirror(failures=[503, None])
     async with running_registry(store, mirror=sink, agents=[agent("a")]) as registry:
-        (message,) = await settle(store, [post(registry, "a", "hi")])
+        (message,) = await settle(store, [await post(registry, "a", "hi")])
     assert message.state == "done"
     assert len(sink.attempts) == 3
     gaps = [b - a for a, b in zip(sink.attempts, sink.attempts[1:], strict=False)]
@@ -177,7 +177,7 @@ async def test_r20_permanent_4xx_is_not_retried(
     store = make_store(tmp_path)
     sink = FlakyMirror(failures=[400])
     async with running_registry(store, mirror=sink, agents=[agent("a")]) as registry:
-        (message,) = await settle(store, [post(registry, "a", "hi")])
+        (message,) = await settle(store, [await post(registry, "a", "hi")])
     assert len(sink.attempts) == 1
     assert message.state == "failed"
 
@@ -189,10 +189,10 @@ async def test_r21_undelivered_reply_rewrites_the_same_record_and_calls_back_err
     sink = FlakyMirror(failures=[500, 502, 503], channels={"a"})
     async with running_registry(store, mirror=sink, agents=[agent("a")]) as registry:
         with registry.events.subscribe("a") as events:
-            (message,) = await settle(store, [post(registry, "a", "hi", reply_to="boss")])
+            (message,) = await settle(store, [await post(registry, "a", "hi", reply_to="boss")])
             final = _drain(events)[-1]
     assert len(sink.attempts) == 3, "3 attempts, then give up"
-    (thread,) = store.list_threads("a")
+    (thread,) = await store.list_threads("a")
     assert thread.status == "error"
     assert thread.output == (
         "reply produced but NOT delivered (outbound write failed: vault write failed (503)). "
@@ -203,12 +203,12 @@ async def test_r21_undelivered_reply_rewrites_the_same_record_and_calls_back_err
         "failed",
         "outbound write failed: vault write failed (503)",
     )
-    assert reply_of(store, message).content == "re: hi", "the reply text is never lost"
+    assert (await reply_of(store, message)).content == "re: hi", "the reply text is never lost"
     assert (final.kind, final.data["error"]) == (
         "error",
         "reply produced but not saved: vault write failed (503)",
     )
-    callbacks = [m for m in store.list_messages("boss", limit=10).messages]
+    callbacks = [m for m in (await store.list_messages("boss", limit=10)).messages]
     assert [c.metadata["status"] for c in callbacks] == ["error"]
     assert "source_message" not in callbacks[0].metadata
     assert [r.id for r in sink.deferred] == [message.reply_id], "the outbox keeps trying"
@@ -224,10 +224,10 @@ async def test_r22_callback_metadata_exact(tmp_path: Path, autojump_clock: trio.
             content="do it",
             metadata={"reply_to": "boss", "correlation_id": "c-42", "delegation_depth": "2"},
         )
-        (done,) = await settle(store, [registry.submit(inbound).id])
+        (done,) = await settle(store, [(await registry.submit(inbound)).id])
         failing = Inbound(channel="worker", content="fail:nope", metadata={"reply_to": "boss"})
-        (failed,) = await settle(store, [registry.submit(failing).id])
-    ok_cb, err_cb = store.list_messages("boss", limit=10).messages
+        (failed,) = await settle(store, [(await registry.submit(failing)).id])
+    ok_cb, err_cb = (await store.list_messages("boss", limit=10)).messages
     assert ok_cb.state == "buffered", "boss has no agent yet: the callback waits for it (R7)"
     assert ok_cb.content == (
         "[callback] worker finished (ok) — see source_message / source_thread in this "
@@ -265,13 +265,15 @@ async def test_r23_no_callback_at_depth_8_and_callbacks_never_ping_pong(
         shallow = Inbound(
             channel="a", content="shallow", metadata={"reply_to": "b", "delegation_depth": 7}
         )
-        await settle(store, [registry.submit(deep).id, registry.submit(shallow).id])
+        await settle(store, [(await registry.submit(deep)).id, (await registry.submit(shallow)).id])
         await trio.sleep(5)
-        callbacks = [m for m in store.list_messages("b", limit=10).messages if m.direction == "in"]
+        callbacks = [
+            m for m in (await store.list_messages("b", limit=10)).messages if m.direction == "in"
+        ]
         await settle(store, [c.id for c in callbacks])
         await trio.sleep(5)
     assert [c.metadata["delegation_depth"] for c in callbacks] == ["8"]
-    assert store.list_messages("a", limit=50).messages[-1].content == "re: shallow", (
+    assert (await store.list_messages("a", limit=50)).messages[-1].content == "re: shallow", (
         "b's turn on the callback must not call back into a"
     )
 
@@ -281,7 +283,7 @@ async def test_r28_message_interrupted_three_times_fails_without_running(
 ) -> None:
     store = make_store(tmp_path)
     backend = ScriptBackend()
-    accepted = store.accept_inbound(
+    accepted = await store.accept_inbound(
         Inbound(channel="a", content="crashy"), registered=True, buffer_cap=10
     )
     with store._tx() as db:  # three starts that never ended: three daemon crashes
@@ -290,7 +292,7 @@ async def test_r28_message_interrupted_three_times_fails_without_running(
         (message,) = await settle(store, [accepted.id])
     assert backend.calls == []
     assert (message.state, message.error) == ("failed", "interrupted 3 times by daemon restarts")
-    assert reply_of(store, message).content == failure_reply_text(
+    assert (await reply_of(store, message)).content == failure_reply_text(
         "interrupted 3 times by daemon restarts"
     )
 
@@ -301,10 +303,12 @@ async def test_r28_r9_an_exhausted_message_fails_alone_in_a_collect_batch(
     """The messages a collect agent gathers behind an exhausted one still run."""
     store = make_store(tmp_path)
     backend = ScriptBackend()
-    crashy, *rest = (
-        store.accept_inbound(Inbound(channel="c", content=text), registered=True, buffer_cap=10)
+    crashy, *rest = [
+        await store.accept_inbound(
+            Inbound(channel="c", content=text), registered=True, buffer_cap=10
+        )
         for text in ("crashy", "two", "three")
-    )
+    ]
     with store._tx() as db:
         db.execute("UPDATE messages SET state='working', attempts=3 WHERE id=?", (crashy.id,))
     async with running_registry(store, backend, agents=[agent("c", queue_mode="collect")]):
@@ -321,7 +325,7 @@ async def test_r24_every_turn_ends_with_exactly_one_done_or_error(
     prompts = ["ok", "fail:x", "raise:y", "empty", "hang", "sleep:1 z"]
     async with running_registry(store, agents=[agent("a", timeout_s=5)]) as registry:
         with registry.events.subscribe("a", buffer=-1) as events:
-            ids = [post(registry, "a", p) for p in prompts]
+            ids = [await post(registry, "a", p) for p in prompts]
             await settle(store, ids)
             seen = _drain(events)
     for message_id in ids:
@@ -349,14 +353,14 @@ async def test_r4_r17_single_threaded_conversation_is_one_upserted_record(
     async with running_registry(store, agents=agents) as registry:
         ids = []
         for text in ("one", "two", "three"):
-            ids.append(post(registry, "s", text))
+            ids.append(await post(registry, "s", text))
             await settle(store, [ids[-1]])
             if text == "one":
-                (first,) = store.list_threads("s")
+                (first,) = await store.list_threads("s")
             await trio.sleep(1)  # distinct timestamps
         for text in ("one", "two", "three"):
-            await settle(store, [post(registry, "m", text)])
-    (conversation,) = store.list_threads("s")
+            await settle(store, [await post(registry, "m", text)])
+    (conversation,) = await store.list_threads("s")
     assert conversation.turn_count == 3
     assert conversation.started_at == first.started_at, "set once, preserved"
     assert conversation.ended_at is not None and conversation.ended_at > first.ended_at  # type: ignore[operator]
@@ -366,11 +370,11 @@ async def test_r4_r17_single_threaded_conversation_is_one_upserted_record(
         "re: three",
     ), "the latest turn shows"
     assert conversation.usage == {"output_tokens": 3}, "usage is cumulative"
-    messages = [store.get_message(i) for i in ids]
+    messages = [await store.get_message(i) for i in ids]
     assert {m.thread_id for m in messages if m} == {conversation.id}
-    replies = [reply_of(store, m) for m in messages if m]
+    replies = [await reply_of(store, m) for m in messages if m]
     assert {r.thread_id for r in replies} == {conversation.id}
-    multi = store.list_threads("m")
+    multi = await store.list_threads("m")
     assert [(t.turn_count, t.input) for t in multi] == [(1, "one"), (1, "two"), (1, "three")]
     assert len({t.id for t in multi}) == 3
 
@@ -380,19 +384,19 @@ async def test_r27_reset_keeps_the_record_and_clears_its_session(
 ) -> None:
     store = make_store(tmp_path)
     async with running_registry(store, agents=[agent("s")]) as registry:
-        await settle(store, [post(registry, "s", "one")])
-        (before,) = store.list_threads("s")
+        await settle(store, [await post(registry, "s", "one")])
+        (before,) = await store.list_threads("s")
         assert before.session is not None
-        registry.reset("s")
-        (cleared,) = store.list_threads("s")
+        await registry.reset("s")
+        (cleared,) = await store.list_threads("s")
         assert (cleared.id, cleared.session, cleared.turn_count) == (before.id, None, 1)
-        await settle(store, [post(registry, "s", "two")])
-    (after,) = store.list_threads("s")
+        await settle(store, [await post(registry, "s", "two")])
+    (after,) = await store.list_threads("s")
     assert (after.id, after.turn_count) == (before.id, 2)
     assert after.session is not None and after.session != before.session
 
 
-def test_schema_4_migrates_a_version_3_store_and_keeps_old_records(tmp_path: Path) -> None:
+async def test_schema_4_migrates_a_version_3_store_and_keeps_old_records(tmp_path: Path) -> None:
     """Issue 12 §1: stores written by the per-turn-record skydeck open and stay readable."""
     import sqlite3
 
@@ -416,10 +420,10 @@ def test_schema_4_migrates_a_version_3_store_and_keeps_old_records(tmp_path: Pat
             """
         )
     store = make_store(tmp_path, "old.db")
-    (old,) = store.list_threads("a")
+    (old,) = await store.list_threads("a")
     assert (old.id, old.turn_count, old.output) == ("t-old", 7, "yo")
-    assert store.get_session("a") == "s-1", "the conversation still resumes"
-    assert store.conversation("a") is None, "old per-turn records are not adopted"
+    assert await store.get_session("a") == "s-1", "the conversation still resumes"
+    assert await store.conversation("a") is None, "old per-turn records are not adopted"
     columns = [row[1] for row in store._db.execute("PRAGMA table_info(sessions)")]
     assert columns == ["agent", "session_id", "thread_id"]
     store.close()
@@ -433,9 +437,9 @@ async def test_r26_a_turn_stopped_during_mirror_delivery_is_settled_not_rerun(
     store = make_store(tmp_path)
     mirror = FlakyMirror(failures=[None, None])  # lands on the 3rd attempt, 0.75 s in
     async with running_registry(store, mirror=mirror, agents=[agent("a")]) as registry:
-        message_id = post(registry, "a", "hello")
+        message_id = await post(registry, "a", "hello")
         await trio.sleep(0.3)  # end record stored, the mirror retrying
-        registry.remove("a")
+        await registry.remove("a")
         (message,) = await settle(store, [message_id])
     assert message.state == "done"
     assert [r.id for r in mirror.deferred] == [message.reply_id], "the outbox delivers it"
@@ -456,9 +460,9 @@ async def test_r9_a_turn_stopped_before_it_started_is_cancelled_not_stranded(
     mirror = SlowSessionMirror(failures=[])
     spec = agent("i", queue_mode="interrupt")
     async with running_registry(store, mirror=mirror, agents=[spec]) as registry:
-        first = post(registry, "i", "first")
+        first = await post(registry, "i", "first")
         await trio.sleep(1)  # reading the mirrored session
-        second = post(registry, "i", "second")
+        second = await post(registry, "i", "second")
         old, new = await settle(store, [first, second])
     assert (old.state, old.error) == ("cancelled", "interrupted by a newer message")
     assert new.state == "done"

@@ -191,7 +191,7 @@ async def test_single_threaded_second_turn_resumes_the_session_from_the_thread_n
     first = await rig.deliver(trigger("n-1", "worker", "one"))
     await rig.settle(first["id"])
     session = rig.vault.by_path("Threads/worker/worker")["metadata"]["session"]  # type: ignore[index]
-    rig.service.store.clear_session("worker")  # as if moved over from parachute-agent
+    await rig.service.store.clear_session("worker")  # as if moved over from parachute-agent
     second = await rig.deliver(trigger("n-2", "worker", "two"))
     await rig.settle(second["id"])
     assert [(c.session.id, c.session.resume) for c in backend.calls][1] == (session, True)
@@ -212,7 +212,7 @@ async def test_r17_single_threaded_thread_note_started_once_counts_every_turn(ri
     assert len(set(started)) == 1, started
     assert turn_counts == "3"
     assert len(thread_ids) == 1
-    (local,) = rig.service.store.list_threads("worker")
+    (local,) = await rig.service.store.list_threads("worker")
     assert (local.id, local.started_at, local.turn_count) == (thread_ids.pop(), started[0], 3)
 
 
@@ -237,7 +237,7 @@ async def test_400_is_not_retried_and_recorded_as_r21(rig: Rig) -> None:
     assert thread["status"] == "error" and thread["turn_count"] == 1
     assert thread["output"].startswith("reply produced but NOT delivered (outbound write failed: ")
     assert thread["output"].endswith("Undelivered reply text: echo: rejected")
-    assert rig.service.store.outbox_count() == 0, "a 4xx is permanent: not queued"
+    assert await rig.service.store.outbox_count() == 0, "a 4xx is permanent: not queued"
 
 
 async def test_vault_down_then_back_delivers_the_reply_and_loses_nothing(rig: Rig) -> None:
@@ -368,7 +368,7 @@ async def test_invalid_definition_is_reported_and_the_good_version_keeps_running
     definition(vault, "broken", backend="attached")
     vault.add("", [DEF], {"name": "../etc"}, "Agents/bad-name")
     async with running_registry(store) as registry:
-        registry.create(AgentSpec(name="local", channel="local", backend="echo"))
+        await registry.create(AgentSpec(name="local", channel="local", backend="echo"))
         definition(vault, "local")  # clashes with an API-created agent
         sync = VaultSync(client, registry, VaultMirror(client, store), None, poll_s=60)
         async with trio.open_nursery() as nursery:
@@ -414,7 +414,7 @@ async def test_job_notes_become_cron_jobs_and_converge(
         sync = VaultSync(client, registry, VaultMirror(client, store), scheduler, poll_s=60)
         async with trio.open_nursery() as nursery:
             await nursery.start(sync.run)
-            job = scheduler.get("report")
+            job = await scheduler.get("report")
             assert (job.channel, job.schedule, job.timezone, job.content) == (
                 "alpha",
                 "0 9 * * *",
@@ -425,11 +425,11 @@ async def test_job_notes_become_cron_jobs_and_converge(
             assert any("job: schedule" in p["error"] for p in sync.health()), sync.health()
             vault.notes[note["id"]]["metadata"]["cron"] = "30 9 * * *"
             await trio.sleep(61)
-            assert scheduler.get("report").next_run_at == "2026-01-01T08:30:00Z"
+            assert (await scheduler.get("report")).next_run_at == "2026-01-01T08:30:00Z"
             vault.notes[note["id"]]["metadata"]["enabled"] = "false"
             await trio.sleep(60)
-            assert scheduler.get("report").enabled is False
+            assert (await scheduler.get("report")).enabled is False
             del vault.notes[note["id"]]
             await trio.sleep(60)
-            assert [j.name for j in scheduler.jobs()] == []
+            assert [j.name for j in await scheduler.jobs()] == []
             nursery.cancel_scope.cancel()

@@ -35,6 +35,7 @@ from .errors import (
     BadRequest,
     Conflict,
     CursorError,
+    FencedOut,
     InputError,
     NotFound,
     SkydeckError,
@@ -43,7 +44,7 @@ from .errors import (
 )
 from .guard import NOT_JSON, SECURITY_HEADERS, OriginPolicy, Refusal, is_json
 from .metrics import Metrics
-from .model import Accepted, AgentSpec
+from .model import AgentSpec, Inbound
 from .registry import Registry
 from .scheduler import Scheduler
 from .store import Store
@@ -71,6 +72,7 @@ STATUSES: tuple[tuple[type[SkydeckError], int], ...] = (
     (NotFound, 404),
     (Conflict, 409),
     (Unavailable, 503),
+    (FencedOut, 503),  # another host holds the channel now; the sender may retry
     (StoreFailure, 507),  # Insufficient Storage: nothing was kept; send it again
 )
 
@@ -150,7 +152,7 @@ def create_app(
     metrics: Metrics | None = None,
     scheduler: Scheduler | None = None,
     *,
-    health_extra: Callable[[], dict[str, Any]] | None = None,
+    health_extra: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     max_body: int = MAX_BODY_BYTES,
     body_timeout_s: float = BODY_TIMEOUT_S,
     origins: OriginPolicy | None = None,
@@ -180,7 +182,7 @@ def create_app(
         inbound = validate.inbound(await json_body(), channel=channel)
         if inbound is None:
             return {"ok": True, "state": "ignored"}
-        accepted = registry.submit(inbound)
+        accepted = await registry.submit(inbound)
         await store.flushed()  # R28: committed before the 200 that acknowledges it
         return {"ok": True, "id": accepted.id, "state": accepted.state}
 
@@ -311,8 +313,8 @@ def create_app(
                     "queued": queued,
                 }
             )
-        extra = health_extra() if health_extra is not None else {}
-        body = {"agents": agents, "buffered": store.count_buffered(), **extra}
+        extra = await health_extra() if health_extra is not None else {}
+        body = {"agents": agents, "buffered": await store.count_buffered(), **extra}
         if store.error is not None:
             # Writes are failing (a full disk): nothing new can be acknowledged until
             # a commit succeeds again, which the daemon notices by itself.
@@ -322,7 +324,7 @@ def create_app(
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        body = metrics.render() if metrics is not None else b""
+        body = await metrics.render() if metrics is not None else b""
         return Response(body, content_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.post("/api/inbound")
@@ -338,22 +340,19 @@ def create_app(
         fails them all (507), as for a single post.
         """
         results: list[dict[str, Any]] = []
-        accepted: list[Accepted] = []
-        items = validate.batch(await json_body())
-        # All or nothing in the store: a failed write undoes every item of this
-        # post (a 507 then keeps nothing); only after it does any item reach a
-        # channel task, so nothing runs that a rollback took back.
-        with store.atomic():
-            for index, item in enumerate(items):
-                try:
-                    one = registry.accept(validate.batch_item(item))
-                except BadRequest as error:
-                    results.append({"error": error.message, "field": error.field, "index": index})
-                else:
-                    accepted.append(one)
-                    results.append({"id": one.id, "state": one.state})
-        for one in accepted:
-            registry.dispatch(one)
+        good: list[tuple[int, Inbound]] = []
+        for index, item in enumerate(validate.batch(await json_body())):
+            try:
+                good.append((index, validate.batch_item(item)))
+            except BadRequest as error:
+                results.append({"error": error.message, "field": error.field, "index": index})
+            else:
+                results.append({})  # filled in below, in order
+        # All or nothing in the store: a failed write keeps no item of this post
+        # (a 507), and no item reaches a channel task before its row is written.
+        accepted = await registry.submit_batch([inbound for _, inbound in good])
+        for (index, _), one in zip(good, accepted, strict=True):
+            results[index] = {"id": one.id, "state": one.state}
         await store.flushed()  # R28: every acknowledged item is committed first
         return {"results": results}
 
@@ -373,7 +372,7 @@ def create_app(
         if after is not None and before is not None:
             raise BadRequest("give after or before, not both", field="before")
         try:
-            page = store.list_messages(
+            page = await store.list_messages(
                 channel,
                 limit=_page_limit(args.get("limit")),
                 after=after,
@@ -421,7 +420,7 @@ def create_app(
 
     @app.get("/api/messages/<message_id>")
     async def get_message(message_id: str) -> Json:
-        message = store.get_message(message_id)
+        message = await store.get_message(message_id)
         if message is None:
             raise NotFound(f"no message with id {message_id!r}", field="id")
         return message.to_json()
@@ -432,7 +431,7 @@ def create_app(
         if channel is not None:
             validate.name(channel, "channel")
         limit = _page_limit(request.args.get("limit"), default=MAX_PAGE)
-        threads = store.list_threads(channel, limit=limit)
+        threads = await store.list_threads(channel, limit=limit)
         return {"threads": [thread.to_json() for thread in threads]}
 
     @app.get("/api/agents")
@@ -441,7 +440,7 @@ def create_app(
 
     @app.post("/api/agents")
     async def create_agent() -> Json:
-        agent = registry.create(validate.new_agent(await json_body()))
+        agent = await registry.create(validate.new_agent(await json_body()))
         await store.flushed()
         return agent_json(agent), 201
 
@@ -453,19 +452,19 @@ def create_app(
     async def patch_agent(name: str) -> Json:
         body = await json_body()
         changes = validate.agent_changes(body, registry.get(name))
-        agent = registry.update(name, changes)
+        agent = await registry.update(name, changes)
         await store.flushed()
         return agent_json(agent)
 
     @app.delete("/api/agents/<name>")
     async def delete_agent(name: str) -> Json:
-        registry.remove(name)
+        await registry.remove(name)
         await store.flushed()
         return {"ok": True}
 
     @app.post("/api/agents/<name>/reset")
     async def reset_agent(name: str) -> Json:
-        registry.reset(name)
+        await registry.reset(name)
         await store.flushed()
         return {"ok": True}
 
@@ -478,34 +477,34 @@ def create_app(
 
     @app.get("/api/jobs")
     async def list_jobs() -> Json:
-        return {"jobs": [job.to_json() for job in jobs().jobs()]}
+        return {"jobs": [job.to_json() for job in await jobs().jobs()]}
 
     @app.post("/api/jobs")
     async def create_job() -> Json:
-        job = jobs().create(validate.new_job(await json_body()))
+        job = await jobs().create(validate.new_job(await json_body()))
         await store.flushed()
         return job.to_json(), 201
 
     @app.get("/api/jobs/<name>")
     async def get_job(name: str) -> Json:
-        return jobs().get(name).to_json()
+        return (await jobs().get(name)).to_json()
 
     @app.patch("/api/jobs/<name>")
     async def patch_job(name: str) -> Json:
-        changes = validate.job_changes(await json_body(), jobs().get(name))
-        job = jobs().update(name, changes)
+        changes = validate.job_changes(await json_body(), await jobs().get(name))
+        job = await jobs().update(name, changes)
         await store.flushed()
         return job.to_json()
 
     @app.delete("/api/jobs/<name>")
     async def delete_job(name: str) -> Json:
-        jobs().remove(name)
+        await jobs().remove(name)
         await store.flushed()
         return {"ok": True}
 
     @app.post("/api/jobs/<name>/run")
     async def run_job(name: str) -> Json:
-        accepted = jobs().run_now(name)
+        accepted = await jobs().run_now(name)
         await store.flushed()
         return {"ok": True, "id": accepted.id, "state": accepted.state}
 

@@ -196,7 +196,7 @@ class VaultSync:
             seen.add(note_id)
             try:
                 spec = parse_definition(note)
-                self._converge_agent(note_id, spec, live.get(note_id))
+                await self._converge_agent(note_id, spec, live.get(note_id))
             except StoreFailure:
                 raise  # ours, not the note's: no error stamp on it
             except (InputError, StateError) as exc:  # an invalid note, a name clash
@@ -209,13 +209,15 @@ class VaultSync:
             for note_id, agent in live.items():
                 if note_id not in seen:
                     log.info("definition deleted: agent removed", extra={"agent": agent.name})
-                    self._remove(agent)
+                    await self._remove(agent)
                     self.problems.pop(note_id, None)
 
-    def _converge_agent(self, note_id: str, spec: AgentSpec, current: AgentSpec | None) -> None:
+    async def _converge_agent(
+        self, note_id: str, spec: AgentSpec, current: AgentSpec | None
+    ) -> None:
         if current is not None and current.name != spec.name:
             log.info("definition renamed", extra={"old": current.name, "new": spec.name})
-            self._remove(current)  # upstream left the old agent running (bug 6)
+            await self._remove(current)  # upstream left the old agent running (bug 6)
             current = None
         try:
             existing = self.registry.get(spec.name)
@@ -227,7 +229,7 @@ class VaultSync:
                 "definition); rename one of them"
             )
         if existing is None:
-            self.registry.create(spec)
+            await self.registry.create(spec)
             log.info("definition loaded", extra={"agent": spec.name, "note": note_id})
         else:
             changes = {
@@ -236,14 +238,14 @@ class VaultSync:
                 if key != "created_at" and getattr(existing, key) != value
             }
             if changes:
-                self.registry.update(spec.name, changes)
+                await self.registry.update(spec.name, changes)
                 log.info(
                     "definition changed", extra={"agent": spec.name, "fields": ",".join(changes)}
                 )
         self._mark_vault(self.registry.get(spec.name))
 
-    def _remove(self, agent: AgentSpec) -> None:
-        self.registry.remove(agent.name)
+    async def _remove(self, agent: AgentSpec) -> None:
+        await self.registry.remove(agent.name)
         self.mirror.channels.discard(agent.channel)
         self.mirror.definitions.pop(agent.name, None)
 
@@ -273,7 +275,7 @@ class VaultSync:
 
     async def _sync_jobs(self, scheduler: Scheduler) -> None:
         notes = await self.client.list_notes(TAG_JOB, limit=LIST_LIMIT)
-        live = {job.source: job for job in scheduler.jobs() if job.source}
+        live = {job.source: job for job in await scheduler.jobs() if job.source}
         seen: set[str] = set()
         for note in notes:
             try:
@@ -287,17 +289,17 @@ class VaultSync:
             current = live.get(job.source)
             try:
                 if current is None:
-                    scheduler.create(job)
+                    await scheduler.create(job)
                 elif current.name != job.name:
-                    scheduler.remove(current.name)
-                    scheduler.create(job)
+                    await scheduler.remove(current.name)
+                    await scheduler.create(job)
                 else:
                     fields = ("channel", "schedule", "content", "timezone", "enabled")
                     changes = {
                         f: getattr(job, f) for f in fields if getattr(current, f) != getattr(job, f)
                     }
                     if changes:
-                        scheduler.update(job.name, changes)
+                        await scheduler.update(job.name, changes)
             except StoreFailure:
                 raise
             except (InputError, StateError) as exc:
@@ -305,4 +307,4 @@ class VaultSync:
         if len(notes) < LIST_LIMIT:
             for source, job in live.items():
                 if source not in seen:
-                    scheduler.remove(job.name)
+                    await scheduler.remove(job.name)

@@ -10,7 +10,8 @@
     ├── StateError          the input was fine; the daemon's state says no
     │   ├── NotFound        no such agent, job, message
     │   ├── Conflict        a name or channel taken
-    │   └── Unavailable     shutting down
+    │   ├── Unavailable     shutting down
+    │   └── FencedOut       a write for a channel this host no longer owns (a newer fence)
     └── ExternalError       something outside the daemon failed
         ├── BackendError    a turn's backend (``session_id``: one it saw echoed)
         ├── DeliveryError   a mirror's write (``status``: the far side's, if any)
@@ -69,6 +70,17 @@ class Conflict(StateError):
 
 class Unavailable(StateError):
     pass
+
+
+class FencedOut(StateError):
+    """A turn's write carried a fence token that is no longer the channel's:
+    another holder took the channel over, so this write changed nothing
+    (multi-host.md P11). The turn stops without any further side effect."""
+
+    def __init__(self, channel: str, token: int) -> None:
+        super().__init__(f"channel {channel!r} is no longer held with fence token {token}")
+        self.channel = channel
+        self.token = token
 
 
 # -- external -----------------------------------------------------------------------

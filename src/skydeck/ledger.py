@@ -119,9 +119,17 @@ def moved(
 
 def started(messages: Sequence[Message], thread_id: str) -> list[Message]:
     """R12/R28: a turn starts: `working`, one more attempt, tied to its record."""
+    for message in messages:
+        check_message_move(message.state, MessageState.WORKING)
     return [
-        replace(message, attempts=message.attempts + 1, thread_id=thread_id)
-        for message in moved(messages, MessageState.WORKING)
+        replace(
+            message,
+            state=MessageState.WORKING,
+            error=None,
+            attempts=message.attempts + 1,
+            thread_id=thread_id,
+        )
+        for message in messages
     ]
 
 

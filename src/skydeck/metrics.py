@@ -8,7 +8,7 @@ so they can never drift from the truth.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -36,6 +36,8 @@ class _QueueCollector(Collector):
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        #: Read before each render: values only an await can get (the store's).
+        self._refreshers: list[Callable[[], Awaitable[None]]] = []
         self.accepted = Counter(
             "skydeck_messages_accepted",
             "Inbound messages acknowledged, by the state they were acknowledged in",
@@ -100,11 +102,17 @@ class Metrics:
         )
         gauge.set_function(count)
 
-    def watch_outbox(self, pending: Callable[[], int]) -> None:
+    def watch_outbox(self, pending: Callable[[], Awaitable[int]]) -> None:
+        """The outbox depth is the store's to count, and store reads are async:
+        it is read as the metrics are rendered."""
         gauge = Gauge(
             "skydeck_vault_outbox", "Vault writes waiting to be retried", registry=self.registry
         )
-        gauge.set_function(pending)
+
+        async def refresh() -> None:
+            gauge.set(await pending())
+
+        self._refreshers.append(refresh)
 
     def on_accepted(self, accepted: Accepted) -> None:
         self.accepted.labels(accepted.state).inc()
@@ -114,5 +122,7 @@ class Metrics:
         self.turn_seconds.observe(seconds)
         self.final.labels(state.value).inc(messages)
 
-    def render(self) -> bytes:
+    async def render(self) -> bytes:
+        for refresh in self._refreshers:
+            await refresh()
         return generate_latest(self.registry)

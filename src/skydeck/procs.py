@@ -177,14 +177,14 @@ class ProcessRegistry:
             pid=pid, start_time=start_time, boot_id=boot, agent=owner.name, channel=owner.channel
         )
         self._records[pid] = record
-        self.store.add_process(record)
+        await self.store.add_process(record)
         await self.store.flushed()
 
-    def untrack(self, pid: int) -> None:
+    async def untrack(self, pid: int) -> None:
         """``pid`` was reaped: forget it (a row left by a crash here is harmless)."""
         record = self._records.pop(pid, None)
         if record is not None:
-            self.store.remove_process(record)
+            await self.store.remove_process(record)
 
     async def kill_leftovers(self) -> list[ProcessRecord]:
         """At start: kill what a previous run of this data dir left running.
@@ -194,7 +194,7 @@ class ProcessRegistry:
         """
         hit: list[ProcessRecord] = []
         signalled: set[int] = set()
-        for record in self.store.list_processes():
+        for record in await self.store.list_processes():
             if record.boot_id != boot_id():
                 continue
             current = identify(record.pid)
@@ -213,7 +213,7 @@ class ProcessRegistry:
                         "killed": len(pids),
                     },
                 )
-        self.store.clear_processes()
+        await self.store.clear_processes()
         await self.store.flushed()
         with trio.move_on_after(LEFTOVER_WAIT_S):
             # Not our children: no exit event to wait on, only /proc to look at.

@@ -3,10 +3,12 @@ its own memory channel, so one channel's turns can never overlap (R6) and
 different channels never wait for each other (except for the global turn
 limit, R10).
 
-All methods but `serve` are synchronous on purpose: accepting a message,
-deciding `queued` versus `buffered` and handing it to the channel task happen
-without a checkpoint in between, so no registration can slip in between the
-decision and the row that records it.
+Registrations, posts and removals await the store, and the embedded store's
+operations never checkpoint: accepting a message, deciding `queued` versus
+`buffered` and handing it to the channel task happen without a checkpoint in
+between, so no registration can slip in between the decision and the row that
+records it. (A store shared by several hosts decides `queued` versus
+`buffered` by itself, multi-host.md P13.)
 
 When the store loses writes (a full disk: `Store.failures` moves), what the
 registry holds in memory may be ahead of the store: a queued message whose row
@@ -23,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -33,8 +35,8 @@ from .backends.base import release_agent
 from .errors import Conflict, NotFound, StoreFailure, Unavailable
 from .events import TurnEvents
 from .ledger import AgentStatus, MessageState
-from .model import Accepted, AgentSpec, EventKind, Inbound, Message, TurnEvent
-from .store import Store
+from .model import Accepted, AgentSpec, EventKind, Inbound, Job, Message, TurnEvent
+from .store import Fence, Store
 from .turn import MAX_ATTEMPTS, Turn, TurnDeps
 
 if TYPE_CHECKING:
@@ -45,6 +47,9 @@ if TYPE_CHECKING:
     from .transports.base import Mirror
 
 log = logging.getLogger(__name__)
+
+#: How a registration takes its channel's open messages, under the channel's fence.
+Claim = Callable[[Fence], Awaitable[list[Message]]]
 
 DEFAULT_BUFFER_CAP = 1000
 DEFAULT_MAX_TURNS = 4
@@ -72,6 +77,8 @@ class ChannelTask:
     agent: AgentSpec
     send: trio.MemorySendChannel[Message]
     receive: trio.MemoryReceiveChannel[Message]
+    #: Carried by every write the channel's turns make.
+    fence: Fence
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     turn: Turn | None = None
     waiting_for_slot: bool = False
@@ -125,8 +132,8 @@ class Registry:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self.store.run_flusher, name="store-flusher")
-            for agent in self.store.list_agents():
-                self._register(agent)
+            for agent in await self.store.list_agents():
+                await self._register(agent)
             nursery.start_soon(self._resync_after_failures, name="store-resync")
             task_status.started()
             await trio.sleep_forever()
@@ -162,44 +169,43 @@ class Registry:
         task = self._by_name.get(name)
         return (AgentStatus.IDLE, 0) if task is None else task.status()
 
-    def create(self, agent: AgentSpec) -> AgentSpec:
+    async def create(self, agent: AgentSpec) -> AgentSpec:
         if agent.name in self._by_name:
             raise Conflict(f"an agent named {agent.name!r} already exists", field="name")
         self._check_channel_free(agent.channel)
-        with self.store.atomic():  # a failed claim of its buffered messages undoes the row
-            self.store.save_agent(agent)
-            self._register(agent)
+        # One write: a failed claim of its buffered messages undoes the row.
+        await self._register(agent, lambda fence: self.store.create_agent(agent, fence))
         return agent
 
-    def update(self, name: str, changes: dict[str, Any]) -> AgentSpec:
+    async def update(self, name: str, changes: dict[str, Any]) -> AgentSpec:
         """PATCH: other fields apply from the next turn; a new channel moves the agent (R3)."""
         current = self.get(name)
         updated = replace(current, **changes)
         moved = updated.channel != current.channel
         if moved:
             self._check_channel_free(updated.channel)
-        self.store.save_agent(updated)
+        await self.store.save_agent(updated)
         if moved:
-            self._deregister(name)
-            self._register(updated)
+            await self._deregister(name)
+            await self._register(updated)
         else:
             self._by_name[name].agent = updated
         return updated
 
-    def remove(self, name: str) -> None:
+    async def remove(self, name: str) -> None:
         """R26: cancel the channel's task and forget the agent (404 when unknown)."""
         self.get(name)
-        self._deregister(name)
-        self.store.delete_agent(name)
+        await self._deregister(name)
+        await self.store.delete_agent(name)
 
-    def reset(self, name: str) -> None:
+    async def reset(self, name: str) -> None:
         """R27: the next turn of a single-threaded agent starts a fresh conversation."""
         agent = self.get(name)
-        self.store.clear_session(name)
+        await self.store.clear_session(name)
         release_agent(self.deps.backends, name, RESET_REASON)  # W13
         mirror = self.deps.mirror
         if mirror is not None and mirror.serves(agent.channel):
-            mirror.clear_session(agent)
+            await mirror.clear_session(agent)
 
     def _check_channel_free(self, channel: str) -> None:
         holder = self._by_channel.get(channel)
@@ -211,34 +217,58 @@ class Registry:
 
     # -- messages -----------------------------------------------------------------
 
-    def submit(self, inbound: Inbound) -> Accepted:
-        """Store the message durably, then hand it to its channel task (if any)."""
-        accepted = self.accept(inbound)
-        self.dispatch(accepted)
+    async def submit(self, inbound: Inbound) -> Accepted:
+        """Store the message (durable at the next `flushed()`), then hand it to
+        its channel task (if any)."""
+        self._check_accepting()
+        accepted = await self.store.accept_inbound(
+            inbound, registered=self._registered(inbound.channel), buffer_cap=self.buffer_cap
+        )
+        await self._dispatch(accepted)
         return accepted
 
-    def accept(self, inbound: Inbound) -> Accepted:
-        """The store half of `submit`: the row, queued or buffered (R7), or a duplicate (R8).
+    async def submit_batch(self, inbounds: Sequence[Inbound]) -> list[Accepted]:
+        """`submit` for many messages in one store write: all of them land, or
+        (a store failure) none does, and none reaches a channel task then."""
+        self._check_accepting()
+        accepted = await self.store.accept_batch(
+            [(inbound, self._registered(inbound.channel)) for inbound in inbounds],
+            buffer_cap=self.buffer_cap,
+        )
+        for one in accepted:
+            await self._dispatch(one)
+        return accepted
 
-        Only the store is touched, so a caller may do it inside `Store.atomic`
-        with writes of its own (a cron slot); `dispatch` then does what a
-        rollback could not undo. No checkpoint may come between the two.
-        """
+    async def submit_slot(
+        self, inbound: Inbound, fired: Callable[[Accepted], Job]
+    ) -> tuple[Accepted, Job]:
+        """A cron slot's message and its job (as ``fired`` makes it) in one write;
+        only then is the message handed on (nothing a rollback took back runs)."""
+        self._check_accepting()
+        accepted, job = await self.store.fire_slot(
+            inbound,
+            registered=self._registered(inbound.channel),
+            buffer_cap=self.buffer_cap,
+            fired=fired,
+        )
+        await self._dispatch(accepted)
+        return accepted, job
+
+    def _check_accepting(self) -> None:
         if not self.accepting:
             raise Unavailable("skydeck is shutting down; try again after it restarts")
-        task = self._by_channel.get(inbound.channel)
-        return self.store.accept_inbound(
-            inbound, registered=task is not None, buffer_cap=self.buffer_cap
-        )
 
-    def dispatch(self, accepted: Accepted) -> None:
-        """The memory half of `submit`: hand a queued message to its channel task,
+    def _registered(self, channel: str) -> bool:
+        return channel in self._by_channel
+
+    async def _dispatch(self, accepted: Accepted) -> None:
+        """What follows a stored message: hand a queued one to its channel task,
         interrupt (R9), the `queued` event, metrics."""
         task = self._by_channel.get(accepted.message.channel)
         if accepted.state is MessageState.QUEUED and task is not None:
             task.send.send_nowait(accepted.message)
             if task.agent.queue_mode == "interrupt" and task.turn is not None:
-                task.turn.cancel(INTERRUPTED_REASON)  # R9: the newest message wins
+                await task.turn.cancel(INTERRUPTED_REASON)  # R9: the newest message wins
             try:
                 self.events.publish(
                     task.agent.channel, TurnEvent(kind=EventKind.QUEUED, message_id=accepted.id)
@@ -254,20 +284,26 @@ class Registry:
 
     # -- channel tasks ------------------------------------------------------------
 
-    def _register(self, agent: AgentSpec) -> None:
-        """Start the channel's task and feed it the channel's open messages (R7, R28)."""
+    async def _register(self, agent: AgentSpec, claim: Claim | None = None) -> None:
+        """Start the channel's task and feed it the channel's open messages (R7, R28),
+        as ``claim`` takes them (by default `Store.claim_open`)."""
         assert self._nursery is not None, "Registry.serve() is not running"
         send, receive = trio.open_memory_channel[Message](math.inf)
-        task = ChannelTask(agent=agent, send=send, receive=receive)
-        self._reload(task)  # first: if the store fails here, nothing is registered
+        task = ChannelTask(
+            agent=agent, send=send, receive=receive, fence=Fence.local(agent.channel)
+        )
+        await self._reload(task, claim)  # first: if the store fails here, nothing is registered
         self._by_name[agent.name] = task
         self._by_channel[agent.channel] = task
         self._nursery.start_soon(self._run_channel, task, name=f"channel:{agent.channel}")
 
-    def _reload(self, task: ChannelTask) -> None:
+    async def _reload(self, task: ChannelTask, claim: Claim | None = None) -> None:
         """Make the task's queue the channel's open messages as stored, oldest first."""
         epoch = self.store.failures
-        messages = self.store.claim_open(task.agent.channel)
+        if claim is None:
+            messages = await self.store.claim_open(task.agent.channel, task.fence)
+        else:
+            messages = await claim(task.fence)
         self._drain_nowait(task.receive)
         for message in messages:
             task.send.send_nowait(message)
@@ -281,39 +317,39 @@ class Registry:
             if self._stopping:
                 return  # the next start reads everything from the store anyway
             try:
-                self._resync()
+                await self._resync()
             except StoreFailure:
                 continue  # failed again: the next recovery tries again
             log.info("registry re-read from the store", extra={"agents": len(self._by_name)})
 
-    def _resync(self) -> None:
+    async def _resync(self) -> None:
         """The agents as stored; the queue of every task not holding messages as
         stored (a task holding some reloads itself when it is done with them)."""
-        stored = {agent.name: agent for agent in self.store.list_agents()}
+        stored = {agent.name: agent for agent in await self.store.list_agents()}
         for name, task in list(self._by_name.items()):
             agent = stored.get(name)
             if agent is None or agent.channel != task.agent.channel:
-                self._deregister(name)
+                await self._deregister(name)
             else:
                 task.agent = agent
         for name, agent in stored.items():
             if name not in self._by_name:
-                self._register(agent)
-        for task in self._by_name.values():
+                await self._register(agent)
+        for task in list(self._by_name.values()):
             if not task.holding and task.epoch != self.store.failures:
-                self._reload(task)
+                await self._reload(task)
 
-    def _deregister(self, name: str) -> None:
+    async def _deregister(self, name: str) -> None:
         """R26: cancel the running turn (recorded `cancelled`), stop the task, and
         put the channel's queued messages back to `buffered`."""
         task = self._by_name.pop(name)
         del self._by_channel[task.agent.channel]
         if task.turn is not None:
-            task.turn.cancel(REMOVED_REASON)
+            await task.turn.cancel(REMOVED_REASON)
         task.scope.cancel()
         task.send.close()
         release_agent(self.deps.backends, name, REMOVED_REASON)  # W15
-        released = self.store.release_open(task.agent.channel, buffer_cap=self.buffer_cap)
+        released = await self.store.release_open(task.agent.channel, buffer_cap=self.buffer_cap)
         log.info(
             "agent deregistered",
             extra={"agent": name, "channel": task.agent.channel, "released": released},
@@ -336,7 +372,7 @@ class Registry:
                     await self.store.recovered(task.epoch)
                     if task.epoch != self.store.failures:  # not already done by _resync
                         with contextlib.suppress(StoreFailure):
-                            self._reload(task)
+                            await self._reload(task)
 
     async def _run_turn(self, task: ChannelTask, batch: list[Message]) -> None:
         task.waiting_for_slot = True
@@ -344,7 +380,14 @@ class Registry:
             task.waiting_for_slot = False
             if self._stopping:
                 await trio.sleep_forever()  # R29: no new turn; it replays at start
-            task.turn = Turn(self.deps, task.agent, batch, epoch=task.epoch, submit=self.submit)
+            task.turn = Turn(
+                self.deps,
+                task.agent,
+                batch,
+                epoch=task.epoch,
+                fence=task.fence,
+                submit=self.submit,
+            )
             self._running += 1
             try:
                 await task.turn.run()

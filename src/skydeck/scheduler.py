@@ -86,11 +86,14 @@ def latest_slot(job: Job, at: datetime) -> datetime:
 
 
 class Intake(Protocol):
-    """Where fired messages go (the registry): the store half, then the memory half."""
+    """Where fired messages go (the registry)."""
 
-    def accept(self, inbound: Inbound) -> Accepted: ...
-
-    def dispatch(self, accepted: Accepted) -> None: ...
+    async def submit_slot(
+        self, inbound: Inbound, fired: Callable[[Accepted], Job]
+    ) -> tuple[Accepted, Job]:
+        """Store the message and the job as ``fired`` makes it in one write, then
+        hand the message on."""
+        ...
 
 
 class Scheduler:
@@ -111,23 +114,24 @@ class Scheduler:
         self._heap: list[tuple[datetime, str]] = []
         self._changed = trio.Event()
         self._epoch = store.failures  # `Store.failures` when the jobs were read
-        self._load()
 
-    def _load(self) -> None:
+    async def _load(self) -> None:
         """The jobs as stored, each due at its next slot."""
-        self._jobs = {job.name: job for job in self.store.list_jobs()}
+        self._jobs = {job.name: job for job in await self.store.list_jobs()}
         self._heap = []
         now = self.clock.now()
         for job in self._jobs.values():
             if job.next_run_at is None:
                 job.next_run_at = iso(next_slot(job, now))
-                self.store.save_job(job)
+                await self.store.save_job(job)
             self._push(job)
 
     # -- the task -----------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Fire due jobs, then sleep until the next one is due or a job changes."""
+        """Read the jobs, then fire due jobs and sleep until the next one is due
+        or a job changes. The API may use the scheduler once this has started."""
+        await self._load()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._wake_on_recovery)
             task_status.started()
@@ -139,11 +143,11 @@ class Scheduler:
                     await self.store.recovered(self._epoch)
                     epoch = self.store.failures
                     with contextlib.suppress(StoreFailure):
-                        self._load()
+                        await self._load()
                         self._epoch = epoch
                     continue
                 try:
-                    self._fire_due(self.clock.now())
+                    await self._fire_due(self.clock.now())
                 except StoreFailure as exc:
                     log.warning("job not fired: the store failed", extra={"reason": exc.reason})
                     continue
@@ -169,7 +173,7 @@ class Scheduler:
             return max((due - self.clock.now()).total_seconds(), 0.0)
         return float("inf")
 
-    def _fire_due(self, now: datetime) -> None:
+    async def _fire_due(self, now: datetime) -> None:
         while self._heap and self._heap[0][0] <= now:
             due, name = heapq.heappop(self._heap)
             job = self._jobs.get(name)
@@ -177,7 +181,7 @@ class Scheduler:
                 continue
             slot = max(latest_slot(job, now), due)  # a missed burst fires once, the latest
             try:
-                self._fire(job, slot, now)
+                await self._fire(job, slot, now)
             except StoreFailure:
                 self._push(job)
                 raise
@@ -187,11 +191,13 @@ class Scheduler:
                 return
             job.next_run_at = iso(next_slot(job, now))
             self._push(job)
-            self.store.save_job(job)
+            await self.store.save_job(job)
 
-    def _fire(self, job: Job, slot: datetime, now: datetime) -> None:
+    async def _fire(self, job: Job, slot: datetime, now: datetime) -> None:
         job.last_slot = iso(slot)
-        previous = self.store.get_message(job.last_message_id) if job.last_message_id else None
+        previous = (
+            await self.store.get_message(job.last_message_id) if job.last_message_id else None
+        )
         if previous is not None and previous.state in OPEN_STATES:
             job.skipped += 1
             job.last_outcome = "skipped: previous run still " + previous.state
@@ -201,23 +207,24 @@ class Scheduler:
             )
             self._count("skipped")
             return
-        self._post(job, slot=job.last_slot, now=now)
+        await self._post(job, slot=job.last_slot, now=now)
 
-    def _post(self, job: Job, *, slot: str, now: datetime) -> Accepted:
+    async def _post(self, job: Job, *, slot: str, now: datetime) -> Accepted:
         inbound = Inbound(
             channel=job.channel,
             content=job.content,
             external_id=f"job:{job.name}:{slot}",
             metadata={"job": job.name, "slot": slot},
         )
-        with self.store.atomic():  # the slot is fired together with its message, or not at all
-            accepted = self.intake.accept(inbound)
+
+        def fired(accepted: Accepted) -> Job:
             job.last_run_at = iso(now)
             job.last_message_id = accepted.id
             job.last_outcome = f"posted ({accepted.state})"
-            self.store.save_job(job)
-        # Only now the effects a rollback of that block could not have undone.
-        self.intake.dispatch(accepted)
+            return job
+
+        # The slot is fired together with its message, or not at all.
+        accepted, _ = await self.intake.submit_slot(inbound, fired)
         log.info("job fired", extra={"job": job.name, "slot": slot, "message_id": accepted.id})
         self._count("fired")
         return accepted
@@ -232,33 +239,33 @@ class Scheduler:
 
     # -- the API side -------------------------------------------------------------
 
-    def jobs(self) -> list[Job]:
-        return [self._view(job) for _, job in sorted(self._jobs.items())]
+    async def jobs(self) -> list[Job]:
+        return [await self._view(job) for _, job in sorted(self._jobs.items())]
 
-    def get(self, name: str) -> Job:
+    async def get(self, name: str) -> Job:
         job = self._jobs.get(name)
         if job is None:
             raise NotFound(f"no job named {name!r}", field="name")
-        return self._view(job)
+        return await self._view(job)
 
-    def _view(self, job: Job) -> Job:
+    async def _view(self, job: Job) -> Job:
         """The job with its last message's current state as the outcome."""
         if job.last_message_id and (job.last_outcome or "").startswith("posted"):
-            message = self.store.get_message(job.last_message_id)
+            message = await self.store.get_message(job.last_message_id)
             if message is not None:
                 return Job(**{**job.to_json(), "last_outcome": message.state})
         return job
 
-    def create(self, job: Job) -> Job:
+    async def create(self, job: Job) -> Job:
         if job.name in self._jobs:
             raise Conflict(f"a job named {job.name!r} already exists", field="name")
         job.next_run_at = iso(next_slot(job, self.clock.now())) if job.enabled else None
         self._jobs[job.name] = job
-        self.store.save_job(job)
+        await self.store.save_job(job)
         self._changed_now(job)
         return job
 
-    def update(self, name: str, changes: dict[str, Any]) -> Job:
+    async def update(self, name: str, changes: dict[str, Any]) -> Job:
         job = self._jobs.get(name)
         if job is None:
             raise NotFound(f"no job named {name!r}", field="name")
@@ -266,23 +273,23 @@ class Scheduler:
             setattr(job, key, value)
         now = self.clock.now()
         job.next_run_at = iso(next_slot(job, now)) if job.enabled else None
-        self.store.save_job(job)
+        await self.store.save_job(job)
         self._changed_now(job)
-        return self._view(job)
+        return await self._view(job)
 
-    def remove(self, name: str) -> None:
+    async def remove(self, name: str) -> None:
         if self._jobs.pop(name, None) is None:
             raise NotFound(f"no job named {name!r}", field="name")
-        self.store.delete_job(name)
+        await self.store.delete_job(name)
         self._changed.set()
 
-    def run_now(self, name: str) -> Accepted:
+    async def run_now(self, name: str) -> Accepted:
         """Fire at once, outside the schedule (counts as the job's previous run)."""
         job = self._jobs.get(name)
         if job is None:
             raise NotFound(f"no job named {name!r}", field="name")
         now = self.clock.now()
-        return self._post(job, slot=f"run-now:{now.isoformat()}", now=now)
+        return await self._post(job, slot=f"run-now:{now.isoformat()}", now=now)
 
     def _changed_now(self, job: Job) -> None:
         self._push(job)

@@ -50,7 +50,7 @@ from .model import AgentSpec
 from .procs import ProcessRegistry
 from .registry import DEFAULT_BUFFER_CAP, DEFAULT_MAX_TURNS, build_registry
 from .scheduler import Scheduler, WallClock
-from .store import Store
+from .store.sqlite import SQLiteStore
 from .transports.base import Mirror, Mirrors
 from .transports.telegram import Telegram, TelegramConfig, load_config
 from .transports.telegram_store import TelegramStore
@@ -302,7 +302,7 @@ class Service:
     def _open(self, clock: WallClock | None) -> None:
         settings = self.settings
         self.metrics = Metrics()
-        self.store = Store(self.db_path, on_dropped=self.metrics.dropped.inc)
+        self.store = SQLiteStore(self.db_path, on_dropped=self.metrics.dropped.inc)
         self.events = TurnEvents()
         workspaces = settings.data_dir / "workspaces"
         self.claude_bin = find_claude()
@@ -389,23 +389,23 @@ class Service:
             return None
         return HubKeys(s.jwks_url, s.jwt_issuer, ttl_s=s.jwks_ttl_s, refresh_s=s.jwks_refresh_s)
 
-    def _ensure_demo(self) -> None:
+    async def _ensure_demo(self) -> None:
         """First start with an empty store: a demo agent on channel `demo`.
 
         It uses claude when a CLI and credentials are there, else echo, so it
         always works; `demo_note` says which, for the startup banner.
         """
-        if self.store.get_meta("initialized") is not None:
+        if await self.store.get_meta("initialized") is not None:
             return
         if self.settings.demo and not self.registry.agents():
             backend: Literal["claude", "echo"] = "echo"
             why = "no claude CLI with credentials found"
             if self.claude_bin and has_credentials():
                 backend, why = "claude", f"claude CLI at {self.claude_bin}"
-            self.registry.create(AgentSpec(name="demo", channel="demo", backend=backend))
+            await self.registry.create(AgentSpec(name="demo", channel="demo", backend=backend))
             self.demo_note = f"created demo agent on channel demo: {backend} backend ({why})"
             log.info("created the demo agent", extra={"agent": "demo", "backend": backend})
-        self.store.set_meta("initialized", "1")
+        await self.store.set_meta("initialized", "1")
 
     async def run(self, *, task_status: TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         config = HypercornConfig()
@@ -427,10 +427,10 @@ class Service:
                         await self.registry.serve(task_status=task_status)
 
                 if self.telegram is not None:
-                    self.telegram.mirror.recover()  # T38: before any turn replays
+                    await self.telegram.mirror.recover()  # T38: before any turn replays
                 with self._starting():  # the stored agents are read and replayed here
                     await nursery.start(run_registry)
-                    self._ensure_demo()
+                    await self._ensure_demo()
                 scheduler_scope = trio.CancelScope()
 
                 async def run_scheduler(task_status: TaskStatus[None]) -> None:
@@ -475,7 +475,7 @@ class Service:
             self.store.close()
             self._lock.close()
 
-    def _health_extra(self) -> dict[str, Any]:
+    async def _health_extra(self) -> dict[str, Any]:
         extra: dict[str, Any] = {
             "claude_warm": self.warm.health()
             if self.warm is not None
@@ -489,7 +489,7 @@ class Service:
             **extra,
             "vault": {
                 "url": self.vault.client.base_url,
-                "outbox": self.vault.pending(),
+                "outbox": await self.vault.pending(),
                 "definitions": len(self.vault.definitions),
                 "problems": self.sync.health(),
             },

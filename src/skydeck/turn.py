@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -50,7 +50,7 @@ from .model import (
     TurnSession,
     new_id,
 )
-from .store import Store
+from .store import Fence, Store
 from .transports.base import Mirror, with_retry
 
 log = logging.getLogger(__name__)
@@ -181,18 +181,22 @@ class Turn:
         messages: Sequence[Message],
         *,
         epoch: int,
-        submit: Callable[[Inbound], Accepted],
+        fence: Fence,
+        submit: Callable[[Inbound], Awaitable[Accepted]],
     ) -> None:
         """``epoch``: `Store.failures` when ``messages`` were read from the store;
+        ``fence``: the channel's, carried by every write the turn makes;
         ``submit``: where callbacks to local channels go (the registry's)."""
         self.deps = deps
         self.epoch = epoch
+        self.fence = fence
         self.submit = submit
         self.agent = agent
         self.messages = list(messages)
         self.channel = agent.channel
         self.prompt = "\n\n".join(message.content for message in self.messages)
-        self.thread = self._thread_record()
+        #: Replaced by the conversation's record, for a single-threaded agent, as the turn runs.
+        self.thread = self._fresh_thread()
         mirror = deps.mirror
         self.mirror = mirror if mirror is not None and mirror.serves(self.channel) else None
         self._scope = trio.CancelScope()
@@ -206,25 +210,26 @@ class Turn:
         self._timed_out = False
         self._started = time.monotonic()
 
-    def _thread_record(self) -> ThreadRecord:
-        """R4/R12: a multi-threaded turn gets a record of its own; a single-threaded
-        agent's turns all write its one conversation record (started once,
-        counted per ended turn, showing the latest turn)."""
-        agent = self.agent
-        previous = (
-            self.deps.store.conversation(agent.name) if agent.mode == "single-threaded" else None
-        )
-        fresh = ThreadRecord(
+    def _fresh_thread(self) -> ThreadRecord:
+        return ThreadRecord(
             id=new_id(),
             channel=self.channel,
-            agent=agent.name,
-            mode=agent.mode,
+            agent=self.agent.name,
+            mode=self.agent.mode,
             status=ThreadStatus.WORKING,
             input=self.prompt,
             message_id=self.messages[0].id,
         )
+
+    async def _thread_record(self) -> ThreadRecord:
+        """R4/R12: a multi-threaded turn gets a record of its own; a single-threaded
+        agent's turns all write its one conversation record (started once,
+        counted per ended turn, showing the latest turn)."""
+        if self.agent.mode != "single-threaded":
+            return self.thread
+        previous = await self.deps.store.conversation(self.agent.name)
         if previous is None:
-            return fresh
+            return self.thread
         return ledger.thread_moved(
             previous,
             ThreadStatus.WORKING,
@@ -232,7 +237,7 @@ class Turn:
             input=self.prompt,
             output="",
             ended_at=None,
-            message_id=fresh.message_id,
+            message_id=self.thread.message_id,
         )
 
     # -- control ------------------------------------------------------------------
@@ -245,7 +250,8 @@ class Turn:
             except trio.Cancelled:
                 # Cut between its end record and its mirror (interrupt, removal,
                 # shutdown): settle it now, or it would run again at next start.
-                self._settle_now()
+                with trio.CancelScope(shield=True):
+                    await self._settle_now()
                 if not self._ended:
                     log.info(
                         "turn stopped before it ended; it runs again at next start",
@@ -264,10 +270,10 @@ class Turn:
                 )
                 raise
 
-    def cancel(self, reason: str) -> None:
+    async def cancel(self, reason: str) -> None:
         """Stop this turn and record it `cancelled` with ``reason`` (R26, R9 interrupt).
 
-        Recording happens here, synchronously, so by the time the caller goes on
+        Recording happens here, before this returns, so by the time the caller goes on
         (say, to register another agent on the channel) the store already shows
         the message as terminal and nothing can pick it up again. A turn that
         already reached its end record only has its remaining side effects cut.
@@ -281,33 +287,37 @@ class Turn:
             # (waiting on the mirror's session) wrote no record to end.
             try:
                 if self._began:
-                    self.thread = store.end_thread(
-                        self.thread, outcome.thread_status, outcome.output
+                    self.thread = await store.end_thread(
+                        self.thread, outcome.thread_status, outcome.output, self.fence
                     )
             except Exception:
                 log.exception("thread record failed", extra={"channel": self.channel})
             try:
-                self.messages = store.set_state(self.messages, outcome.state, outcome.error)
+                self.messages = await store.set_state(
+                    self.messages, outcome.state, self.fence, outcome.error
+                )
             except Exception:
                 log.exception("message states failed", extra={"channel": self.channel})
             self._announce(outcome)
-            self._call_back(outcome.callback, None, None)
+            await self._call_back(outcome.callback, None, None)
             self._finished(outcome)
         self._scope.cancel()
 
     # -- the pipeline -------------------------------------------------------------
 
     async def _run(self) -> None:
-        # Each ensure_unchanged is followed by start_turn with no checkpoint between,
-        # so no store failure can slip in after the check.
+        # Each ensure_unchanged is followed by start_turn with no await of another
+        # store operation between, so no failure of this store slips in after the check.
+        store = self.deps.store
+        self.thread = await self._thread_record()
         if any(message.attempts >= MAX_ATTEMPTS for message in self.messages):
-            self.deps.store.ensure_unchanged(self.epoch)
-            self.deps.store.start_turn([], self.thread)
+            store.ensure_unchanged(self.epoch)
+            await store.start_turn([], self.thread, self.fence)
             await self._conclude(self._failed(RESTARTS_REASON, session=None))
             return
         session = await self._session()
-        self.deps.store.ensure_unchanged(self.epoch)
-        self.messages = self.deps.store.start_turn(self.messages, self.thread)
+        store.ensure_unchanged(self.epoch)
+        self.messages = await store.start_turn(self.messages, self.thread, self.fence)
         self._began = True
         await self.deps.store.flushed()  # the attempt counts even if we crash mid-turn (R28)
         await self._mirror_thread("start")
@@ -343,7 +353,7 @@ class Turn:
         thread note holds.
         """
         if self.agent.mode == "single-threaded":
-            stored = self._resumed = self.deps.store.get_session(self.agent.name)
+            stored = self._resumed = await self.deps.store.get_session(self.agent.name)
             if not stored and self.mirror is not None:
                 try:
                     with trio.move_on_after(MIRROR_TIMEOUT_S):
@@ -375,9 +385,11 @@ class Turn:
         )
         # A mirrored channel's messages stay `working` until the reply has landed
         # there too (below): `done` means delivered everywhere.
-        self.messages, reply, self.thread = self.deps.store.end_turn(
+        store = self.deps.store
+        self.messages, reply, self.thread = await store.end_turn(
             self.messages,
             thread,
+            self.fence,
             state=MessageState.WORKING if self.mirror is not None else outcome.state,
             reply=outcome.reply,
             error=outcome.error,
@@ -386,7 +398,7 @@ class Turn:
         )
         if self.mirror is not None:
             self._unsettled = (outcome, reply)
-        await self.deps.store.flushed()
+        await store.flushed()
         if outcome.announce_first:
             self._announce(outcome)
         remote_id, refused = await self._mirror_reply(reply, outcome)
@@ -399,25 +411,29 @@ class Turn:
             self.thread = ledger.thread_moved(
                 self.thread, outcome.thread_status, output=outcome.output
             )
-            self._guard("thread record", self.deps.store.rewrite_thread, self.thread)
-            self.messages = self.deps.store.set_state(self.messages, outcome.state, outcome.error)
+            await self._guard("thread record", store.rewrite_thread, self.thread, self.fence)
+            self.messages = await store.set_state(
+                self.messages, outcome.state, self.fence, outcome.error
+            )
             self._unsettled = None
         await self._mirror_thread("end")
         if refused is not None:
             if refused.transient and reply is not None and self.mirror is not None:
                 # The reply is safe in the local store; the outbox keeps trying to
                 # deliver it, and turns the records to ok when it lands.
-                self._guard("outbox", self.mirror.defer_reply, reply, self.thread)
+                await self._guard("outbox", self.mirror.defer_reply, reply, self.thread)
         elif self._unsettled is not None:
-            self.messages = self.deps.store.set_state(self.messages, outcome.state, outcome.error)
+            self.messages = await store.set_state(
+                self.messages, outcome.state, self.fence, outcome.error
+            )
             self._unsettled = None
         if not outcome.announce_first:
             self._announce(outcome)
         delivered = reply if outcome.ok else None
-        self._call_back(outcome.callback, delivered, remote_id)
+        await self._call_back(outcome.callback, delivered, remote_id)
         self._finished(outcome)
 
-    def _settle_now(self) -> None:
+    async def _settle_now(self) -> None:
         """A mirrored turn stopped after its end record: its messages take their
         terminal state now, and the outbox delivers the stored reply later (a
         successful turn's; a failure reply is not worth a retry)."""
@@ -426,12 +442,14 @@ class Turn:
         outcome, reply = self._unsettled
         self._unsettled = None
         try:
-            self.messages = self.deps.store.set_state(self.messages, outcome.state, outcome.error)
+            self.messages = await self.deps.store.set_state(
+                self.messages, outcome.state, self.fence, outcome.error
+            )
         except Exception:  # the store is failing: they stay `working` and replay (R28)
             log.exception("settling the stopped turn failed", extra={"channel": self.channel})
             return
         if outcome.ok and reply is not None and self.mirror is not None:
-            self._guard("outbox", self.mirror.defer_reply, reply, self.thread)
+            await self._guard("outbox", self.mirror.defer_reply, reply, self.thread)
 
     async def _mirror_reply(
         self, reply: Message | None, outcome: Outcome
@@ -454,7 +472,7 @@ class Turn:
                 "failure reply not delivered", extra={"channel": self.channel, "error": str(error)}
             )
             return None, None
-        self._guard("remote id", self.deps.store.set_remote_id, reply, remote_id)
+        await self._guard("remote id", self.deps.store.set_remote_id, reply, remote_id, self.fence)
         return remote_id, None
 
     async def _mirror_thread(self, phase: Literal["start", "end"]) -> None:
@@ -470,7 +488,7 @@ class Turn:
                 extra={"channel": self.channel, "phase": phase, "error": describe(exc)},
             )
 
-    def _call_back(
+    async def _call_back(
         self, status: CallbackStatus, reply: Message | None, remote_id: str | None
     ) -> None:
         """R22/R22a: route each callback — the mirror's senders only there."""
@@ -486,9 +504,9 @@ class Turn:
             remote=serves,
         ):
             if remote and mirror is not None:
-                self._guard("callback", mirror.queue_callback, inbound)
+                await self._guard("callback", mirror.queue_callback, inbound)
             else:
-                self._guard("callback", self.submit, inbound)
+                await self._guard("callback", self.submit, inbound)
 
     # -- side effects that must never break the turn (R25) ------------------------
 
@@ -504,7 +522,7 @@ class Turn:
 
     def _publish(self, kind: EventKind, data: dict[str, Any]) -> None:
         event = TurnEvent(kind=kind, message_id=self.messages[0].id, data=data)
-        self._guard("turn event", self.deps.events.publish, self.channel, event)
+        self._guard_now("turn event", self.deps.events.publish, self.channel, event)
 
     def _finished(self, outcome: Outcome) -> None:
         elapsed = time.monotonic() - self._started
@@ -518,7 +536,7 @@ class Turn:
             },
         )
         if self.deps.on_finished is not None:
-            self._guard(
+            self._guard_now(
                 "turn metrics",
                 self.deps.on_finished,
                 outcome.metric,
@@ -527,8 +545,17 @@ class Turn:
                 len(self.messages),
             )
 
-    def _guard(self, what: str, fn: Callable[..., object], *args: Any) -> None:
+    def _guard_now(self, what: str, fn: Callable[..., object], *args: Any) -> None:
         try:
             fn(*args)
         except Exception:
-            log.exception(f"{what} failed (the turn goes on)", extra={"channel": self.channel})
+            self._log_side_failure(what)
+
+    async def _guard(self, what: str, fn: Callable[..., Awaitable[object]], *args: Any) -> None:
+        try:
+            await fn(*args)
+        except Exception:
+            self._log_side_failure(what)
+
+    def _log_side_failure(self, what: str) -> None:
+        log.exception(f"{what} failed (the turn goes on)", extra={"channel": self.channel})

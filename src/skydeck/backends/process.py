@@ -140,7 +140,7 @@ async def open_group_process(
         with trio.CancelScope(shield=True):
             await _stop(process, keep)
             if processes is not None:
-                processes.untrack(process.pid)
+                await processes.untrack(process.pid)
 
 
 async def _stop(process: trio.Process, control: int) -> None:

@@ -45,15 +45,15 @@ class Mirror(Protocol):
 
     async def read_session(self, agent: AgentSpec) -> str | None: ...
 
-    def queue_callback(self, callback: Inbound) -> None:
+    async def queue_callback(self, callback: Inbound) -> None:
         """R22a: a callback for a sender served there; written from a durable outbox."""
         ...
 
-    def defer_reply(self, reply: Message, thread: ThreadRecord) -> None:
+    async def defer_reply(self, reply: Message, thread: ThreadRecord) -> None:
         """Keep retrying a reply that could not be written now (durable outbox)."""
         ...
 
-    def clear_session(self, agent: AgentSpec) -> None:
+    async def clear_session(self, agent: AgentSpec) -> None:
         """R27 there too (durable outbox)."""
         ...
 
@@ -137,17 +137,17 @@ class Mirrors:
                 return session
         return None
 
-    def queue_callback(self, callback: Inbound) -> None:
+    async def queue_callback(self, callback: Inbound) -> None:
         for mirror in self.mirrors:
             if mirror.takes_callbacks(callback.channel):
-                mirror.queue_callback(callback)
+                await mirror.queue_callback(callback)
                 return
 
-    def defer_reply(self, reply: Message, thread: ThreadRecord) -> None:
+    async def defer_reply(self, reply: Message, thread: ThreadRecord) -> None:
         self._written.pop(reply.id, None)
         for mirror in self._serving(reply.channel):
-            mirror.defer_reply(reply, thread)
+            await mirror.defer_reply(reply, thread)
 
-    def clear_session(self, agent: AgentSpec) -> None:
+    async def clear_session(self, agent: AgentSpec) -> None:
         for mirror in self._serving(agent.channel):
-            mirror.clear_session(agent)
+            await mirror.clear_session(agent)

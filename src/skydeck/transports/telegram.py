@@ -39,7 +39,7 @@ from .. import ledger
 from ..errors import Conflict, DeliveryError, NotFound, StoreFailure, Unavailable
 from ..ledger import AgentStatus, MessageState, ThreadStatus
 from ..model import Accepted, AgentSpec, Inbound, Message, ThreadRecord
-from ..store import Store
+from ..store import Fence, Store
 from . import telegram_access as access
 from .telegram_format import chunk, to_html
 from .telegram_store import Link, NewRow, Row, RowState, TelegramStore
@@ -441,11 +441,11 @@ class TelegramSender:
                         continue
                     self._retry_later(row.chat_id, exc)
                     await self.store.flushed()
-                    self._changed(row)
+                    await self._changed(row)
                     return False
                 self._refuse(row, exc)
                 await self.store.flushed()
-                self._changed(row)
+                await self._changed(row)
                 return True
             self.rows.sent(row, result.get("message_id") if isinstance(result, dict) else None)
             self._chat_backoff.pop(row.chat_id, None)
@@ -457,7 +457,7 @@ class TelegramSender:
             if row.part == row.parts:
                 self.metrics.delivery.observe(max(0.0, time.time() - row.created))
             await self.store.flushed()
-            self._changed(row)
+            await self._changed(row)
             return True
 
     def _pause(self, exc: TelegramError) -> None:
@@ -504,14 +504,14 @@ class TelegramSender:
             extra={"chat_id": row.chat_id, "code": exc.status, "description": exc.description},
         )
 
-    def _changed(self, row: Row) -> None:
+    async def _changed(self, row: Row) -> None:
         if row.message_id is None:
             return
         waiter = self.waiting.get(row.message_id)
         if waiter is not None:
             waiter.set()
         elif row.settle:
-            settle_late(self.store, self.rows, row.message_id)
+            await settle_late(self.store, self.rows, row.message_id)
 
     # -- typing (T29) ---------------------------------------------------------------------
 
@@ -541,7 +541,7 @@ class TelegramSender:
                         await self.client.call("sendChatAction", params)
                 with trio.move_on_after(TYPING_EVERY_S):
                     await stop.wait()
-                message = self.store.get_message(key)
+                message = await self.store.get_message(key)
                 if stop.is_set() or message is None or message.reply_id:
                     return
                 if message.state is not MessageState.WORKING:
@@ -551,23 +551,25 @@ class TelegramSender:
                 del self._typing[key]
 
 
-def settle_late(store: Store, rows: TelegramStore, reply_id: str) -> None:
+async def settle_late(store: Store, rows: TelegramStore, reply_id: str) -> None:
     """T37: a reply whose origin parts were all accepted after its turn stopped
     waiting: the same turn's records go back to ok (no second count or callback)."""
     own = [row for row in rows.rows_of(reply_id) if row.settle]
     if not own or any(row.state is not RowState.SENT for row in own):
         return
-    reply = store.get_message(reply_id)
+    reply = await store.get_message(reply_id)
     if reply is None:
         return
-    inbound = store.answered_by(reply_id)
+    fence = Fence.local(reply.channel)
+    inbound = await store.answered_by(reply_id)
     undone = [m for m in inbound if m.state in (MessageState.FAILED, MessageState.WORKING)]
     if undone:
-        store.set_state(undone, MessageState.DONE)
-    thread = store.get_thread(reply.thread_id) if reply.thread_id else None
+        await store.set_state(undone, MessageState.DONE, fence)
+    thread = await store.get_thread(reply.thread_id) if reply.thread_id else None
     ids = {m.id for m in inbound}
     if thread is not None and thread.message_id in ids and thread.status is ThreadStatus.ERROR:
-        store.rewrite_thread(ledger.thread_moved(thread, ThreadStatus.OK, output=reply.content))
+        moved = ledger.thread_moved(thread, ThreadStatus.OK, output=reply.content)
+        await store.rewrite_thread(moved, fence)
     if undone:
         log.info("telegram reply delivered late; turn records ok", extra={"channel": reply.channel})
 
@@ -592,9 +594,9 @@ class TelegramMirror:
     def takes_callbacks(self, channel: str) -> bool:
         return False  # a callback to a linked channel is an ordinary local message
 
-    def route(self, reply: Message, inbound: Message, *, settle: bool) -> list[NewRow]:
+    async def route(self, reply: Message, inbound: Message, *, settle: bool) -> list[NewRow]:
         """T25/T26/T27: the rows a reply becomes, fixed when it is stored."""
-        batch = self.store.answered_by(reply.id) or [inbound]
+        batch = await self.store.answered_by(reply.id) or [inbound]
         origins: dict[tuple[int, int | None], int] = {}
         for message in batch:
             meta = message.metadata
@@ -635,11 +637,11 @@ class TelegramMirror:
         return out
 
     async def write_reply(self, reply: Message, inbound: Message) -> str:
-        for message in self.store.answered_by(reply.id) or [inbound]:
+        for message in await self.store.answered_by(reply.id) or [inbound]:
             self.sender.stop_typing(message.id)
-        thread = self.store.get_thread(reply.thread_id) if reply.thread_id else None
+        thread = await self.store.get_thread(reply.thread_id) if reply.thread_id else None
         succeeded = thread is not None and thread.status is ThreadStatus.OK
-        rows = self.route(reply, inbound, settle=succeeded)
+        rows = await self.route(reply, inbound, settle=succeeded)
         if rows:
             self.rows.queue(rows)
             await self.store.flushed()
@@ -693,30 +695,32 @@ class TelegramMirror:
     async def read_session(self, agent: AgentSpec) -> str | None:
         return None
 
-    def queue_callback(self, callback: Inbound) -> None:
+    async def queue_callback(self, callback: Inbound) -> None:
         raise AssertionError("TelegramMirror takes no callbacks")  # takes_callbacks is False
 
-    def defer_reply(self, reply: Message, thread: ThreadRecord) -> None:
+    async def defer_reply(self, reply: Message, thread: ThreadRecord) -> None:
         """Nothing to do: the rows are queued already, and the sender settles the
         turn when they land (`settle_late`)."""
 
-    def clear_session(self, agent: AgentSpec) -> None:
+    async def clear_session(self, agent: AgentSpec) -> None:
         """Telegram keeps no session."""
 
-    def recover(self) -> None:
+    async def recover(self) -> None:
         """T38, at start before any replay: a message whose reply is stored never
-        runs again; it is settled from its rows as T37 says."""
+        runs again; it is settled from its rows as T37 says (its rows queued now
+        if a kill came between the reply's commit and theirs)."""
         channels = self.rows.channels()
         for reply_id in self.rows.unsettled_reply_ids(channels):
-            reply = self.store.get_message(reply_id)
-            inbound = self.store.answered_by(reply_id)
+            reply = await self.store.get_message(reply_id)
+            inbound = await self.store.answered_by(reply_id)
             if reply is None or not inbound:
                 continue
-            self.rows.queue(self.route(reply, inbound[0], settle=True))
+            fence = Fence.local(reply.channel)
+            self.rows.queue(await self.route(reply, inbound[0], settle=True))
             own = [row for row in self.rows.rows_of(reply_id) if row.settle]
             refused = next((row for row in own if row.state is RowState.REFUSED), None)
             if own and all(row.state is RowState.SENT for row in own):
-                settle_late(self.store, self.rows, reply_id)
+                await settle_late(self.store, self.rows, reply_id)
                 continue
             if refused is not None:
                 reason = f"telegram {refused.last_error}"
@@ -727,12 +731,11 @@ class TelegramMirror:
                 )
             outcome = ledger.undelivered(ledger.succeeded(reply.content, None, None), reason)
             working = [m for m in inbound if m.state is MessageState.WORKING]
-            self.store.set_state(working, outcome.state, outcome.error)
-            thread = self.store.get_thread(reply.thread_id) if reply.thread_id else None
+            await self.store.set_state(working, outcome.state, fence, outcome.error)
+            thread = await self.store.get_thread(reply.thread_id) if reply.thread_id else None
             if thread is not None and thread.status is ThreadStatus.OK:
-                self.store.rewrite_thread(
-                    ledger.thread_moved(thread, outcome.thread_status, output=outcome.output)
-                )
+                moved = ledger.thread_moved(thread, outcome.thread_status, output=outcome.output)
+                await self.store.rewrite_thread(moved, fence)
 
 
 # -- the receiver (T9-T24) --------------------------------------------------------------------
@@ -876,48 +879,80 @@ class TelegramReceiver:
     # -- one batch: effects, update ids and the offset in one transaction (T11) ---------------
 
     async def handle(self, batch: list[Any]) -> None:
+        """One batch (or one webhook update): decide each update, store the accepted
+        messages in one write, then the update ids, the offset, notices and link
+        changes in one more, with no checkpoint between the two (the SQLite
+        engine's writes do not yield), so they share the tick's group commit; then
+        wait for that commit. A kill before it: Telegram sends them all again, and
+        whatever did land is recognised (T12, R8)."""
         assert self.bot is not None
-        accepted: list[Accepted] = []
         links = self.rows.link_map()
-        with self.store.atomic():
-            for element in batch:
-                try:
-                    with self.store.atomic():
-                        accepted.extend(self._one(element, links))
-                except Unavailable:
-                    break  # stopping: the updates after this one come again at next start
-                except StoreFailure:
-                    raise
-                except Exception:  # a bug with one update never stops the receiver
-                    log.exception("telegram update failed; skipped")
-                    self.rows.record_update(element["update_id"], "malformed")
-                if any(isinstance(e, dict) and "migrate_to_chat_id" in e.get("message", {})
-                       for e in [element]):  # fmt: skip
-                    links = self.rows.link_map()
-        for one in accepted:
-            self.registry.dispatch(one)
+        seen: set[int] = set()
+        decided: list[tuple[int, access.TgMessage | None, access.Decision | str]] = []
+        for element in batch:
+            uid = element["update_id"]
+            if uid in seen or self.rows.handled(uid):
+                decided.append((uid, None, "duplicate"))
+                continue
+            seen.add(uid)
+            try:
+                parsed = access.parse(element)
+                if isinstance(parsed, access.Skipped):
+                    decided.append((uid, None, parsed.outcome))
+                    continue
+                views = {key: link.view() for key, link in links.items()}
+                decision = access.decide(parsed, views, self.bot, pairing=self.config.pairing)
+            except Exception:  # a bug with one update never stops the receiver
+                log.exception("telegram update failed; skipped")
+                decided.append((uid, None, "malformed"))
+                continue
+            if isinstance(decision, access.Migrate):
+                self.rows.migrate(parsed.chat_id, decision.to)
+                links = self.rows.link_map()
+            decided.append((uid, parsed, decision))
+        inbounds = [
+            self._inbound(tg, what, links)
+            for _, tg, what in decided
+            if tg is not None and isinstance(what, access.Accept)
+        ]
+        try:
+            accepted = iter(await self.registry.submit_batch(inbounds) if inbounds else [])
+        except Unavailable:
+            return  # stopping: nothing of this batch is kept; Telegram sends it again
+        answers: list[tuple[access.TgMessage, str]] = []
+        for _, tg, what in decided:
+            if tg is not None and isinstance(what, access.Command):
+                text = await self.command(what.name, self._full(links, what.link.id).channel)
+                answers.append((tg, text))
+        texts = iter(answers)
+        for uid, tg, what in decided:
+            if tg is None or isinstance(what, str):
+                outcome = what if isinstance(what, str) else "ignored"
+            elif isinstance(what, access.Accept):
+                outcome = self._accepted(tg, next(accepted), links)
+            elif isinstance(what, access.Command):
+                self._notice(tg, next(texts)[1])
+                outcome = "command"
+            else:
+                outcome = self._act(tg, what)
+            self.rows.record_update(uid, outcome)
+            self.metrics.updates.labels(outcome).inc()
         await self.store.flushed()
         self.sender.wake()
 
-    def _one(
-        self, element: dict[str, Any], links: dict[tuple[int, int | None], Link]
-    ) -> list[Accepted]:
-        assert self.bot is not None
-        uid = element["update_id"]
-        if self.rows.handled(uid):
-            self.metrics.updates.labels("duplicate").inc()
-            return []
-        parsed = access.parse(element)
-        out: list[Accepted] = []
-        if isinstance(parsed, access.Skipped):
-            outcome: str = parsed.outcome
-        else:
-            views = {key: link.view() for key, link in links.items()}
-            decision = access.decide(parsed, views, self.bot, pairing=self.config.pairing)
-            outcome, out = self._act(parsed, decision, links)
-        self.rows.record_update(uid, outcome)
-        self.metrics.updates.labels(outcome).inc()
-        return out
+    def _inbound(
+        self,
+        message: access.TgMessage,
+        decision: access.Decision,
+        links: dict[tuple[int, int | None], Link],
+    ) -> Inbound:
+        assert isinstance(decision, access.Accept)
+        return Inbound(
+            channel=self._full(links, decision.link.id).channel,
+            content=decision.content,
+            metadata=access.metadata(message),
+            external_id=access.external_id(message.chat_id, message.message_id),
+        )
 
     def _notice(self, message: access.TgMessage, text: str) -> None:
         self.rows.queue(
@@ -932,49 +967,45 @@ class TelegramReceiver:
             ]
         )
 
-    def _act(
+    def _accepted(
         self,
         message: access.TgMessage,
-        decision: access.Decision,
+        accepted: Accepted,
         links: dict[tuple[int, int | None], Link],
-    ) -> tuple[str, list[Accepted]]:
-        if isinstance(decision, access.Accept):
-            link = self._full(links, decision.link.id)
-            inbound = Inbound(
-                channel=link.channel,
-                content=decision.content,
-                metadata=access.metadata(message),
-                external_id=access.external_id(message.chat_id, message.message_id),
-            )
-            accepted = self.registry.accept(inbound)
-            changes: dict[str, Any] = {}
-            if link.blocked_at is not None:
-                changes["blocked_at"] = None
-            if link.chat_type is None or (message.title and link.title != message.title):
-                changes["chat_type"], changes["title"] = message.chat_type, message.title
-            if accepted.state == "duplicate":
-                return "duplicate", []
-            if accepted.state is MessageState.BUFFERED:
-                now = time.time()
-                if link.notice_at is None or now - link.notice_at >= NOTICE_EVERY_S:
-                    changes["notice_at"] = now
-                    self._notice(message, buffered_text(link.channel))
-            if changes:  # the batch's later updates see it (one notice per hour, T19)
-                links[(link.chat_id, link.topic_id)] = self.rows.update_link(link.id, changes)
-            return "accepted", [accepted]
-        if isinstance(decision, access.Command):
-            link = self._full(links, decision.link.id)
-            self._notice(message, self.command(decision.name, link.channel))
-            return "command", []
+    ) -> str:
+        if accepted.state == "duplicate":
+            return "duplicate"
+        link = next(
+            link
+            for link in links.values()
+            if link.channel == accepted.message.channel
+            and link.chat_id == message.chat_id
+            and link.topic_id in (message.topic_id, None)
+        )
+        changes: dict[str, Any] = {}
+        if link.blocked_at is not None:
+            changes["blocked_at"] = None  # T36: its next message clears it
+        if link.chat_type is None or (message.title and link.title != message.title):
+            changes["chat_type"], changes["title"] = message.chat_type, message.title
+        if accepted.state is MessageState.BUFFERED:
+            now = time.time()
+            if link.notice_at is None or now - link.notice_at >= NOTICE_EVERY_S:
+                changes["notice_at"] = now
+                self._notice(message, buffered_text(link.channel))
+        if changes:  # the batch's later updates see it (one notice per hour, T19)
+            links[(link.chat_id, link.topic_id)] = self.rows.update_link(link.id, changes)
+        return "accepted"
+
+    def _act(self, message: access.TgMessage, decision: access.Decision) -> str:
         if isinstance(decision, access.Unsupported):
             self._notice(message, unsupported_text(decision.kind))
-            return "unsupported", []
+            return "unsupported"
         if isinstance(decision, access.Unlinked):
             if not decision.pairing:
-                return "unlinked", []
+                return "unlinked"
             now = time.time()
             if self.rows.pending_pairing_for(message.chat_id, now):
-                return "unlinked", []
+                return "unlinked"
             code = "".join(secrets.choice(PAIRING_ALPHABET) for _ in range(6))
             self.rows.add_pairing(
                 {
@@ -989,10 +1020,8 @@ class TelegramReceiver:
                 }
             )
             self._notice(message, pairing_text(code))
-            return "pairing", []
-        if isinstance(decision, access.Migrate):
-            self.rows.migrate(message.chat_id, decision.to)
-        return "ignored", []
+            return "pairing"
+        return "ignored"
 
     @staticmethod
     def _full(links: dict[tuple[int, int | None], Link], lid: str) -> Link:
@@ -1001,7 +1030,7 @@ class TelegramReceiver:
     def _agent(self, channel: str) -> AgentSpec | None:
         return next((a for a in self.registry.agents() if a.channel == channel), None)
 
-    def command(self, name: str, channel: str) -> str:
+    async def command(self, name: str, channel: str) -> str:
         """T22-T24: the transport's own commands, answered in the update's transaction."""
         agent = self._agent(channel)
         if name in ("start", "help"):
@@ -1023,7 +1052,7 @@ class TelegramReceiver:
                     f"Agent {agent.name} is multi-threaded: every message already starts a "
                     "fresh conversation."
                 )
-            self.registry.reset(agent.name)
+            await self.registry.reset(agent.name)
             return "Session cleared: the next message starts a fresh conversation."
         if agent is None:
             kept = self.rows.buffered(channel)

@@ -5,11 +5,13 @@ update ids, T12), `telegram_pairings` (T8), `telegram_outbox` (every part and
 notice to send, T31), and meta `telegram_offset` / `telegram_webhook_secret`.
 
 They live in the same SQLite file and join the same group commit as the
-messages: writes go through the store's write seam (`Store._tx`, one SAVEPOINT
+messages: writes go through the engine's write seam (`SQLiteStore._tx`, one SAVEPOINT
 joined to the open transaction), so a batch's inbound messages, its update ids,
 its notices and the new offset commit together or not at all, and a reply's
 outbox rows commit with the reply. Reads are plain SELECTs on the store's
-connection, which no other thread touches.
+connection, which no other thread touches. These calls are synchronous, like
+the engine's own statements, so a run of them is never interleaved with another
+task's writes. (A PostgreSQL engine, multi-host.md §7, would bring its own.)
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any, Literal
 from ..errors import Conflict, NotFound
 from ..ledger import MessageState
 from ..model import utc_now
-from ..store import Store
+from ..store.sqlite import SQLiteStore
 from .telegram_access import LinkView
 
 _SCHEMA = """
@@ -228,7 +230,7 @@ def _row(row: sqlite3.Row) -> Row:
 class TelegramStore:
     """Telegram's rows, on the skydeck store's connection and commits."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: SQLiteStore) -> None:
         self.store = store
         with store._tx() as db:
             for statement in _SCHEMA.split(";"):
@@ -237,7 +239,12 @@ class TelegramStore:
         store.commit()
 
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        return self.store._db.execute(sql, args).fetchall()
+        rows: list[sqlite3.Row] = self.store._db.execute(sql, args).fetchall()
+        return rows
+
+    def _meta(self, key: str) -> str | None:
+        rows = self._read("SELECT value FROM meta WHERE key = ?", (key,))
+        return str(rows[0][0]) if rows else None
 
     # -- links ----------------------------------------------------------------------
 
@@ -348,7 +355,7 @@ class TelegramStore:
     # -- updates and the offset (T11, T12) ---------------------------------------------
 
     def offset(self) -> int | None:
-        raw = self.store.get_meta(OFFSET_KEY)
+        raw = self._meta(OFFSET_KEY)
         return int(raw) if raw is not None else None
 
     def handled(self, update_id: int) -> bool:
@@ -372,10 +379,11 @@ class TelegramStore:
                 )
 
     def webhook_secret(self, make: Any) -> str:
-        secret = self.store.get_meta(SECRET_KEY)
+        secret = self._meta(SECRET_KEY)
         if secret is None:
             secret = str(make())
-            self.store.set_meta(SECRET_KEY, secret)
+            with self.store._tx() as db:
+                db.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (SECRET_KEY, secret))
         return secret
 
     # -- pairing (T8) -------------------------------------------------------------------

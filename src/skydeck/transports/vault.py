@@ -23,7 +23,7 @@ import trio
 from ..errors import DeliveryError, StoreFailure
 from ..ledger import MessageState, ThreadStatus, thread_moved
 from ..model import AgentSpec, Inbound, Message, ThreadRecord, utc_now
-from ..store import Store
+from ..store import Fence, Store
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -37,6 +37,9 @@ TAG_THREAD = "#agent/thread"
 TAG_DEFINITION = "#agent/definition"
 TAG_JOB = "#agent/job"
 OUTBOX_BACKOFF_MAX_S = 300.0
+#: The outbox writes records of many channels, after their turns ended: it holds
+#: a role of its own rather than any channel (multi-host.md §7).
+OUTBOX_FENCE = Fence("role:vault-outbox")
 
 
 def safe(value: str) -> str:
@@ -168,7 +171,7 @@ class VaultMirror:
         """§3 thread note: one upserted note per single-threaded agent, one per
         turn for multi-threaded. Counts and the session come from the local
         store (the system of record); the note mirrors them."""
-        session = thread.session or self.store.get_session(thread.agent) or ""
+        session = thread.session or await self.store.get_session(thread.agent) or ""
         now = utc_now()
         metadata = {
             "agent": thread.agent,
@@ -221,22 +224,22 @@ class VaultMirror:
 
     # -- the outbox ---------------------------------------------------------------
 
-    def queue_callback(self, callback: Inbound) -> None:
+    async def queue_callback(self, callback: Inbound) -> None:
         payload = {
             "channel": callback.channel,
             "content": callback.content,
             "metadata": callback.metadata,
         }
-        self.store.outbox_add("callback", payload)
+        await self.store.outbox_add("callback", payload)
         self._wake.set()
 
-    def defer_reply(self, reply: Message, thread: ThreadRecord) -> None:
-        self.store.outbox_add("reply", {"message_id": reply.id, "thread_id": thread.id})
+    async def defer_reply(self, reply: Message, thread: ThreadRecord) -> None:
+        await self.store.outbox_add("reply", {"message_id": reply.id, "thread_id": thread.id})
         self._wake.set()
 
-    def clear_session(self, agent: AgentSpec) -> None:
+    async def clear_session(self, agent: AgentSpec) -> None:
         """R27 for a vault agent: the thread note's session is cleared too."""
-        self.store.outbox_add("clear_session", {"agent": agent.name, "mode": agent.mode})
+        await self.store.outbox_add("clear_session", {"agent": agent.name, "mode": agent.mode})
         self._wake.set()
 
     async def run_outbox(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -262,24 +265,24 @@ class VaultMirror:
 
     async def _deliver_all(self) -> bool:
         """Deliver the outbox in order; True if it stopped at a transient failure."""
-        for seq, kind, payload, _attempts in self.store.outbox_items():
+        for seq, kind, payload, _attempts in await self.store.outbox_items():
             try:
                 await self._deliver(kind, payload)
             except StoreFailure:
                 raise
             except DeliveryError as exc:
-                self.store.outbox_failed(seq, str(exc))
+                await self.store.outbox_failed(seq, str(exc))
                 if exc.transient:
                     await self.store.flushed()
                     return True  # the vault is down: keep the order, wait, try again
                 log.error("vault refused an outbox item; dropped", extra={"kind": kind})
-                self.store.outbox_done(seq)
+                await self.store.outbox_done(seq)
                 continue
             except Exception:  # a bug in one item never stops the outbox or the daemon
                 log.exception("outbox item failed; dropped", extra={"kind": kind})
-                self.store.outbox_done(seq)
+                await self.store.outbox_done(seq)
                 continue
-            self.store.outbox_done(seq)
+            await self.store.outbox_done(seq)
         await self.store.flushed()
         return False
 
@@ -315,34 +318,34 @@ class VaultMirror:
     async def _redeliver_reply(self, payload: dict[str, Any]) -> None:
         """A reply that failed R20 lands at last: same turn, records back to ok,
         no second callback (parachute-vault.md §8)."""
-        reply = self.store.get_message(payload["message_id"])
-        thread = self.store.get_thread(payload["thread_id"])
+        reply = await self.store.get_message(payload["message_id"])
+        thread = await self.store.get_thread(payload["thread_id"])
         if reply is None or thread is None or reply.in_reply_to is None:
             return
-        inbound = self.store.get_message(reply.in_reply_to)
+        inbound = await self.store.get_message(reply.in_reply_to)
         if inbound is None:
             return
         # At least once: an item whose removal was lost (a crash, a full disk)
         # comes again. Only what is not delivered yet is delivered and moved.
         if "remote_id" not in reply.metadata:
             remote_id = await self.write_reply(reply, inbound)
-            self.store.set_remote_id(reply, remote_id)
+            await self.store.set_remote_id(reply, remote_id, OUTBOX_FENCE)
         undone = [
             m
-            for m in self.store.answered_by(reply.id)
+            for m in await self.store.answered_by(reply.id)
             if m.state in (MessageState.FAILED, MessageState.WORKING)
         ]
-        self.store.set_state(undone, MessageState.DONE)
+        await self.store.set_state(undone, MessageState.DONE, OUTBOX_FENCE)
         # A single-threaded conversation's record may show a later turn by now:
         # only a record still showing this turn (and not ok yet) is flipped back to ok.
         if thread.message_id == inbound.id and thread.status is ThreadStatus.ERROR:
             thread = thread_moved(thread, ThreadStatus.OK, output=reply.content)
-            self.store.rewrite_thread(thread)
+            await self.store.rewrite_thread(thread, OUTBOX_FENCE)
             try:
                 await self.write_thread(thread, "end", inbound)
             except DeliveryError as exc:
                 log.warning("thread note not updated after redelivery", extra={"error": str(exc)})
         log.info("undelivered reply delivered from the outbox", extra={"channel": reply.channel})
 
-    def pending(self) -> int:
-        return self.store.outbox_count()
+    async def pending(self) -> int:
+        return await self.store.outbox_count()

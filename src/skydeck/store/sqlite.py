@@ -1,10 +1,12 @@
-"""The SQLite system of record: agents, messages, thread records, sessions.
+"""The embedded engine of the `Store` seam: one SQLite file holds it all.
 
-Why synchronous calls on the Trio thread: each statement here touches a few
-indexed rows in microseconds, cheaper than a hop to a worker thread. It also
-makes every method atomic with respect to other Trio tasks: nothing can
-interleave between "is this channel registered?" and "store the message as
-queued", so ordering decisions and the rows that record them never disagree.
+Why the statements run on the Trio thread (inside ``async`` operations that
+never checkpoint): each touches a few indexed rows in microseconds, cheaper
+than a hop to a worker thread. The seam lets other engines checkpoint, so no
+caller relies on this; it only makes this engine cheap.
+
+Fences: this engine is the only holder of every channel (token 0), so a turn's
+`Fence` is accepted as it comes and no write is ever refused.
 
 Group commit: a COMMIT costs ~30 us (the WAL write), ten times a statement.
 So writes join one open transaction (each in its own SAVEPOINT, so a failed
@@ -46,10 +48,10 @@ from typing import Any, Literal, cast
 import trio
 import trio.lowlevel
 
-from . import ledger
-from .errors import CursorError, StoreFailure
-from .ledger import OPEN_STATES, MessageState, ThreadStatus, sql_states
-from .model import (
+from .. import ledger
+from ..errors import CursorError, StoreFailure
+from ..ledger import OPEN_STATES, MessageState, ThreadStatus, sql_states
+from ..model import (
     Accepted,
     AgentSpec,
     Inbound,
@@ -60,6 +62,7 @@ from .model import (
     new_id,
     utc_now,
 )
+from . import Fence, Page
 
 log = logging.getLogger(__name__)
 
@@ -192,13 +195,6 @@ def _is_store_error(exc: sqlite3.Error) -> bool:
     return code is not None and (code & 0xFF) in STORE_ERRORS
 
 
-@dataclass(slots=True)
-class Page:
-    messages: list[Message]
-    next: str | None
-    prev: str | None
-
-
 _BUFFERED = sql_states({MessageState.BUFFERED})
 _QUEUED = sql_states({MessageState.QUEUED})
 _RUNNABLE = sql_states({MessageState.QUEUED, MessageState.WORKING})
@@ -225,7 +221,7 @@ def _decode_cursor(cursor: str) -> int:
     return int(cursor)
 
 
-class Store:
+class SQLiteStore:
     """One SQLite connection, owned by the daemon's Trio thread.
 
     ``path=":memory:"`` gives the same store without a file (benchmarks, unit tests).
@@ -444,91 +440,98 @@ class Store:
                     db.execute(statement)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
-    def get_meta(self, key: str) -> str | None:
+    async def get_meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
-    def set_meta(self, key: str, value: str) -> None:
+    async def set_meta(self, key: str, value: str) -> None:
         with self._tx() as db:
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     # -- agents -------------------------------------------------------------------
 
-    def save_agent(self, agent: AgentSpec) -> None:
+    async def save_agent(self, agent: AgentSpec) -> None:
         """Insert or replace. Uniqueness of name/channel is the caller's 409 to give."""
-        with self._tx() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO agents (name, channel, spec) VALUES (?, ?, ?)",
-                (agent.name, agent.channel, json.dumps(agent.to_json())),
-            )
+        with self._tx(atomic=False) as db:
+            self._save_agent(db, agent)
 
-    def delete_agent(self, name: str) -> bool:
+    async def create_agent(self, agent: AgentSpec, fence: Fence) -> list[Message]:
+        """A new agent's row and the claim of its channel's open messages (R7),
+        in one write: a failed claim never leaves the row behind."""
+        with self._tx() as db:
+            self._save_agent(db, agent)
+            return self._claim_open(db, agent.channel)
+
+    @staticmethod
+    def _save_agent(db: sqlite3.Connection, agent: AgentSpec) -> None:
+        db.execute(
+            "INSERT OR REPLACE INTO agents (name, channel, spec) VALUES (?, ?, ?)",
+            (agent.name, agent.channel, json.dumps(agent.to_json())),
+        )
+
+    async def delete_agent(self, name: str) -> bool:
         with self._tx() as db:
             deleted = db.execute("DELETE FROM agents WHERE name = ?", (name,)).rowcount
             db.execute("DELETE FROM sessions WHERE agent = ?", (name,))
         return deleted > 0
 
-    def list_agents(self) -> list[AgentSpec]:
+    async def list_agents(self) -> list[AgentSpec]:
         rows = self._db.execute("SELECT spec FROM agents ORDER BY name").fetchall()
         return [AgentSpec(**json.loads(row[0])) for row in rows]
 
     # -- jobs ---------------------------------------------------------------------
 
-    def save_job(self, job: Job) -> None:
+    async def save_job(self, job: Job) -> None:
         with self._tx(atomic=False) as db:
-            db.execute(
-                "INSERT OR REPLACE INTO jobs (name, spec) VALUES (?, ?)",
-                (job.name, json.dumps(job.to_json())),
-            )
+            self._save_job(db, job)
 
-    def delete_job(self, name: str) -> bool:
+    @staticmethod
+    def _save_job(db: sqlite3.Connection, job: Job) -> None:
+        db.execute(
+            "INSERT OR REPLACE INTO jobs (name, spec) VALUES (?, ?)",
+            (job.name, json.dumps(job.to_json())),
+        )
+
+    async def delete_job(self, name: str) -> bool:
         with self._tx(atomic=False) as db:
             return db.execute("DELETE FROM jobs WHERE name = ?", (name,)).rowcount > 0
 
-    def list_jobs(self) -> list[Job]:
+    async def list_jobs(self) -> list[Job]:
         rows = self._db.execute("SELECT spec FROM jobs ORDER BY name").fetchall()
         return [Job(**json.loads(row[0])) for row in rows]
 
-    @contextmanager
-    def atomic(self) -> Iterator[None]:
-        """Several writes that must land together (or not at all), e.g. a job's
-        fired slot and the message it posted. The connection stays inside the
-        store: callers make their writes through its methods."""
-        with self._tx():
-            yield
-
     # -- outbox: mirror writes that must not be lost -------------------------------
 
-    def outbox_add(self, kind: str, payload: dict[str, Any]) -> int:
+    async def outbox_add(self, kind: str, payload: dict[str, Any]) -> int:
         with self._tx(atomic=False) as db:
             cursor = db.execute(
                 "INSERT INTO outbox (kind, payload) VALUES (?, ?)", (kind, json.dumps(payload))
             )
         return cast(int, cursor.lastrowid)
 
-    def outbox_items(self) -> list[tuple[int, str, dict[str, Any], int]]:
+    async def outbox_items(self) -> list[tuple[int, str, dict[str, Any], int]]:
         rows = self._db.execute(
             "SELECT seq, kind, payload, attempts FROM outbox ORDER BY seq"
         ).fetchall()
         return [(row[0], row[1], json.loads(row[2]), row[3]) for row in rows]
 
-    def outbox_failed(self, seq: int, error: str) -> None:
+    async def outbox_failed(self, seq: int, error: str) -> None:
         with self._tx(atomic=False) as db:
             db.execute(
                 "UPDATE outbox SET attempts = attempts + 1, last_error = ? WHERE seq = ?",
                 (error, seq),
             )
 
-    def outbox_done(self, seq: int) -> None:
+    async def outbox_done(self, seq: int) -> None:
         with self._tx(atomic=False) as db:
             db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
 
-    def outbox_count(self) -> int:
+    async def outbox_count(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
 
     # -- processes that may outlive a crash (procs.ProcessRegistry) -------------------
 
-    def add_process(self, record: ProcessRecord) -> None:
+    async def add_process(self, record: ProcessRecord) -> None:
         with self._tx(atomic=False) as db:
             db.execute(
                 "INSERT OR REPLACE INTO processes "
@@ -543,33 +546,33 @@ class Store:
                 ),
             )
 
-    def remove_process(self, record: ProcessRecord) -> None:
+    async def remove_process(self, record: ProcessRecord) -> None:
         with self._tx(atomic=False) as db:
             db.execute(
                 "DELETE FROM processes WHERE boot_id = ? AND pid = ? AND start_time = ?",
                 (record.boot_id, record.pid, record.start_time),
             )
 
-    def list_processes(self) -> list[ProcessRecord]:
+    async def list_processes(self) -> list[ProcessRecord]:
         rows = self._db.execute(
             "SELECT pid, start_time, boot_id, agent, channel, started_at FROM processes "
             "ORDER BY started_at"
         ).fetchall()
         return [ProcessRecord(**dict(row)) for row in rows]
 
-    def clear_processes(self) -> None:
+    async def clear_processes(self) -> None:
         with self._tx(atomic=False) as db:
             db.execute("DELETE FROM processes")
 
     # -- sessions (R11, R17, R18, R27) --------------------------------------------
 
-    def get_session(self, agent: str) -> str | None:
+    async def get_session(self, agent: str) -> str | None:
         row = self._db.execute(
             "SELECT session_id FROM sessions WHERE agent = ?", (agent,)
         ).fetchone()
         return None if row is None else cast("str | None", row[0])
 
-    def clear_session(self, agent: str) -> None:
+    async def clear_session(self, agent: str) -> None:
         """R27: forget the session; the conversation's thread record keeps counting."""
         with self._tx() as db:
             db.execute(
@@ -579,7 +582,7 @@ class Store:
             )
             db.execute("UPDATE sessions SET session_id = NULL WHERE agent = ?", (agent,))
 
-    def conversation(self, agent: str) -> ThreadRecord | None:
+    async def conversation(self, agent: str) -> ThreadRecord | None:
         """A single-threaded agent's one thread record (R4), if it has had a turn."""
         row = self._db.execute(
             "SELECT threads.* FROM sessions JOIN threads ON threads.id = sessions.thread_id "
@@ -590,7 +593,9 @@ class Store:
 
     # -- inbound ------------------------------------------------------------------
 
-    def accept_inbound(self, inbound: Inbound, *, registered: bool, buffer_cap: int) -> Accepted:
+    async def accept_inbound(
+        self, inbound: Inbound, *, registered: bool, buffer_cap: int
+    ) -> Accepted:
         """Store a new inbound message, or recognise a duplicate (R8).
 
         ``registered`` decides `queued` versus `buffered` (R7); over ``buffer_cap``
@@ -598,27 +603,60 @@ class Store:
         """
         # Queued: one INSERT (the duplicate check only reads). Buffered may evict too.
         with self._tx(atomic=not registered) as db:
-            if inbound.external_id is not None:
-                row = db.execute(
-                    f"SELECT {_MESSAGE_COLUMNS} FROM messages "
-                    "WHERE channel = ? AND external_id = ? AND direction = 'in'",
-                    (inbound.channel, inbound.external_id),
-                ).fetchone()
-                if row is not None:
-                    original = _row_to_message(row)
-                    return Accepted(id=original.id, state="duplicate", message=original)
-            state = MessageState.QUEUED if registered else MessageState.BUFFERED
-            message = self._insert(
-                db,
-                channel=inbound.channel,
-                direction="in",
-                content=inbound.content,
-                state=state,
-                metadata=inbound.metadata,
-                external_id=inbound.external_id,
-            )
-            if not registered:
-                self._evict_over_cap(db, inbound.channel, buffer_cap)
+            return self._accept(db, inbound, registered=registered, buffer_cap=buffer_cap)
+
+    async def accept_batch(
+        self, items: Sequence[tuple[Inbound, bool]], *, buffer_cap: int
+    ) -> list[Accepted]:
+        """`accept_inbound` for each (inbound, registered) pair, all in one write:
+        every row lands, or (a store failure) none does."""
+        with self._tx() as db:
+            return [
+                self._accept(db, inbound, registered=registered, buffer_cap=buffer_cap)
+                for inbound, registered in items
+            ]
+
+    async def fire_slot(
+        self,
+        inbound: Inbound,
+        *,
+        registered: bool,
+        buffer_cap: int,
+        fired: Callable[[Accepted], Job],
+    ) -> tuple[Accepted, Job]:
+        """A job's slot: its message and the job as ``fired`` makes it from the
+        accepted message, in one write (the slot is fired with its message, or
+        not at all)."""
+        with self._tx() as db:
+            accepted = self._accept(db, inbound, registered=registered, buffer_cap=buffer_cap)
+            job = fired(accepted)
+            self._save_job(db, job)
+        return accepted, job
+
+    def _accept(
+        self, db: sqlite3.Connection, inbound: Inbound, *, registered: bool, buffer_cap: int
+    ) -> Accepted:
+        if inbound.external_id is not None:
+            row = db.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages "
+                "WHERE channel = ? AND external_id = ? AND direction = 'in'",
+                (inbound.channel, inbound.external_id),
+            ).fetchone()
+            if row is not None:
+                original = _row_to_message(row)
+                return Accepted(id=original.id, state="duplicate", message=original)
+        state = MessageState.QUEUED if registered else MessageState.BUFFERED
+        message = self._insert(
+            db,
+            channel=inbound.channel,
+            direction="in",
+            content=inbound.content,
+            state=state,
+            metadata=inbound.metadata,
+            external_id=inbound.external_id,
+        )
+        if not registered:
+            self._evict_over_cap(db, inbound.channel, buffer_cap)
         return Accepted(id=message.id, state=state, message=message)
 
     def _insert(
@@ -688,25 +726,29 @@ class Store:
         if self.on_dropped is not None:
             self.on_dropped(excess)
 
-    def claim_open(self, channel: str) -> list[Message]:
+    async def claim_open(self, channel: str, fence: Fence) -> list[Message]:
         """Every open message of a channel, oldest first; `buffered` ones become `queued`.
 
         Called when an agent registers (R7 replay) and at start (R28 replay).
         """
-        ledger.check_message_move(MessageState.BUFFERED, MessageState.QUEUED)
         with self._tx() as db:
-            db.execute(
-                f"UPDATE messages SET state = ? WHERE channel = ? AND state IN {_BUFFERED}",
-                (MessageState.QUEUED, channel),
-            )
-            rows = db.execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE channel = ? "
-                f"AND state IN {_RUNNABLE} ORDER BY seq",
-                (channel,),
-            ).fetchall()
+            return self._claim_open(db, channel)
+
+    @staticmethod
+    def _claim_open(db: sqlite3.Connection, channel: str) -> list[Message]:
+        ledger.check_message_move(MessageState.BUFFERED, MessageState.QUEUED)
+        db.execute(
+            f"UPDATE messages SET state = ? WHERE channel = ? AND state IN {_BUFFERED}",
+            (MessageState.QUEUED, channel),
+        )
+        rows = db.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE channel = ? "
+            f"AND state IN {_RUNNABLE} ORDER BY seq",
+            (channel,),
+        ).fetchall()
         return [_row_to_message(row) for row in rows]
 
-    def release_open(self, channel: str, *, buffer_cap: int) -> int:
+    async def release_open(self, channel: str, *, buffer_cap: int) -> int:
         """Deregister (R26): the channel's queued messages go back to `buffered`,
         and the cap of R7 holds for them as for new ones (the oldest are `dropped`)."""
         ledger.check_message_move(MessageState.QUEUED, MessageState.BUFFERED)
@@ -720,7 +762,9 @@ class Store:
 
     # -- the turn (R12, R16, R17, R21, R26, R28) ----------------------------------
 
-    def start_turn(self, messages: Sequence[Message], thread: ThreadRecord) -> list[Message]:
+    async def start_turn(
+        self, messages: Sequence[Message], thread: ThreadRecord, fence: Fence
+    ) -> list[Message]:
         """Mark the turn's messages `working` (one more attempt) and write the start record.
 
         A single-threaded agent's record is its conversation's: the first turn
@@ -768,10 +812,11 @@ class Store:
             ),
         )
 
-    def end_turn(
+    async def end_turn(
         self,
         messages: Sequence[Message],
         thread: ThreadRecord,
+        fence: Fence,
         *,
         state: MessageState,
         reply: str,
@@ -815,7 +860,7 @@ class Store:
             )
         return settled, outbound, ended
 
-    def set_remote_id(self, message: Message, remote_id: str) -> Message:
+    async def set_remote_id(self, message: Message, remote_id: str, fence: Fence) -> Message:
         """Where a mirror keeps this message (e.g. the vault note id), in its metadata."""
         updated = replace(message, metadata={**message.metadata, "remote_id": remote_id})
         with self._tx(atomic=False) as db:
@@ -825,13 +870,17 @@ class Store:
             )
         return updated
 
-    def rewrite_thread(self, thread: ThreadRecord) -> None:
+    async def rewrite_thread(self, thread: ThreadRecord, fence: Fence) -> None:
         """R21: rewrite the same turn's record; the turn count does not move."""
         with self._tx() as db:
             self._write_thread(db, thread)
 
-    def set_state(
-        self, messages: Sequence[Message], state: MessageState, error: str | None = None
+    async def set_state(
+        self,
+        messages: Sequence[Message],
+        state: MessageState,
+        fence: Fence,
+        error: str | None = None,
     ) -> list[Message]:
         """Move messages to ``state`` (each move checked by the ledger); the new records."""
         moved = ledger.moved(messages, state, error)
@@ -842,21 +891,24 @@ class Store:
             )
         return moved
 
-    def end_thread(self, thread: ThreadRecord, status: ThreadStatus, output: str) -> ThreadRecord:
+    async def end_thread(
+        self, thread: ThreadRecord, status: ThreadStatus, output: str, fence: Fence
+    ) -> ThreadRecord:
         """End a record without counting a turn (a cancelled turn never completed)."""
         ended = ledger.thread_moved(thread, status, output=output, ended_at=utc_now())
-        self.rewrite_thread(ended)
+        with self._tx() as db:
+            self._write_thread(db, ended)
         return ended
 
     # -- reading ------------------------------------------------------------------
 
-    def get_message(self, message_id: str) -> Message | None:
+    async def get_message(self, message_id: str) -> Message | None:
         row = self._db.execute(
             f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,)
         ).fetchone()
         return None if row is None else _row_to_message(row)
 
-    def list_messages(
+    async def list_messages(
         self,
         channel: str,
         *,
@@ -900,13 +952,15 @@ class Store:
             prev=str(first) if older else None,
         )
 
-    def count_buffered(self) -> int:
+    async def count_buffered(self) -> int:
         (count,) = self._db.execute(
             f"SELECT COUNT(*) FROM messages WHERE state IN {_BUFFERED}"
         ).fetchone()
         return int(count)
 
-    def list_threads(self, channel: str | None = None, limit: int = 500) -> list[ThreadRecord]:
+    async def list_threads(
+        self, channel: str | None = None, limit: int = 500
+    ) -> list[ThreadRecord]:
         """The newest ``limit`` thread records, oldest first."""
         where, args = ("", ()) if channel is None else ("WHERE channel = ?", (channel,))
         rows = self._db.execute(
@@ -914,7 +968,7 @@ class Store:
         ).fetchall()
         return [_row_to_thread(row) for row in reversed(rows)]
 
-    def answered_by(self, reply_id: str) -> list[Message]:
+    async def answered_by(self, reply_id: str) -> list[Message]:
         """The inbound messages a reply answers (all of a `collect` turn's)."""
         rows = self._db.execute(
             f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE reply_id = ? AND direction = 'in'",
@@ -922,6 +976,6 @@ class Store:
         ).fetchall()
         return [_row_to_message(row) for row in rows]
 
-    def get_thread(self, thread_id: str) -> ThreadRecord | None:
+    async def get_thread(self, thread_id: str) -> ThreadRecord | None:
         row = self._db.execute("SELECT * FROM threads WHERE id = ?", (thread_id,)).fetchone()
         return None if row is None else _row_to_thread(row)
