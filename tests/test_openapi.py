@@ -252,6 +252,9 @@ def api_schema(served_schema: OpenApiSchema, request: pytest.FixtureRequest) -> 
 STATE_RULES = {
     ("PATCH", "/api/agents/{name}"): {"name", "command"},
     ("PATCH", "/api/jobs/{name}"): {"name"},
+    # telegram.md §9: a private chat (a positive id) takes trigger all only.
+    ("POST", "/api/telegram/links"): {"trigger"},
+    ("PATCH", "/api/telegram/links/{lid}"): {"trigger"},
 }
 
 

@@ -190,7 +190,7 @@ def create_app(
 
     @app.before_request
     async def authenticate() -> None:
-        if request.path == WEBHOOK_PATH and request.method == "POST":
+        if request.path == WEBHOOK_PATH:
             return  # T14: Telegram's; its secret is checked before the body is read
         # Read every request's body before answering, even on routes that ignore
         # it (a GET with a body): a response sent while body bytes are still in

@@ -13,9 +13,11 @@ import time
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from quart import Blueprint, request
+from werkzeug.exceptions import UnsupportedMediaType
 
 from .. import validate
 from ..errors import BadRequest, NotFound, Unavailable
+from ..guard import NOT_JSON, is_json
 from .telegram import WEBHOOK_PATH, iso, pair
 from .telegram_store import TelegramStore
 
@@ -38,7 +40,14 @@ def _unknown(body: dict[str, Any], allowed: set[str]) -> None:
             raise BadRequest(f"unknown field {key!r}", field=key)
 
 
+def _whole(value: Any) -> Any:
+    """JSON's one number type: ``5.0`` is the integer 5 (validate.py does the same)."""
+    whole = validate._whole(value)
+    return value if whole is None else whole
+
+
 def _chat_id(value: Any) -> int:
+    value = _whole(value)
     if isinstance(value, bool) or not isinstance(value, int | str) or not CHAT_ID.match(str(value)):
         raise BadRequest(
             "chat_id must be an integer or a decimal string of at most 16 digits", field="chat_id"
@@ -46,19 +55,20 @@ def _chat_id(value: Any) -> int:
     return int(value)
 
 
-def _topic(value: Any) -> int | None:
-    if value is None:
+def _topic(body: dict[str, Any]) -> int | None:
+    if "topic_id" not in body:
         return None
+    value = _whole(body["topic_id"])
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise BadRequest("topic_id must be a positive integer", field="topic_id")
     return value
 
 
 def _choice(body: dict[str, Any], key: str, options: tuple[str, ...]) -> str | None:
-    value = body.get(key)
-    if value is None:
+    if key not in body:
         return None
-    if value not in options:
+    value = body[key]
+    if not isinstance(value, str) or value not in options:
         raise BadRequest(f"{key} must be one of {', '.join(options)}", field=key)
     return str(value)
 
@@ -72,7 +82,7 @@ def _allow(value: Any) -> tuple[str, ...] | None:
     if not isinstance(value, list) or len(value) > MAX_ALLOWED_USERS:
         raise bad
     out = []
-    for item in value:
+    for item in map(_whole, value):
         if (
             isinstance(item, bool)
             or not isinstance(item, int | str)
@@ -95,6 +105,8 @@ def blueprint(store: Store, rows: TelegramStore, receiver: TelegramReceiver | No
     routes = Blueprint("telegram", __name__)
 
     async def body_of() -> dict[str, Any]:
+        if not is_json(request.headers.get("Content-Type")):
+            raise UnsupportedMediaType(NOT_JSON.message)  # 415, as the app's own routes
         raw = await request.get_data(as_text=False)
         assert isinstance(raw, bytes)
         return validate.json_object(raw)
@@ -112,7 +124,7 @@ def blueprint(store: Store, rows: TelegramStore, receiver: TelegramReceiver | No
         _unknown(body, LINK_FIELDS)
         chat_id = _chat_id(body.get("chat_id"))
         channel = validate.name(body.get("channel"), "channel")
-        topic = _topic(body.get("topic_id"))
+        topic = _topic(body)
         trigger = _trigger_for(chat_id, _choice(body, "trigger", ("all", "mention")))
         deliver = cast(
             Literal["all", "origin"], _choice(body, "deliver", ("all", "origin")) or "all"
