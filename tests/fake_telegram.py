@@ -450,11 +450,9 @@ class FakeTelegram:
             if self.pending:
                 batch = self.pending[:limit]
                 # Elements that can never be confirmed (no integer id) go out once.
-                self.pending = [
-                    item
-                    for item in self.pending
-                    if item not in batch or _update_id(item) is not None
-                ]
+                once = {id(item) for item in batch if _update_id(item) is None}
+                if once:
+                    self.pending = [item for item in self.pending if id(item) not in once]
                 self.last_batch = batch
                 return batch
             if trio.current_time() >= deadline:

@@ -16,6 +16,8 @@ from fake_telegram import TOKEN, FakeTelegram, serving
 from skydeck.service import Service, Settings
 
 SECRET_PART = TOKEN.split(":", 1)[1]
+#: T39: the only Bot API methods skydeck ever calls (checked after every rig test).
+METHODS = {"getMe", "getUpdates", "sendMessage", "sendChatAction", "setWebhook", "deleteWebhook"}
 
 
 @dataclass
@@ -87,3 +89,5 @@ async def running(
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
             yield Rig(fake, service, http, url)
         service.stop()  # service.run returns once it is down (R29)
+    called = {request["method"] for request in fake.requests()}
+    assert called <= METHODS, f"T39: called {called - METHODS}"

@@ -13,9 +13,7 @@ import trio
 
 from fake_telegram import BOT_USERNAME, FIRST_UPDATE_ID, TOKEN
 from skydeck.transports.telegram import pairing_text, unsupported_text
-from telegram_rig import Rig, running, until
-
-METHODS = {"getMe", "getUpdates", "sendMessage", "sendChatAction", "setWebhook", "deleteWebhook"}
+from telegram_rig import METHODS, Rig, running, until
 
 
 def reply_params(rig: Rig, chat: int) -> list[dict[str, Any]]:

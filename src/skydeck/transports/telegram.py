@@ -887,11 +887,12 @@ class TelegramReceiver:
         whatever did land is recognised (T12, R8)."""
         assert self.bot is not None
         links = self.rows.link_map()
-        seen: set[int] = set()
+        views = {key: link.view() for key, link in links.items()}
+        seen = self.rows.handled([element["update_id"] for element in batch])
         decided: list[tuple[int, access.TgMessage | None, access.Decision | str]] = []
         for element in batch:
             uid = element["update_id"]
-            if uid in seen or self.rows.handled(uid):
+            if uid in seen:
                 decided.append((uid, None, "duplicate"))
                 continue
             seen.add(uid)
@@ -900,7 +901,6 @@ class TelegramReceiver:
                 if isinstance(parsed, access.Skipped):
                     decided.append((uid, None, parsed.outcome))
                     continue
-                views = {key: link.view() for key, link in links.items()}
                 decision = access.decide(parsed, views, self.bot, pairing=self.config.pairing)
             except Exception:  # a bug with one update never stops the receiver
                 log.exception("telegram update failed; skipped")
@@ -909,6 +909,7 @@ class TelegramReceiver:
             if isinstance(decision, access.Migrate):
                 self.rows.migrate(parsed.chat_id, decision.to)
                 links = self.rows.link_map()
+                views = {key: link.view() for key, link in links.items()}
             decided.append((uid, parsed, decision))
         inbounds = [
             self._inbound(tg, what, links)
@@ -925,6 +926,7 @@ class TelegramReceiver:
                 text = await self.command(what.name, self._full(links, what.link.id).channel)
                 answers.append((tg, text))
         texts = iter(answers)
+        outcomes: list[tuple[int, str]] = []
         for uid, tg, what in decided:
             if tg is None or isinstance(what, str):
                 outcome = what if isinstance(what, str) else "ignored"
@@ -935,8 +937,9 @@ class TelegramReceiver:
                 outcome = "command"
             else:
                 outcome = self._act(tg, what)
-            self.rows.record_update(uid, outcome)
+            outcomes.append((uid, outcome))
             self.metrics.updates.labels(outcome).inc()
+        self.rows.record_updates([(uid, o) for uid, o in outcomes if o != "duplicate"])
         await self.store.flushed()
         self.sender.wake()
 

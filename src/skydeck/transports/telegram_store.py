@@ -358,24 +358,35 @@ class TelegramStore:
         raw = self._meta(OFFSET_KEY)
         return int(raw) if raw is not None else None
 
-    def handled(self, update_id: int) -> bool:
+    def handled(self, update_ids: list[int]) -> set[int]:
+        """T12: which of these updates were handled already (below the offset, or recorded)."""
         offset = self.offset()
-        if offset is not None and update_id < offset:
-            return True
-        return bool(self._read("SELECT 1 FROM telegram_updates WHERE update_id = ?", (update_id,)))
-
-    def record_update(self, update_id: int, outcome: str) -> None:
-        """The update is handled (T12) and the offset moves past it (T11)."""
-        with self.store._tx() as db:
-            db.execute(
-                "INSERT OR IGNORE INTO telegram_updates (update_id, outcome, at) VALUES (?,?,?)",
-                (update_id, outcome, time.time()),
+        below = {uid for uid in update_ids if offset is not None and uid < offset}
+        rest = [uid for uid in update_ids if uid not in below]
+        if rest:
+            marks = ",".join("?" * len(rest))
+            rows = self._read(
+                f"SELECT update_id FROM telegram_updates WHERE update_id IN ({marks})", tuple(rest)
             )
-            offset = self.offset()
-            if offset is None or update_id + 1 > offset:
+            below |= {row[0] for row in rows}
+        return below
+
+    def record_updates(self, outcomes: list[tuple[int, str]]) -> None:
+        """The updates are handled (T12) and the offset moves past them (T11), in one write."""
+        if not outcomes:
+            return
+        now = time.time()
+        offset = self.offset()
+        highest = max(uid for uid, _ in outcomes) + 1
+        with self.store._tx() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO telegram_updates (update_id, outcome, at) VALUES (?,?,?)",
+                [(uid, outcome, now) for uid, outcome in outcomes],
+            )
+            if offset is None or highest > offset:
                 db.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                    (OFFSET_KEY, str(update_id + 1)),
+                    (OFFSET_KEY, str(highest)),
                 )
 
     def webhook_secret(self, make: Any) -> str:
