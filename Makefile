@@ -63,6 +63,7 @@ bench: $(STAMP) $(CLAUDE)
 	$(BIN)/python bench/warm_turns.py
 	$(BIN)/python bench/http_ingest.py
 	$(BIN)/python bench/scheduler.py
+	$(BIN)/python bench/telegram_ingest.py
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache
