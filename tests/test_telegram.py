@@ -252,11 +252,19 @@ async def test_t13_t14_webhook_mode(tmp_path: Path) -> None:
             answer = await rig.http.post(path, json=update, headers=good)
             assert answer.status_code == 200 and answer.json() == {"ok": True}
         assert [m["content"] for m in await rig.inbound("c")] == ["via hook"]
+        assert rig.fake.webhook is not None  # the reverse proxy in front of the daemon:
+        rig.fake.webhook["url"] = f"{rig.url}/api/telegram/webhook"
+        rig.fake.push(9, "pushed by the fake", from_id=9)  # POSTed with the secret header
+        await until(lambda: len(rig.fake.webhook_sent) == 1, 5)
+        rig.fake.redeliver()  # §13.3: the last updates POSTed again
+        await until(lambda: len(rig.fake.webhook_sent) == 2, 5)
+        contents = [m["content"] for m in await rig.inbound("c")]
+        assert contents == ["via hook", "pushed by the fake"]
         garbage = await rig.http.post(path, content=b"<html>", headers=good)
         assert garbage.json() == {"ok": True, "state": "ignored"}
         no_id = await rig.http.post(path, json={"message": {}}, headers=good)
         assert no_id.json() == {"ok": True, "state": "ignored"}
-        await until(lambda: rig.fake.texts(9))
+        await until(lambda: len(rig.fake.texts(9)) == 2)
         metrics = (await rig.http.get("/metrics")).text
         assert "skydeck_telegram_webhook_rejected_total 2.0" in metrics
         rig.service.stop()
@@ -401,6 +409,26 @@ async def test_t21_t22_t23_t24_commands(tmp_path: Path) -> None:
         assert rig.fake.texts(6)[-1] == (
             "Agent worker is multi-threaded: every message already starts a fresh conversation."
         )
+
+
+async def test_t23_reset_is_the_agent_reset_route(tmp_path: Path) -> None:
+    """/reset runs `Registry.reset` (as `POST /api/agents/{name}/reset` does): the
+    stored session is gone, so the next turn starts a fresh one (the claude argv
+    that follows from it is test_claude's R27 test)."""
+    async with running(tmp_path) as rig:
+        await rig.agent("e")
+        await rig.link(15, "e")
+        rig.fake.push(15, "one", from_id=15)
+        await settled(rig, "e", 1)
+        store = rig.service.store
+        first = await store.get_session("e")
+        assert first is not None
+        rig.fake.push(15, "/reset", from_id=15)
+        await until(lambda: len(rig.fake.texts(15)) == 2)
+        assert await store.get_session("e") is None
+        rig.fake.push(15, "two", from_id=15)
+        await settled(rig, "e", 2)
+        assert await store.get_session("e") not in (None, first)
 
 
 # -- outbound, T25-T30 ------------------------------------------------------------------------
@@ -683,6 +711,19 @@ async def test_t41_t42_health_block_and_metrics(tmp_path: Path) -> None:
         offset = rig.service.telegram_rows.offset()
         assert f"skydeck_telegram_offset {float(offset or 0):.8e}".replace("e+0", "e+0") in metrics
         assert offset == FIRST_UPDATE_ID + 2
+
+
+async def test_t38_sigterm_stops_the_receiver_first(tmp_path: Path) -> None:
+    async with running(tmp_path) as rig:
+        await rig.agent("c")
+        await rig.link(30, "c")
+        await until(lambda: rig.fake.requests("getUpdates"))
+        rig.service.stop()
+        polls = len(rig.fake.requests("getUpdates"))
+        rig.fake.push(30, "too late", from_id=30)
+        await trio.sleep(1.5)
+        assert len(rig.fake.requests("getUpdates")) == polls  # the poll in flight was the last
+        assert rig.fake.state()["pending_updates"] == 1  # kept by Telegram for the next start
 
 
 async def test_t1_no_token_no_telegram_but_links_work(tmp_path: Path) -> None:

@@ -257,6 +257,8 @@ async def test_t1_the_token_secret_is_written_nowhere(tmp_path: Path) -> None:
     logs = (tmp_path / "data-daemon.log").read_bytes()
     assert b"telegram poll failed" in logs and b"code=401" in logs
     assert SECRET_PART.encode() not in logs
+    for text in (b"good turn", b"second", b"third"):  # T42: no message text in the logs
+        assert text not in logs
     for name in ("skydeck.db", "skydeck.db-wal"):
         path = tmp_path / "data" / name
         if path.exists():

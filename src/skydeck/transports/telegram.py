@@ -42,7 +42,7 @@ from ..model import Accepted, AgentSpec, Inbound, Message, ThreadRecord
 from ..store import Fence, Store
 from . import telegram_access as access
 from .telegram_format import chunk, to_html
-from .telegram_store import Link, NewRow, Row, RowState, TelegramStore
+from .telegram_store import Link, NewRow, Row, RowState, TelegramStore, link_id
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -1080,7 +1080,9 @@ class TelegramReceiver:
             update = json.loads(body)
         except ValueError:
             update = None
-        if access.update_id(update) is None or self.bot is None:
+        if self.bot is None:  # getMe has not answered yet (T9): Telegram sends it again
+            raise Unavailable("skydeck is still starting; Telegram sends the update again")
+        if access.update_id(update) is None:
             self.metrics.updates.labels("malformed").inc()
             return {"ok": True, "state": "ignored"}
         await self.handle([update])
@@ -1101,7 +1103,7 @@ def pair(
     if pending is None:
         raise NotFound("no such pairing code (unknown, used or expired)", field="code")
     private = pending["chat_type"] == "private"
-    if rows.link(f"{pending['chat_id']}") is not None and pending["topic_id"] is None:
+    if rows.link(link_id(pending["chat_id"], pending["topic_id"])) is not None:
         raise Conflict(f"chat {pending['chat_id']} got linked meanwhile", field="code")
     link = rows.add_link(
         chat_id=pending["chat_id"],
