@@ -642,43 +642,46 @@ class TelegramMirror:
         thread = await self.store.get_thread(reply.thread_id) if reply.thread_id else None
         succeeded = thread is not None and thread.status is ThreadStatus.OK
         rows = await self.route(reply, inbound, settle=succeeded)
-        if rows:
-            self.rows.queue(rows)
-            await self.store.flushed()
-            self.sender.wake()
-        if not succeeded or not any(row.settle for row in rows):
-            return f"telegram:{reply.id}"
-        return await self._wait(reply.id)
+        waits = any(row.settle for row in rows)
+        if waits:  # before the rows exist: the sender must not settle them behind our back
+            self.sender.waiting[reply.id] = trio.Event()
+        try:
+            if rows:
+                self.rows.queue(rows)
+                await self.store.flushed()
+                self.sender.wake()
+            if not waits:
+                return f"telegram:{reply.id}"
+            return await self._wait(reply.id)
+        finally:
+            self.sender.waiting.pop(reply.id, None)
 
     async def _wait(self, reply_id: str) -> str:
         """T37: the origin chats' parts, accepted within the wait, or why not."""
         deadline = trio.current_time() + self.config.wait_s
-        try:
-            while True:
-                event = self.sender.waiting[reply_id] = trio.Event()
-                own = [row for row in self.rows.rows_of(reply_id) if row.settle]
-                refused = next((row for row in own if row.state is RowState.REFUSED), None)
-                if refused is not None:
-                    found = re.search(r" (\d{3}):", refused.last_error or "")
-                    raise TelegramError(
-                        f"telegram {refused.last_error}",
-                        status=int(found.group(1)) if found else 400,
-                        retry=False,
-                    )
-                if all(row.state is RowState.SENT for row in own):
-                    first = own[0]
-                    return f"tg:{first.chat_id}:{first.telegram_message_id}"
-                if trio.current_time() >= deadline:
-                    last = next((row.last_error for row in own if row.last_error), None)
-                    raise TelegramError(
-                        f"telegram sendMessage: not delivered within {self.config.wait_s:g} s "
-                        f"({last or 'not sent yet'}); still retrying",
-                        retry=False,
-                    )
-                with trio.move_on_at(deadline):
-                    await event.wait()
-        finally:
-            self.sender.waiting.pop(reply_id, None)
+        while True:
+            event = self.sender.waiting[reply_id] = trio.Event()
+            own = [row for row in self.rows.rows_of(reply_id) if row.settle]
+            refused = next((row for row in own if row.state is RowState.REFUSED), None)
+            if refused is not None:
+                found = re.search(r" (\d{3}):", refused.last_error or "")
+                raise TelegramError(
+                    f"telegram {refused.last_error}",
+                    status=int(found.group(1)) if found else 400,
+                    retry=False,
+                )
+            if all(row.state is RowState.SENT for row in own):
+                first = own[0]
+                return f"tg:{first.chat_id}:{first.telegram_message_id}"
+            if trio.current_time() >= deadline:
+                last = next((row.last_error for row in own if row.last_error), None)
+                raise TelegramError(
+                    f"telegram sendMessage: not delivered within {self.config.wait_s:g} s "
+                    f"({last or 'not sent yet'}); still retrying",
+                    retry=False,
+                )
+            with trio.move_on_at(deadline):
+                await event.wait()
 
     async def write_thread(
         self, thread: ThreadRecord, phase: Literal["start", "end"], inbound: Message
