@@ -264,6 +264,11 @@ async def test_t13_t14_webhook_mode(tmp_path: Path) -> None:
         assert garbage.json() == {"ok": True, "state": "ignored"}
         no_id = await rig.http.post(path, json={"message": {}}, headers=good)
         assert no_id.json() == {"ok": True, "state": "ignored"}
+        huge = b'{"update_id": 9, "pad": "' + b"x" * (1024 * 1024) + b'"}'
+        too_big = await rig.http.post(
+            path, content=huge, headers={**good, "Content-Type": "application/json"}
+        )
+        assert too_big.status_code == 413
         await until(lambda: len(rig.fake.texts(9)) == 2)
         metrics = (await rig.http.get("/metrics")).text
         assert "skydeck_telegram_webhook_rejected_total 2.0" in metrics
