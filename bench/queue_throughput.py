@@ -35,7 +35,7 @@ import trio.lowlevel
 
 from skydeck.backends.base import Emit
 from skydeck.ledger import MessageState
-from skydeck.model import AgentSpec, Inbound, TurnResult, TurnSession
+from skydeck.model import AgentSpec, Inbound, ToolAccess, TurnResult, TurnSession
 from skydeck.registry import build_registry
 from skydeck.store import Store
 from skydeck.store.sqlite import SQLiteStore
@@ -46,7 +46,13 @@ QUICK_SHAPES = [(1, 5_000), (100, 50), (1_000, 5)]
 
 class InstantBackend:
     async def deliver(
-        self, agent: AgentSpec, prompt: str, session: TurnSession, emit: Emit
+        self,
+        agent: AgentSpec,
+        prompt: str,
+        session: TurnSession,
+        emit: Emit,
+        *,
+        tools: ToolAccess | None = None,
     ) -> TurnResult:
         return TurnResult(reply=prompt, session_id=session.id)
 

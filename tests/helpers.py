@@ -31,6 +31,7 @@ from skydeck.model import (
     Inbound,
     Message,
     ThreadRecord,
+    ToolAccess,
     TurnResult,
     TurnSession,
 )
@@ -58,7 +59,13 @@ class ScriptBackend:
     max_running: int = 0
 
     async def deliver(
-        self, agent: AgentSpec, prompt: str, session: TurnSession, emit: Emit
+        self,
+        agent: AgentSpec,
+        prompt: str,
+        session: TurnSession,
+        emit: Emit,
+        *,
+        tools: ToolAccess | None = None,
     ) -> TurnResult:
         call = Call(agent.channel, prompt, session, trio.current_time())
         self.calls.append(call)
@@ -136,6 +143,9 @@ class FlakyMirror:
 
     async def clear_session(self, agent: AgentSpec) -> None:
         pass
+
+    async def queue_notify(self, message: Message) -> None:
+        self.deferred.append(message)
 
 
 def make_store(tmp_path: Path, name: str = "skydeck.db") -> SQLiteStore:

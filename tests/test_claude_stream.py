@@ -155,7 +155,7 @@ class ScriptedClaude(ClaudeBackend):
         self.attempts: list[tuple[float, TurnSession]] = []
 
     async def _attempt(
-        self, agent: AgentSpec, prompt: str, session: TurnSession, emit: Any
+        self, agent: AgentSpec, prompt: str, session: TurnSession, emit: Any, tools: Any
     ) -> TurnResult:
         self.attempts.append((trio.current_time(), session))
         outcome = self.outcomes.pop(0)

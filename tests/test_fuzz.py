@@ -1,4 +1,5 @@
-"""Hypothesis against a real daemon process: every route, every body shape.
+"""Hypothesis against a real daemon process: every route, every body shape, and
+``/mcp/{channel}`` with JSON-RPC messages, ids and MCP headers of every kind.
 Zero 5xx, no crashed channel task (the daemon keeps serving every agent), and
 a consistent store afterwards."""
 
@@ -44,6 +45,9 @@ ROUTES = [
     ("PATCH", "/api/jobs/{}"),
     ("DELETE", "/api/jobs/{}"),
     ("POST", "/api/jobs/{}/run"),
+    ("POST", "/mcp/{}"),
+    ("DELETE", "/mcp/{}"),
+    ("GET", "/mcp/{}"),
 ]
 FIELDS = [
     "channel",
@@ -169,10 +173,111 @@ def test_fuzz_every_route_never_5xx(
     headers = {"Content-Type": content_type} if content_type else {}
     response = client.request(method, path, content=body, params=query, headers=headers)
     assert response.status_code < 500, (method, path, body, response.text)
-    if path not in ("/metrics", "/"):
+    # httpx resolves dot segments (`/mcp/..` is `/`): look at the path it sent.
+    if response.request.url.path not in ("/metrics", "/") and response.content:
         data = strict_json(response.content)
         if response.status_code >= 400:
-            assert data["ok"] is False and data["error"], data
+            assert_error(data)
+
+
+def assert_error(data: Any) -> None:
+    """skydeck's error shape, or (on /mcp past its HTTP checks) a JSON-RPC error object."""
+    if "jsonrpc" in data:
+        assert isinstance(data["error"]["code"], int) and data["error"]["message"], data
+    else:
+        assert data["ok"] is False and data["error"], data
+
+
+#: mcp.md M6: JSON-RPC messages of every shape the table names, and tools/call of
+#: every tool with arguments drawn from the tools' own fields.
+MCP_METHODS = ["initialize", "ping", "tools/list", "tools/call", "notifications/initialized"]
+MCP_METHODS += ["resources/list", "server/discover", "x"]
+TOOL_NAMES = ["send_message", "notify", "read_messages", "get_message", "list_agents"]
+TOOL_NAMES += ["schedule", "list_jobs", "cancel_job", "nope"]
+TOOL_FIELDS = ["channel", "content", "callback", "correlation_id", "limit", "before", "after"]
+TOOL_FIELDS += ["id", "cron", "timezone", "at", "delay_s", "name", "x"]
+rpc_ids = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5)
+tool_arguments = st.dictionaries(
+    st.sampled_from(TOOL_FIELDS),
+    json_values | st.sampled_from([*NASTY, "fz", "*/5 * * * *", "2030-01-01T00:00:00Z"]),
+    max_size=4,
+)
+mcp_params = st.one_of(
+    json_values,
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "protocolVersion": st.sampled_from(["2025-11-25", "2025-03-26", "x"]) | json_values,
+            "name": st.sampled_from(TOOL_NAMES) | json_values,
+            "arguments": tool_arguments | json_values,
+            "_meta": st.dictionaries(st.sampled_from(["claudecode/toolUseId"]), json_values),
+        },
+    ),
+)
+mcp_messages = st.fixed_dictionaries(
+    {},
+    optional={
+        "jsonrpc": st.sampled_from(["2.0"] * 6 + ["1.0"]) | json_values,
+        "id": rpc_ids,
+        "method": st.sampled_from(MCP_METHODS) | json_values,
+        "params": mcp_params,
+        "result": json_values,
+    },
+)
+mcp_bodies = st.one_of(
+    mcp_messages.map(lambda d: json.dumps(d).encode()),
+    st.lists(mcp_messages, max_size=2).map(lambda d: json.dumps(d).encode()),
+    bodies.filter(lambda b: b is not None),
+)
+header_values = st.sampled_from(["", "x", "2025-11-25", "2026-07-28", "null", "0" * 32])
+header_values |= st.text(
+    alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=40
+).map(str.strip)  # h11 sends no value with a space at either end
+
+
+@settings(
+    max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    method=st.sampled_from(["POST"] * 8 + ["DELETE", "GET"]),
+    channel=st.sampled_from(["fz", "mcp-fuzz"] * 4 + NASTY),
+    body=mcp_bodies,
+    live_session=st.booleans(),
+    headers=st.dictionaries(
+        st.sampled_from(["Mcp-Session-Id", "MCP-Protocol-Version", "Origin", "Authorization"]),
+        header_values,
+        max_size=3,
+    ),
+)
+def test_fuzz_mcp_never_5xx(
+    fuzzed: tuple[DaemonProcess, httpx.Client],
+    method: str,
+    channel: str,
+    body: bytes,
+    live_session: bool,
+    headers: dict[str, str],
+) -> None:
+    """mcp.md M6: bodies, headers and ids against ``/mcp/{channel}``, half of them in a
+    live session: never a 5xx, every answer strict JSON (or empty: 202, 204)."""
+    _, client = fuzzed
+    path = f"/mcp/{quote(channel, safe='')}"
+    if live_session and "Mcp-Session-Id" not in headers:
+        params = {"protocolVersion": "2025-11-25"}
+        init = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": params}
+        opened = client.post(path, json=init)
+        if opened.status_code == 200:
+            headers = {**headers, "Mcp-Session-Id": opened.headers["Mcp-Session-Id"]}
+    response = client.request(method, path, content=body, headers=headers)
+    assert response.status_code < 500, (method, path, body, headers, response.text)
+    if not response.request.url.path.startswith("/mcp/"):
+        return  # `/mcp/..` resolves to `/` (the web UI) before it is sent
+    if response.status_code in (202, 204):
+        assert response.content == b""
+        return
+    data = strict_json(response.content)
+    if response.status_code >= 400:
+        assert_error(data)
+    assert client.get("/health").status_code == 200
 
 
 def strict_json(raw: bytes) -> Any:
@@ -210,8 +315,10 @@ def test_after_the_fuzz_every_agent_still_serves_and_the_store_is_consistent(
             working = db.execute(
                 "SELECT COUNT(*) FROM messages WHERE state IN ('queued','working')"
             ).fetchone()[0]
+            # A `notify` (mcp.md M17) is an outbound of its own, never a second reply.
             doubled = db.execute(
                 "SELECT COUNT(*) FROM (SELECT in_reply_to FROM messages WHERE direction = 'out' "
+                "AND json_extract(metadata, '$.notify') IS NULL "
                 "GROUP BY in_reply_to HAVING COUNT(*) > 1)"
             ).fetchone()[0]
             orphan_done = db.execute(

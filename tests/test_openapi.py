@@ -248,10 +248,11 @@ def api_schema(served_schema: OpenApiSchema, request: pytest.FixtureRequest) -> 
 
 #: Rules that hang on the resource's current state, which no request schema can
 #: say (the operations' descriptions say them): a PATCH may repeat the name but
-#: not change it; an agent on the command backend keeps a command.
+#: not change it; an agent on the command backend keeps a command; a cron job stays
+#: one and a one-shot stays one.
 STATE_RULES = {
     ("PATCH", "/api/agents/{name}"): {"name", "command"},
-    ("PATCH", "/api/jobs/{name}"): {"name"},
+    ("PATCH", "/api/jobs/{name}"): {"name", "schedule", "run_at"},
     # telegram.md §9: a private chat (a positive id) takes trigger all only.
     ("POST", "/api/telegram/links"): {"trigger"},
     ("PATCH", "/api/telegram/links/{lid}"): {"trigger"},
@@ -315,7 +316,11 @@ def call_stream(case: Case[Any]) -> Response:
     return Response.from_any(response)
 
 
-schema = schemathesis.pytest.from_fixture("api_schema")
+#: `/mcp/{channel}` is JSON-RPC whose answers hang on session state no schema can
+#: say (a valid `tools/list` without a live session is a 404); `tests/test_fuzz.py`
+#: fuzzes it, and tests/test_mcp.py checks each of its rows.
+MCP_PATHS = "^/mcp/"
+schema = schemathesis.pytest.from_fixture("api_schema").exclude(path_regex=MCP_PATHS)
 
 
 @schema.parametrize()
@@ -340,7 +345,7 @@ def test_schemathesis_stateful_links_find_nothing(
     own links are followed, not schemathesis's guesses from list responses.
     """
 
-    class Machine(served_schema.as_state_machine()):  # type: ignore[misc]
+    class Machine(served_schema.exclude(path_regex=MCP_PATHS).as_state_machine()):  # type: ignore[misc]
         def setup(self) -> None:
             with httpx.Client(base_url=daemon.url, headers=AUTH, timeout=30) as client:
                 for kind in ("agents", "jobs"):

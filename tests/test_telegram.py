@@ -718,6 +718,36 @@ async def test_t41_t42_health_block_and_metrics(tmp_path: Path) -> None:
         assert offset == FIRST_UPDATE_ID + 2
 
 
+async def test_mcp_notify_reaches_the_deliver_all_links(tmp_path: Path) -> None:
+    """mcp.md M17 through the mirror: a `notify` from an outside MCP caller is sent to
+    the channel's `deliver: all` chats like a reply to a message from elsewhere."""
+    async with running(tmp_path) as rig:
+        await rig.agent("n")
+        await rig.link(16, "n")
+        rig.fake.chat(16)
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        init = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-11-25",
+                "capabilities": {},
+                "clientInfo": {"name": "t"},
+            },
+        }
+        opened = await rig.http.post("/mcp/n", json=init, headers=headers)
+        session = {**headers, "Mcp-Session-Id": opened.headers["Mcp-Session-Id"]}
+        params = {"name": "notify", "arguments": {"content": "halfway **there**"}}
+        body = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": params}
+        called = await rig.http.post("/mcp/n", json=body, headers=session)
+        assert called.status_code == 200 and called.json()["result"]["isError"] is False
+        await until(lambda: rig.fake.texts(16))
+        assert rig.fake.texts(16) == ["halfway there"]
+        (params_sent,) = reply_params(rig, 16)
+        assert params_sent["parse_mode"] == "HTML" and "reply_parameters" not in params_sent
+
+
 async def test_t38_sigterm_stops_the_receiver_first(tmp_path: Path) -> None:
     async with running(tmp_path) as rig:
         await rig.agent("c")

@@ -433,3 +433,24 @@ async def test_job_notes_become_cron_jobs_and_converge(
             await trio.sleep(60)
             assert [j.name for j in await scheduler.jobs()] == []
             nursery.cancel_scope.cancel()
+
+
+async def test_mcp_m17_a_notify_on_a_vault_channel_is_written_as_an_outbound_note(
+    rig: Rig,
+) -> None:
+    """mcp.md M17: the notify is stored, and the outbox writes it to the vault once."""
+    call = {"name": "notify", "arguments": {"content": "halfway there"}}
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize"}
+    opened = await rig.client.post("/mcp/worker", json={**init, "params": {"protocolVersion": "x"}})
+    session = {"Mcp-Session-Id": opened.headers["Mcp-Session-Id"]}
+    body = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": call}
+    answer = (await rig.client.post("/mcp/worker", json=body, headers=session)).json()
+    note_id = answer["result"]["structuredContent"]["id"]
+    with trio.fail_after(10):
+        while not rig.vault.tagged("#agent/message/outbound"):
+            await trio.sleep(0.02)
+    (note,) = rig.vault.tagged("#agent/message/outbound")
+    assert note["content"] == "halfway there" and note["path"].startswith("channel/worker/")
+    assert note["metadata"]["notify"] == "true" and note["metadata"]["direction"] == "outbound"
+    stored = (await rig.client.get(f"/api/messages/{note_id}")).json()
+    assert stored["metadata"] == {"notify": "true", "remote_id": note["id"]}

@@ -145,6 +145,24 @@ def test_a_running_turn_shows_a_live_bubble_that_resolves(
     expect(page.locator(".bubble.out.pending")).to_have_count(0)
 
 
+def test_mcp_m27_a_notify_shows_as_an_agent_bubble_at_once(
+    page: Page, daemon: DaemonProcess
+) -> None:
+    page.goto(daemon.url + "/#/chat/notes")
+    expect(page.get_by_role("textbox", name="Message")).to_be_visible()
+    page.wait_for_timeout(300)  # the live stream is subscribed
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize"}
+    with httpx.Client(base_url=daemon.url) as http:
+        opened = http.post("/mcp/notes", json={**init, "params": {"protocolVersion": "x"}})
+        call = {"name": "notify", "arguments": {"content": "progress: 50%"}}
+        body = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": call}
+        headers = {"Mcp-Session-Id": opened.headers["Mcp-Session-Id"]}
+        assert http.post("/mcp/notes", json=body, headers=headers).status_code == 200
+    note = page.locator(".bubble.out").last
+    expect(note).to_contain_text("progress: 50%")
+    expect(page.locator(".bubble.error")).to_have_count(0)
+
+
 def test_a_failing_agent_shows_an_error_bubble(page: Page, daemon: DaemonProcess) -> None:
     httpx.post(
         f"{daemon.url}/api/agents",

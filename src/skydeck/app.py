@@ -22,7 +22,7 @@ from hypercorn.typing import (
     ASGISendEvent,
     Scope,
 )
-from quart import Response, request, send_from_directory
+from quart import Response, g, request, send_from_directory
 from quart.json.provider import DefaultJSONProvider
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
@@ -43,6 +43,7 @@ from .errors import (
     Unavailable,
 )
 from .guard import NOT_JSON, SECURITY_HEADERS, OriginPolicy, Refusal, is_json
+from .mcp.endpoint import McpEndpoint, Reply
 from .metrics import Metrics
 from .model import AgentSpec, Inbound
 from .registry import Registry
@@ -75,6 +76,22 @@ STATUSES: tuple[tuple[type[SkydeckError], int], ...] = (
     (FencedOut, 503),  # another host holds the channel now; the sender may retry
     (StoreFailure, 507),  # Insufficient Storage: nothing was kept; send it again
 )
+
+
+def mcp_channel(path: str) -> str | None:
+    """The ``{channel}`` of an ``/mcp/{channel}`` path (one segment), else None."""
+    prefix, _, channel = path.partition("/mcp/")
+    return channel if prefix == "" and channel and "/" not in channel else None
+
+
+def render(reply: Reply) -> Response:
+    """An MCP answer: JSON (never SSE, M2), or an empty body (202, 204)."""
+    if reply.body is None:
+        return Response(b"", status=reply.status, headers=reply.headers)
+    body = json.dumps(reply.body, allow_nan=False, separators=(",", ":"))
+    return Response(
+        body, status=reply.status, headers=reply.headers, content_type="application/json"
+    )
 
 
 def status_of(error: SkydeckError) -> int:
@@ -156,6 +173,7 @@ def create_app(
     max_body: int = MAX_BODY_BYTES,
     body_timeout_s: float = BODY_TIMEOUT_S,
     origins: OriginPolicy | None = None,
+    mcp: McpEndpoint | None = None,
     telegram: tuple[TelegramStore, TelegramReceiver | None] | None = None,
 ) -> QuartTrio:
     app = QuartTrio("skydeck", static_folder=str(WEB_DIR), static_url_path="/web")
@@ -189,9 +207,9 @@ def create_app(
     # -- errors -------------------------------------------------------------------
 
     @app.before_request
-    async def authenticate() -> None:
+    async def authenticate() -> Response | None:
         if request.path == WEBHOOK_PATH:
-            return  # T14: Telegram's; its secret is checked before the body is read
+            return None  # T14: Telegram's; its secret is checked before the body is read
         # Read every request's body before answering, even on routes that ignore
         # it (a GET with a body): a response sent while body bytes are still in
         # flight could leave a kept-alive connection waiting (seen in the fuzz).
@@ -206,9 +224,16 @@ def create_app(
         )
         if refusal is not None:
             raise Refused(refusal)
+        if mcp is not None and (channel := mcp_channel(request.path)) is not None:
+            # mcp.md M5: origin, credentials and channel come before the method.
+            gate = mcp.gate(channel, headers.get)
+            if isinstance(gate, Reply):
+                return render(gate)
+            g.mcp_caller = gate
         if request.path.startswith("/api/") or request.path == "/metrics":
             scope = scope_for(request.method, request.path)
             await auth.check(request.headers.get("Authorization"), scope)
+        return None
 
     @app.after_request
     async def security_headers(response: Response) -> Response:
@@ -467,6 +492,21 @@ def create_app(
         await registry.reset(name)
         await store.flushed()
         return {"ok": True}
+
+    # -- MCP (mcp.md): the JSON-RPC lives in skydeck.mcp -------------------------
+
+    if mcp is not None:
+        endpoint = mcp
+
+        @app.post("/mcp/<channel>", provide_automatic_options=False)
+        async def mcp_post(channel: str) -> Response:
+            body = await request.get_data(as_text=False)
+            assert isinstance(body, bytes)
+            return render(await endpoint.post(g.mcp_caller, body, request.headers.get))
+
+        @app.delete("/mcp/<channel>", provide_automatic_options=False)
+        async def mcp_delete(channel: str) -> Response:
+            return render(endpoint.delete(g.mcp_caller, request.headers.get))
 
     # -- jobs (cron) --------------------------------------------------------------
 

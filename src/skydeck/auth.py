@@ -223,6 +223,23 @@ class Auth:
     def enabled(self) -> bool:
         return self._token is not None or self._jwt_secret is not None or self._hub is not None
 
+    def outside_scopes(self, credential: str) -> tuple[frozenset[str], str | None]:
+        """An outside MCP client's scopes and ``channel`` claim (mcp.md M10): the
+        static token (every scope, any channel) or an HS256 JWT; hub tokens are not
+        taken there. Raises `Unauthorized`."""
+        if self._token is not None and hmac.compare_digest(credential.encode(), self._token):
+            return ALL_SCOPES, None
+        if self._jwt_secret is None:
+            raise Unauthorized()
+        try:
+            claims = jwt.decode(credential, self._jwt_secret, algorithms=["HS256"])
+        except jwt.PyJWTError:
+            raise Unauthorized() from None
+        channel = claims.get("channel")
+        if channel is not None and not isinstance(channel, str):
+            raise Unauthorized()
+        return frozenset(granted_scopes(claims)), channel
+
     async def check(self, authorization: str | None, scope: Scope) -> None:
         """Raise `Unauthorized` or `Forbidden`, or return when the call may go on."""
         if not self.enabled:

@@ -204,6 +204,10 @@ def cmd_agent(args: argparse.Namespace, client: Client) -> int:
             body["max_reply_bytes"] = args.max_reply_bytes
         if args.env:
             body["env"] = dict(item.split("=", 1) for item in args.env)
+        if args.no_mcp:
+            body["mcp"] = False
+        if args.mcp_allow is not None:
+            body["mcp_allow"] = [ch.strip() for ch in args.mcp_allow.split(",") if ch.strip()]
         agent = client.request("POST", "/api/agents", body)
         print(f"added agent {agent['name']} on channel {agent['channel']} ({agent['backend']})")
         _warn_if_unavailable(client, agent)
@@ -542,6 +546,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="KEY=VALUE",
         help="environment variable for the backend (repeatable)",
+    )
+    add.add_argument(
+        "--no-mcp",
+        action="store_true",
+        help="no skydeck MCP tools in its turns (docs/mcp.md)",
+    )
+    add.add_argument(
+        "--mcp-allow",
+        metavar="CH,CH",
+        help="the other channels its MCP tools may reach (default: all; '' for none)",
     )
     agent_ls = _command(agent_cmds, "ls", "list agents with their status", "skydeck agent ls")
     agent_ls.add_argument("--json", action="store_true", help="print raw JSON")

@@ -101,6 +101,10 @@ def parse_definition(note: dict[str, Any]) -> AgentSpec:
             raise InvalidNote("timeout_s is not a whole number") from None
     if _text(metadata, "queue_mode"):
         body["queue_mode"] = _text(metadata, "queue_mode")
+    if str(metadata.get("mcp", "")).strip().lower() == "false":  # mcp.md M26
+        body["mcp"] = False
+    if (allow := _text(metadata, "mcp_allow")) is not None:
+        body["mcp_allow"] = allow.replace(",", " ").split()
     try:
         spec = validate.new_agent(body)
     except BadRequest as exc:

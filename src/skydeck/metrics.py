@@ -83,12 +83,27 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.mcp_tool_calls = Counter(
+            "skydeck_mcp_tool_calls",
+            "MCP tool calls, by tool and outcome (ok, error) (mcp.md M27)",
+            ["tool", "outcome"],
+            registry=self.registry,
+        )
         self.claude_cold_fallbacks = Counter(
             "skydeck_claude_cold_fallbacks",
             "Single-threaded claude turn attempts run cold, by reason (W6, W10)",
             ["reason"],
             registry=self.registry,
         )
+
+    def watch_mcp_sessions(self, count: Callable[[], int]) -> None:
+        gauge = Gauge(
+            "skydeck_mcp_sessions", "Live MCP sessions (mcp.md M4)", registry=self.registry
+        )
+        gauge.set_function(count)
+
+    def on_mcp_call(self, tool: str, outcome: str) -> None:
+        self.mcp_tool_calls.labels(tool, outcome).inc()
 
     def watch_queues(self, depths: Callable[[], Iterable[tuple[str, int]]]) -> None:
         """Queue depth per agent, read from the registry at each scrape."""

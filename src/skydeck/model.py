@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, Literal
 
 import uuid6
@@ -77,6 +78,10 @@ class AgentSpec:
     created_at: str = field(default_factory=utc_now)
     #: Where the definition lives: None for the HTTP API, "vault:<note id>" for a vault note.
     source: str | None = None
+    #: mcp.md M26: whether its turns get skydeck's MCP tools, and which other
+    #: channels they may reach (None: every one).
+    mcp: bool = True
+    mcp_allow: list[str] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return _as_json(self)
@@ -192,7 +197,8 @@ class ThreadRecord:
 
 @dataclass(slots=True)
 class Job:
-    """A cron job: post ``content`` to ``channel`` at every slot of ``schedule``.
+    """A job: post ``content`` to ``channel`` at every slot of the cron ``schedule``,
+    or once at ``run_at`` (a one-shot, mcp.md M28: exactly one of the two is set).
 
     ``last_slot`` is the scheduled time last fired or skipped (UTC, ISO 8601):
     a slot at or before it never fires again. Times are UTC ISO strings.
@@ -200,7 +206,7 @@ class Job:
 
     name: str
     channel: str
-    schedule: str
+    schedule: str | None
     content: str
     timezone: str = "UTC"
     enabled: bool = True
@@ -212,6 +218,9 @@ class Job:
     last_message_id: str | None = None
     skipped: int = 0
     source: str | None = None
+    run_at: str | None = None
+    #: R23 carried through jobs: its messages carry this depth when it is above 0.
+    delegation_depth: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return _as_json(self)
@@ -223,6 +232,31 @@ class TurnSession:
 
     id: str
     resume: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ToolAccess:
+    """How one turn's backend reaches skydeck's MCP tools (mcp.md M24, M25).
+
+    ``token`` is the turn's own credential, dead when the turn ends: it goes into
+    a command's environment, or into the 0600 ``config`` file a claude CLI reads
+    (never into an argv). ``server`` is the ``mcpServers`` entry itself.
+    """
+
+    url: str
+    token: str
+    config: Path | None = None
+
+    @property
+    def server(self) -> dict[str, Any]:
+        return {
+            "type": "http",
+            "url": self.url,
+            "headers": {"Authorization": f"Bearer {self.token}"},
+        }
+
+    def __repr__(self) -> str:  # never the token, in a log line or a traceback
+        return f"ToolAccess(url={self.url!r}, config={self.config!r})"
 
 
 @dataclass(slots=True)
@@ -243,6 +277,8 @@ class EventKind(StrEnum):
     TOOL = "tool"
     DONE = "done"
     ERROR = "error"
+    #: mcp.md M27: a `notify` tool call's message, out before the turn's end.
+    NOTIFY = "notify"
 
 
 @dataclass(frozen=True, slots=True)

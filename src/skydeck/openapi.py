@@ -44,6 +44,7 @@ from .validate import (
     INT_MAX,
     INT_MIN,
     MAX_BATCH,
+    MAX_MCP_ALLOW,
     MAX_NUMBER_DIGITS,
     MAX_REPLY_BYTES,
     MAX_TIMEOUT_S,
@@ -163,6 +164,13 @@ _CRON_FIELDS = {
 }
 
 
+#: `validate.run_at` as a pattern: days 01-28 so every match is a real date.
+RUN_AT_PATTERN = (
+    r"^20[0-9]{2}-(?:0[1-9]|1[0-2])-(?:0[1-9]|1[0-9]|2[0-8])T(?:[01][0-9]|2[0-3])"
+    r":[0-5][0-9]:[0-5][0-9](?:Z|[+-](?:0[0-9]|1[0-3]):[0-5][0-9])$"
+)
+
+
 def cron_pattern() -> str:
     fields = [rf"(?:\*(?:/[1-9][0-9]?)?|{value}(?:,{value})*)" for value in _CRON_FIELDS.values()]
     return "^" + " ".join(fields) + "$"
@@ -203,6 +211,18 @@ def agent_fields() -> Schema:
             "maximum": MAX_REPLY_BYTES,
             "description": "the longest reply kept, in UTF-8 bytes; the rest is cut",
         },
+        "mcp": {
+            "type": "boolean",
+            "description": "whether its turns get skydeck's MCP tools (docs/mcp.md)",
+        },
+        "mcp_allow": nullable(
+            {
+                "type": "array",
+                "items": name,
+                "maxItems": MAX_MCP_ALLOW,
+                "description": "the other channels its tools may reach; null: every one",
+            }
+        ),
     }
     return _with_defaults({field: table[field] for field in sorted(_AGENT_FIELDS)}, AgentSpec)
 
@@ -220,6 +240,14 @@ def job_fields() -> Schema:
                 "a 5-field cron expression, e.g. '*/5 * * * *'. The pattern covers the common "
                 "shapes; the daemon also takes ranges, steps on ranges and names (MON-FRI) "
                 "as croniter reads them, and refuses a date that never comes (31 February)"
+            ),
+        },
+        "run_at": {
+            "type": "string",
+            "pattern": RUN_AT_PATTERN,
+            "description": (
+                "a one-shot's time, ISO 8601 with an offset (stored as UTC): it fires once "
+                "and then stays listed, disabled. Give exactly one of schedule and run_at"
             ),
         },
         "content": {"type": "string", "minLength": 1},
@@ -410,10 +438,21 @@ def schemas() -> Schema:
             ],
         ),
         "Job": record(Job),
-        "NewJob": _object(job, ("name", "channel", "schedule", "content")),
-        "JobChanges": _object(
-            job, description="a partial update; `name` may repeat the job's name but not change it"
+        "NewJob": _object(
+            job,
+            ("name", "channel", "content"),
+            oneOf=[{"required": ["schedule"]}, {"required": ["run_at"]}],
         ),
+        "JobChanges": {
+            **_object(
+                job,
+                description=(
+                    "a partial update; `name` may repeat the job's name but not change it; a "
+                    "cron job takes no `run_at` and a one-shot no `schedule` (else 400)"
+                ),
+            ),
+            "not": {"required": ["schedule", "run_at"]},
+        },
         "Message": record(Message, exclude=MESSAGE_HIDDEN),
         "Thread": record(ThreadRecord),
         "PlainInbound": _object(plain, ("channel", "content")),
@@ -853,7 +892,8 @@ def operations() -> dict[tuple[str, str], Schema]:
             "responses": {
                 "200": response(
                     "`event: turn` frames whose `data` is a JSON event with `kind` (queued, init, "
-                    "text, tool, done, error) and `message_id`; a comment keep-alive every 15 s",
+                    "text, tool, notify, done, error) and `message_id`; a comment keep-alive "
+                    "every 15 s",
                     {"type": "string"},
                     "text/event-stream",
                 )
@@ -1114,9 +1154,107 @@ def telegram_operations() -> dict[tuple[str, str], Schema]:
     }
 
 
+def mcp_operations() -> dict[tuple[str, str], Schema]:
+    """``/mcp/{channel}`` (mcp.md §1): Streamable HTTP with JSON answers. Its errors
+    after the HTTP-level checks are JSON-RPC error objects, not skydeck's shape."""
+    channel = _path_param("channel", ref("Name"), "the channel the caller acts as (R1)")
+    session = {
+        "name": "Mcp-Session-Id",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+        "description": "the id `initialize` answered with; every other message needs it",
+    }
+    rpc_id = {"type": ["string", "integer"]}
+    message = {
+        "type": "object",
+        "description": "one JSON-RPC 2.0 message (no batches): a request, a notification, "
+        "or a response to the server",
+        "required": ["jsonrpc"],
+        "properties": {
+            "jsonrpc": {"const": "2.0"},
+            "id": rpc_id,
+            "method": {"type": "string"},
+            "params": {"type": "object"},
+        },
+    }
+    rpc_error = _object(
+        {
+            "jsonrpc": {"const": "2.0"},
+            "id": nullable(rpc_id),
+            "error": _object(
+                {"code": {"type": "integer"}, "message": {"type": "string"}}, ("code", "message")
+            ),
+        },
+        ("jsonrpc", "id", "error"),
+    )
+    answer = {
+        "oneOf": [
+            _object(
+                {"jsonrpc": {"const": "2.0"}, "id": rpc_id, "result": {"type": "object"}},
+                ("jsonrpc", "id", "result"),
+            ),
+            rpc_error,
+        ]
+    }
+    refused = {"$ref": "#/components/schemas/Error"}
+    unauthorized = {"$ref": "#/components/responses/Unauthorized"}
+    security = [{"bearer": ["agent:read"]}, {"turnToken": []}]
+    not_allowed = response("a method other than POST and DELETE (`Allow` names them)", refused)
+    return {
+        ("post", "/mcp/{channel}"): {
+            "operationId": "mcp_post",
+            "summary": "One MCP message (initialize, ping, tools/list, tools/call, notifications)",
+            "parameters": [channel, session],
+            "requestBody": {"required": True, "content": {JSON_MEDIA_TYPE: {"schema": message}}},
+            "security": security,
+            "responses": {
+                "200": response(
+                    "the JSON-RPC answer (a result, or an error with HTTP 200: unknown "
+                    "method, bad params, unknown tool); `initialize` sets Mcp-Session-Id",
+                    answer,
+                ),
+                "202": response("a notification or a response: accepted, no body"),
+                "400": response(
+                    "a JSON-RPC error (a parse error, a batch, an invalid message, an "
+                    "unsupported MCP-Protocol-Version, a missing session id), or a bad channel",
+                    {"oneOf": [rpc_error, refused]},
+                ),
+                "401": unauthorized,
+                "403": response(
+                    "a cross-origin request, a token scoped to another channel, or a token "
+                    "without agent:read",
+                    refused,
+                ),
+                "404": response("the session is unknown, ended or another's", rpc_error),
+                "405": not_allowed,
+            },
+        },
+        ("delete", "/mcp/{channel}"): {
+            "operationId": "mcp_delete",
+            "summary": "End an MCP session",
+            "parameters": [channel, {**session, "required": True}],
+            "security": security,
+            "responses": {
+                "204": response("the session has ended"),
+                "400": response(
+                    "no Mcp-Session-Id header, or a bad channel", {"oneOf": [rpc_error, refused]}
+                ),
+                "401": unauthorized,
+                "403": response("a cross-origin request or a token for another channel", refused),
+                "404": response("the session is unknown, ended or another's", rpc_error),
+            },
+        },
+    }
+
+
 def _errors_for(method: str, path: str, operation: Schema) -> Schema:
     """The error responses every operation shares, by what its route goes through."""
     shared = {"408": "RequestTimeout", "413": "PayloadTooLarge", "421": "Misdirected"}
+    if path.startswith("/mcp/"):  # its own checks and error shapes (`mcp_operations`)
+        return {
+            status: {"$ref": f"#/components/responses/{name}"} for status, name in shared.items()
+        }
     if _api_family(path):
         shared["403"] = "CrossOrigin"
     if _needs_auth(path):
@@ -1139,10 +1277,10 @@ def _errors_for(method: str, path: str, operation: Schema) -> Schema:
 def document(*, max_body: int, body_timeout_s: float) -> Schema:
     """The OpenAPI 3.1 document of this daemon's HTTP API."""
     paths: Schema = {}
-    for (method, path), operation in operations().items():
+    for (method, path), operation in (operations() | mcp_operations()).items():
         responses = {**_errors_for(method, path, operation), **operation["responses"]}
-        security: list[Schema] = (
-            [{"bearer": [scope_for(method.upper(), path)]}] if _needs_auth(path) else []
+        security: list[Schema] = operation.get(
+            "security", [{"bearer": [scope_for(method.upper(), path)]}] if _needs_auth(path) else []
         )
         paths.setdefault(path, {})[method] = {
             **operation,
@@ -1178,7 +1316,15 @@ def document(*, max_body: int, body_timeout_s: float) -> Schema:
                         "(SKYDECK_JWT_SECRET) or an RS256 Parachute hub token (SKYDECK_JWKS_URL) "
                         "whose space-separated `scope` claim holds the listed scope"
                     ),
-                }
+                },
+                "turnToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "bearerFormat": (
+                        "a turn token (`sdt_…`): an agent's own, for its channel's /mcp path "
+                        "only, dead when its turn ends (docs/mcp.md)"
+                    ),
+                },
             },
         },
     }

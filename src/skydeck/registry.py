@@ -37,7 +37,7 @@ from .events import TurnEvents
 from .ledger import AgentStatus, MessageState
 from .model import Accepted, AgentSpec, EventKind, Inbound, Job, Message, TurnEvent
 from .store import Fence, Store
-from .turn import MAX_ATTEMPTS, Turn, TurnDeps
+from .turn import MAX_ATTEMPTS, ToolGate, Turn, TurnDeps
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -422,6 +422,7 @@ def build_registry(
     on_finished: Callable[[str, MessageState, float, int], None] | None = None,
     buffer_cap: int = DEFAULT_BUFFER_CAP,
     max_turns: int = DEFAULT_MAX_TURNS,
+    tools: ToolGate | None = None,
 ) -> Registry:
     """A registry and what its turns need, wired once and never re-wired.
 
@@ -438,6 +439,7 @@ def build_registry(
         mirror=mirror,
         on_finished=on_finished,
         on_outbound_retry=metrics.outbound_retries.inc if metrics is not None else None,
+        tools=tools,
     )
     return Registry(
         store,

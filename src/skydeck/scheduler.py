@@ -1,4 +1,4 @@
-"""Cron jobs -> inbound messages, correct by construction.
+"""Cron and one-shot jobs -> inbound messages, correct by construction.
 
 One Trio task sleeps until the earliest due job (a heap, not a tick), or until
 a job changes. At a wake, each due job fires its *latest* slot that is due
@@ -13,6 +13,9 @@ or working skips the slot instead (recorded and counted): no pile-up.
 When the store fails (a full disk), a due slot waits until it commits again,
 and the jobs are then read again from the store: a job whose create or edit
 was lost (a 507) is not kept in memory as if it had been saved.
+
+A one-shot job (``run_at``, mcp.md M28) has one slot, ``run_at``: it fires
+once (a missed one at the next start) and then stays listed, disabled.
 
 Slots come from croniter in the job's IANA timezone. Across DST transitions
 skydeck fires exactly what croniter yields (see docs/design.md, "Cron").
@@ -72,17 +75,30 @@ def parse_iso(text: str) -> datetime:
 
 
 def next_slot(job: Job, after: datetime) -> datetime:
-    """The first slot strictly after ``after``, in UTC."""
+    """The first cron slot strictly after ``after``, in UTC."""
     local = after.astimezone(ZoneInfo(job.timezone))
     return croniter(job.schedule, local).get_next(datetime).astimezone(UTC)  # type: ignore[no-any-return]
 
 
 def latest_slot(job: Job, at: datetime) -> datetime:
-    """The last slot at or before ``at``, in UTC."""
+    """The last slot at or before ``at``, in UTC (a one-shot's only slot is ``run_at``)."""
+    if job.run_at is not None:
+        return parse_iso(job.run_at)
     local = at.astimezone(ZoneInfo(job.timezone))
     if croniter.match(job.schedule, local):
         return at.replace(second=0, microsecond=0).astimezone(UTC)
     return croniter(job.schedule, local).get_prev(datetime).astimezone(UTC)  # type: ignore[no-any-return]
+
+
+def upcoming(job: Job, now: datetime) -> str | None:
+    """When an enabled job is due next: its next cron slot, or a one-shot's
+    ``run_at`` until that slot has fired (a missed one is due at once, M28; a
+    fired one given a new ``run_at`` is due again)."""
+    if not job.enabled:
+        return None
+    if job.run_at is not None:
+        return job.run_at if job.last_slot != job.run_at else None
+    return iso(next_slot(job, now))
 
 
 class Intake(Protocol):
@@ -121,8 +137,8 @@ class Scheduler:
         self._heap = []
         now = self.clock.now()
         for job in self._jobs.values():
-            if job.next_run_at is None:
-                job.next_run_at = iso(next_slot(job, now))
+            if job.next_run_at is None and (due := upcoming(job, now)) is not None:
+                job.next_run_at = due
                 await self.store.save_job(job)
             self._push(job)
 
@@ -189,7 +205,9 @@ class Scheduler:
                 log.warning("job not fired", extra={"job": job.name, "reason": exc.message})
                 self._push(job)
                 return
-            job.next_run_at = iso(next_slot(job, now))
+            if job.run_at is not None:
+                job.enabled = False  # M28: fired once; it stays listed
+            job.next_run_at = upcoming(job, now)
             self._push(job)
             await self.store.save_job(job)
 
@@ -216,6 +234,8 @@ class Scheduler:
             external_id=f"job:{job.name}:{slot}",
             metadata={"job": job.name, "slot": slot},
         )
+        if job.delegation_depth > 0:  # M28: scheduling cannot reset the depth (M16)
+            inbound.metadata["delegation_depth"] = job.delegation_depth
 
         def fired(accepted: Accepted) -> Job:
             job.last_run_at = iso(now)
@@ -259,7 +279,7 @@ class Scheduler:
     async def create(self, job: Job) -> Job:
         if job.name in self._jobs:
             raise Conflict(f"a job named {job.name!r} already exists", field="name")
-        job.next_run_at = iso(next_slot(job, self.clock.now())) if job.enabled else None
+        job.next_run_at = upcoming(job, self.clock.now())
         self._jobs[job.name] = job
         await self.store.save_job(job)
         self._changed_now(job)
@@ -271,8 +291,7 @@ class Scheduler:
             raise NotFound(f"no job named {name!r}", field="name")
         for key, value in changes.items():
             setattr(job, key, value)
-        now = self.clock.now()
-        job.next_run_at = iso(next_slot(job, now)) if job.enabled else None
+        job.next_run_at = upcoming(job, self.clock.now())
         await self.store.save_job(job)
         self._changed_now(job)
         return await self._view(job)

@@ -5,7 +5,7 @@
     ├── Registry.serve         (a task per registered channel, the store flusher)
     ├── Scheduler.run          (cron jobs: sleeps until the next due slot)
     ├── VaultMirror.run_outbox, VaultSync.run   (with --vault-url)
-    └── hypercorn.trio.serve   (the HTTP app; its shutdown_trigger is ours)
+    └── hypercorn.trio.serve   (the HTTP app and /mcp/{channel}; its shutdown_trigger is ours)
 
 `stop` is the one way down (R29): stop accepting (posts get 503), start no
 new turn, give running turns a grace period, cancel the rest (their messages
@@ -45,6 +45,10 @@ from .definitions import VaultSync
 from .errors import StoreFailure, unwrap
 from .events import TurnEvents
 from .guard import OriginPolicy, is_loopback
+from .mcp.access import Sessions, TurnTokens
+from .mcp.endpoint import McpEndpoint
+from .mcp.tools import Toolbox
+from .mcp.wiring import TurnTools, prepare_dir
 from .metrics import Metrics
 from .model import AgentSpec
 from .procs import ProcessRegistry
@@ -329,6 +333,11 @@ class Service:
                 VaultClient(settings.vault_url, settings.vault_token), self.store
             )
             self.metrics.watch_outbox(self.vault.pending)
+        # mcp.md: turn tokens and sessions live in memory only; the config files of
+        # a killed daemon's turns are removed here (M9).
+        tokens, sessions = TurnTokens(), Sessions()
+        prepare_dir(settings.data_dir / "mcp")
+        self.turn_tools = TurnTools(tokens, sessions, settings.data_dir / "mcp")
         self.telegram_rows = TelegramStore(self.store)
         self.telegram: Telegram | None = None
         if self.telegram_config is not None:
@@ -346,6 +355,7 @@ class Service:
             metrics=self.metrics,
             buffer_cap=settings.buffer_cap,
             max_turns=settings.max_turns,
+            tools=self.turn_tools,
         )
         self.deps = self.registry.deps
         self.telegram_receiver = (
@@ -367,16 +377,22 @@ class Service:
                 self.scheduler,
                 poll_s=settings.vault_poll_s,
             )
+        auth = Auth(settings.token, settings.jwt_secret, self._hub_keys())
+        toolbox = Toolbox(
+            self.registry, self.store, self.events, self.scheduler, on_call=self.metrics.on_mcp_call
+        )
+        self.metrics.watch_mcp_sessions(lambda: len(sessions))
         self.app = create_app(
             self.registry,
             self.store,
-            Auth(settings.token, settings.jwt_secret, self._hub_keys()),
+            auth,
             self.metrics,
             self.scheduler,
             health_extra=self._health_extra,
             max_body=settings.max_body,
             body_timeout_s=settings.body_timeout_s,
             origins=settings.origin_policy(),
+            mcp=McpEndpoint(toolbox, auth, tokens=tokens, sessions=sessions),
             telegram=(self.telegram_rows, self.telegram_receiver),
         )
         self._stopped = trio.Event()
@@ -458,6 +474,7 @@ class Service:
                         shutdown_trigger=self._http_done.wait,
                     )
                 )
+                self.turn_tools.listening(binds)
                 log.info("skydeck listening", extra={"binds": ",".join(binds)})
                 task_status.started(binds)
                 await self._stopped.wait()

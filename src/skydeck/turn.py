@@ -7,10 +7,10 @@ those failures are logged and never re-run the turn or escape into the
 channel task (R25).
 
 Order of a successful turn: session read (R11) -> thread record `working`
-(R12) -> backend (R13/R14) -> one transaction with the thread record `ok`, the
-reply and the inbound's terminal state (R17/R19) -> the mirror (a vault), if
-the channel has one: reply with retry (R20, R21 on final failure), thread
-record -> event `done` (R24) -> callback (R22, R22a).
+(R12) -> backend (R13/R14), inside the turn's MCP token (mcp.md M8) -> one
+transaction with the thread record `ok`, the reply and the inbound's terminal
+state (R17/R19) -> the mirror (a vault), if the channel has one: reply with
+retry (R20, R21 on final failure), thread record -> event `done` (R24) -> callback (R22, R22a).
 A failed turn: thread record `error` + failure reply + state in one
 transaction (R16) -> event `error` -> mirror -> callback.
 
@@ -28,8 +28,9 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import trio
 
@@ -46,6 +47,7 @@ from .model import (
     Inbound,
     Message,
     ThreadRecord,
+    ToolAccess,
     TurnEvent,
     TurnSession,
     new_id,
@@ -157,6 +159,14 @@ def callbacks_for(
     return out
 
 
+class ToolGate(Protocol):
+    """Hands a turn's backend its MCP access (`mcp.wiring.TurnTools`)."""
+
+    def open(
+        self, agent: AgentSpec, thread_id: str, messages: Sequence[Message], fence: Fence
+    ) -> AbstractAsyncContextManager[ToolAccess | None]: ...
+
+
 @dataclass(slots=True)
 class TurnDeps:
     """What a turn needs from the daemon; passed in so tests can swap any part."""
@@ -169,6 +179,8 @@ class TurnDeps:
     #: error, timeout or cancelled.
     on_finished: Callable[[str, MessageState, float, int], None] | None = None
     on_outbound_retry: Callable[[], None] | None = None
+    #: mcp.md M8: the turn token and config around the backend call (None: no tools).
+    tools: ToolGate | None = None
 
 
 class Turn:
@@ -326,7 +338,11 @@ class Turn:
             if backend is None:
                 raise BackendError(f"the {self.agent.backend} backend is not available here")
             with trio.move_on_after(self.agent.timeout_s) as deadline:
-                result = await backend.deliver(self.agent, self.prompt, session, self._emit)
+                # mcp.md M8: the turn's token lives exactly as long as this call.
+                async with self._tools() as tools:
+                    result = await backend.deliver(
+                        self.agent, self.prompt, session, self._emit, tools=tools
+                    )
             if deadline.cancelled_caught:
                 self._timed_out = True
                 raise BackendError(f"turn timed out after {self.agent.timeout_s} s")
@@ -338,6 +354,12 @@ class Turn:
         else:
             outcome = ledger.succeeded(result.reply, result.session_id, result.usage)
         await self._conclude(outcome)
+
+    def _tools(self) -> AbstractAsyncContextManager[ToolAccess | None]:
+        gate = self.deps.tools
+        if gate is None:
+            return nullcontext(None)
+        return gate.open(self.agent, self.thread.id, self.messages, self.fence)
 
     def _failed(self, reason: str, *, session: str | None) -> Outcome:
         log.warning("turn failed", extra={"channel": self.channel, "reason": reason})

@@ -317,8 +317,12 @@ _AGENT_FIELDS = frozenset(
         "env",
         "timeout_s",
         "max_reply_bytes",
+        "mcp",
+        "mcp_allow",
     }
 )
+#: mcp.md M26: the most channels an agent's ``mcp_allow`` lists.
+MAX_MCP_ALLOW = 100
 
 
 def _choice(value: object, field: str, choices: tuple[str, ...]) -> str:
@@ -393,6 +397,22 @@ def _agent_fields(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
                 field="max_reply_bytes",
             )
         out["max_reply_bytes"] = cap
+    if "mcp" in body:
+        if not isinstance(body["mcp"], bool):
+            raise BadRequest("mcp must be true or false", field="mcp")
+        out["mcp"] = body["mcp"]
+    if "mcp_allow" in body:
+        allow = body["mcp_allow"]
+        if allow is not None and (
+            not isinstance(allow, list)
+            or len(allow) > MAX_MCP_ALLOW
+            or not all(isinstance(ch, str) and is_valid_name(ch) for ch in allow)
+        ):
+            raise BadRequest(
+                f"mcp_allow must be null or a list of at most {MAX_MCP_ALLOW} channel names",
+                field="mcp_allow",
+            )
+        out["mcp_allow"] = allow
     return out
 
 
@@ -419,12 +439,29 @@ def agent_changes(body: dict[str, Any], current: AgentSpec) -> dict[str, Any]:
 
 # -- jobs -----------------------------------------------------------------------
 
-_JOB_FIELDS = frozenset({"name", "channel", "schedule", "content", "timezone", "enabled"})
+_JOB_FIELDS = frozenset({"name", "channel", "schedule", "run_at", "content", "timezone", "enabled"})
+RUN_AT_TEXT = "run_at must be an ISO 8601 time with an offset, e.g. 2026-12-24T18:00:00Z"
+
+
+def run_at(value: object) -> str:
+    """A one-shot's time (mcp.md M28): ISO 8601 naming its offset, stored as UTC."""
+    if isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            moment = None
+        if moment is not None and moment.tzinfo is not None:
+            return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    raise BadRequest(RUN_AT_TEXT, field="run_at")
 
 
 def _job_fields(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
     out = _known_fields(body, _JOB_FIELDS, partial=partial)
-    if "schedule" in body or not partial:
+    if not partial and ("schedule" in body) == ("run_at" in body):
+        raise BadRequest("give exactly one of schedule and run_at", field="schedule")
+    if "run_at" in body:
+        out["run_at"] = run_at(body["run_at"])
+    if "schedule" in body:
         schedule = body.get("schedule")
         if (
             not isinstance(schedule, str)
@@ -466,8 +503,16 @@ def timezone(value: object) -> str:
 
 
 def new_job(body: dict[str, Any]) -> Job:
-    return Job(**_job_fields(body, partial=False))
+    fields = _job_fields(body, partial=False)
+    fields.setdefault("schedule", None)  # a one-shot (run_at) has none
+    return Job(**fields)
 
 
 def job_changes(body: dict[str, Any], current: Job) -> dict[str, Any]:
-    return _unrenamed(_job_fields(body, partial=True), current.name, "job")
+    """A PATCH body; a cron job stays a cron job and a one-shot a one-shot."""
+    changes = _unrenamed(_job_fields(body, partial=True), current.name, "job")
+    if "run_at" in changes and current.run_at is None:
+        raise BadRequest("run_at cannot be set on a cron job", field="run_at")
+    if "schedule" in changes and current.run_at is not None:
+        raise BadRequest("schedule cannot be set on a one-shot job", field="schedule")
+    return changes

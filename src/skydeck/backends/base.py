@@ -2,11 +2,13 @@
 
 A backend gets the prompt, the session to resume or create, and an ``emit``
 callback for interim events (``init`` with the session id, ``text`` chunks,
-``tool`` uses). It returns a `TurnResult` carrying only the session id it
-actually saw echoed, or raises `BackendError` with a readable reason. Any other
-exception is treated the same way by the turn (R15); cancellation is how a
-turn is stopped (timeout, deregister, interrupt, shutdown), so a backend that
-owns a process must kill it when cancelled.
+``tool`` uses), and ``tools``: the turn's way to skydeck's MCP endpoint (a
+backend that can run MCP clients passes it on; the others ignore it). It
+returns a `TurnResult` carrying only the session id it actually saw echoed,
+or raises `BackendError` with a readable reason. Any other exception is
+treated the same way by the turn (R15); cancellation is how a turn is
+stopped (timeout, deregister, interrupt, shutdown), so a backend that owns a
+process must kill it when cancelled.
 
 A backend that keeps a process per agent between turns (claude's warm pool)
 also implements `Releasing`: the registry calls `release_agent` when an agent
@@ -18,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from ..model import AgentSpec, TurnResult, TurnSession
+from ..model import AgentSpec, ToolAccess, TurnResult, TurnSession
 
 EventKind = Literal["init", "text", "tool"]
 Emit = Callable[[EventKind, dict[str, Any]], None]
@@ -26,7 +28,13 @@ Emit = Callable[[EventKind, dict[str, Any]], None]
 
 class Backend(Protocol):
     async def deliver(
-        self, agent: AgentSpec, prompt: str, session: TurnSession, emit: Emit
+        self,
+        agent: AgentSpec,
+        prompt: str,
+        session: TurnSession,
+        emit: Emit,
+        *,
+        tools: ToolAccess | None = None,
     ) -> TurnResult: ...
 
 

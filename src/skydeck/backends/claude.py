@@ -42,7 +42,7 @@ from pathlib import Path
 import trio
 
 from ..errors import BackendError
-from ..model import AgentSpec, TurnResult, TurnSession
+from ..model import AgentSpec, ToolAccess, TurnResult, TurnSession
 from ..procs import ProcessRegistry
 from .base import Emit
 from .claude_stream import StreamOutcome, StreamParser
@@ -71,6 +71,8 @@ CREDENTIAL_KEYS = (
     "CLAUDE_CODE_OAUTH_TOKEN",
     "ANTHROPIC_BASE_URL",
 )
+#: mcp.md M24: the one MCP server a turn may use, allowed without a permission prompt.
+MCP_TOOLS = "mcp__skydeck"
 #: Where `make test` / `make run` install the pinned CLI, relative to the checkout.
 LOCAL_INSTALL = Path(".tools/claude/node_modules/.bin/claude")
 
@@ -146,7 +148,13 @@ class ClaudeBackend:
             self.pool.release(agent_name, reason)
 
     async def deliver(
-        self, agent: AgentSpec, prompt: str, session: TurnSession, emit: Emit
+        self,
+        agent: AgentSpec,
+        prompt: str,
+        session: TurnSession,
+        emit: Emit,
+        *,
+        tools: ToolAccess | None = None,
     ) -> TurnResult:
         if self.executable is None:
             raise BackendError(
@@ -162,10 +170,10 @@ class ClaudeBackend:
             try:
                 if plan.warm:
                     try:
-                        return await self._warm_attempt(agent, prompt, session, emit, plan)
+                        return await self._warm_attempt(agent, prompt, session, emit, plan, tools)
                     except _RunCold:
                         continue
-                return await self._attempt(agent, prompt, session, emit)
+                return await self._attempt(agent, prompt, session, emit, tools)
             except _ResumeNotFound:
                 if healed:
                     raise BackendError("claude could not resume or start a session") from None
@@ -196,13 +204,25 @@ class ClaudeBackend:
         """A claude executable resolves (a path set to a missing file does not)."""
         return self.executable is not None and shutil.which(self.executable) is not None
 
-    def argv(self, agent: AgentSpec, prompt: str, session: TurnSession) -> list[str]:
+    def argv(
+        self,
+        agent: AgentSpec,
+        prompt: str,
+        session: TurnSession,
+        tools: ToolAccess | None = None,
+    ) -> list[str]:
         """A cold turn's argv: R30, the session flag, ``--`` and the prompt."""
         flag = "--resume" if session.resume else "--session-id"
-        return [*self.base_argv(agent), flag, session.id, "--", prompt]
+        config = str(tools.config) if tools is not None and tools.config is not None else None
+        return [*self.base_argv(agent, config), flag, session.id, "--", prompt]
 
-    def base_argv(self, agent: AgentSpec) -> list[str]:
-        """R30's argv without the session and the prompt."""
+    def base_argv(self, agent: AgentSpec, mcp_config: str | None = None) -> list[str]:
+        """R30's argv without the session and the prompt.
+
+        ``mcp_config``: the path of the turn's skydeck MCP config (mcp.md M24), else
+        no MCP server at all. Either way ``--strict-mcp-config``: an agent reaches no
+        MCP server but skydeck's, whatever its workspace or HOME holds.
+        """
         assert self.executable is not None
         argv = [
             self.executable,
@@ -211,11 +231,12 @@ class ClaudeBackend:
             "stream-json",
             "--verbose",
             "--mcp-config",
-            json.dumps({"mcpServers": {}}),
+            mcp_config or json.dumps({"mcpServers": {}}),
             "--strict-mcp-config",
-            "--permission-mode",
-            "bypassPermissions",
         ]
+        if agent.mcp:
+            argv += ["--allowedTools", MCP_TOOLS]
+        argv += ["--permission-mode", "bypassPermissions"]
         if agent.model:
             argv += ["--model", agent.model]
         if agent.system_prompt:
@@ -245,15 +266,27 @@ class ClaudeBackend:
         return minimal_env(agent, home, passthrough=CREDENTIAL_KEYS, defaults=defaults)
 
     async def _warm_attempt(
-        self, agent: AgentSpec, prompt: str, session: TurnSession, emit: Emit, plan: _Plan
+        self,
+        agent: AgentSpec,
+        prompt: str,
+        session: TurnSession,
+        emit: Emit,
+        plan: _Plan,
+        tools: ToolAccess | None,
     ) -> TurnResult:
         """One attempt on the agent's warm process (W3-W6), or cold if the pool says so."""
         pool = self.pool
         assert pool is not None
         async with pool.lease(self.warm_spec(agent, session)) as proc:
             if proc is None:
-                return await self._attempt(agent, prompt, session, emit)
-            verdict = await pool.turn(proc, prompt, emit, max_reply_bytes=agent.max_reply_bytes)
+                return await self._attempt(agent, prompt, session, emit, tools)
+            verdict = await pool.turn(
+                proc,
+                prompt,
+                emit,
+                max_reply_bytes=agent.max_reply_bytes,
+                servers={"skydeck": tools.server} if tools is not None else None,
+            )
             if isinstance(verdict, Stopped):
                 raise BackendError(verdict.reason)
             if isinstance(verdict, Surprise):
@@ -272,7 +305,12 @@ class ClaudeBackend:
             return replace(self._judge(outcome, 0, "", session), usage=verdict.usage)
 
     async def _attempt(
-        self, agent: AgentSpec, prompt: str, session: TurnSession, emit: Emit
+        self,
+        agent: AgentSpec,
+        prompt: str,
+        session: TurnSession,
+        emit: Emit,
+        tools: ToolAccess | None,
     ) -> TurnResult:
         home = workspace_for(self.workspaces, agent)
         parser = StreamParser(max_reply_bytes=agent.max_reply_bytes)
@@ -287,7 +325,7 @@ class ClaudeBackend:
                     emit(kind, data)
 
         async with open_group_process(
-            self.argv(agent, prompt, session),
+            self.argv(agent, prompt, session, tools),
             env=self.env(agent, home),
             cwd=home,
             processes=self.processes,

@@ -125,6 +125,16 @@ class StreamOutcome:
         return usage or None
 
 
+def skydeck_server_status(init: dict[str, Any]) -> str | None:
+    """The status the init line gives the ``skydeck`` MCP server, None when it lists none."""
+    servers = init.get("mcp_servers")
+    for server in servers if isinstance(servers, list) else ():
+        if isinstance(server, dict) and server.get("name") == "skydeck":
+            status = server.get("status")
+            return status if isinstance(status, str) else "unknown"
+    return None
+
+
 class StreamParser:
     def __init__(self, *, max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES) -> None:
         self.outcome = StreamOutcome(max_reply_bytes=max_reply_bytes)
@@ -149,6 +159,10 @@ class StreamParser:
             self.outcome.session_id = session
         kind = message.get("type")
         if kind == "system" and message.get("subtype") == "init":
+            status = skydeck_server_status(message)
+            if status not in (None, "connected"):
+                # mcp.md M24: the turn goes on without the tools.
+                log.warning("skydeck MCP server not connected", extra={"status": status})
             return [("init", {"session_id": session})] if isinstance(session, str) else []
         if kind == "assistant":
             return self._assistant(message)

@@ -57,6 +57,7 @@ from .claude_warm_protocol import (
     WarmProtocol,
     pick_lru,
     recycle_reason,
+    servers_line,
 )
 from .process import CHUNK, EXIT_GRACE_S, iter_lines, open_group_process
 
@@ -317,10 +318,21 @@ class WarmPool:
                 self._give_back(proc)
 
     async def turn(
-        self, proc: WarmProcess, prompt: str, emit: Emit, *, max_reply_bytes: int
+        self,
+        proc: WarmProcess,
+        prompt: str,
+        emit: Emit,
+        *,
+        max_reply_bytes: int,
+        servers: Mapping[str, Any] | None = None,
     ) -> Verdict:
         """W2/W3: write the turn's line at once (the CLI queues it while it starts up)
-        and wait for its verdict. A surprise or a stop returns once the process is gone."""
+        and wait for its verdict. A surprise or a stop returns once the process is gone.
+
+        ``servers``: this turn's MCP servers, set by a control request written just
+        before the line (mcp.md M24); they are never part of the process's argv, so
+        a new token each turn changes nothing in its fingerprint (W11).
+        """
         assert proc.lock.locked() and proc.process is not None
         stdin = proc.process.stdin
         assert stdin is not None
@@ -329,6 +341,8 @@ class WarmPool:
             await proc.gone.wait()
             return proc.protocol.broken
         line = proc.protocol.start_turn(prompt, max_reply_bytes=max_reply_bytes)
+        if servers is not None:
+            line = servers_line(servers, f"skydeck-mcp-{proc.protocol.turns}") + line
         proc.begin(emit)
         try:
             try:

@@ -48,6 +48,18 @@ def user_line(prompt: str) -> bytes:
     return (json.dumps(message) + "\n").encode()
 
 
+def servers_line(servers: Mapping[str, Any], request_id: str) -> bytes:
+    """The ``mcp_set_servers`` control request that gives a warm process this turn's
+    MCP servers (mcp.md M24 for warm processes: the turn's own token, dead after it).
+
+    Written right before the turn's user line; the CLI answers with a
+    ``control_response`` inside the turn, which the turn's parser ignores.
+    """
+    request = {"subtype": "mcp_set_servers", "servers": dict(servers)}
+    line = {"type": "control_request", "request_id": request_id, "request": request}
+    return (json.dumps(line) + "\n").encode()
+
+
 @dataclass(frozen=True, slots=True)
 class TurnEnd:
     """The turn's ``result`` arrived. ``cost_usd`` is this turn's share (W4)."""

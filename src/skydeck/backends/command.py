@@ -1,7 +1,9 @@
 """R31: any program as an agent. The prompt goes to stdin, the reply is stdout.
 
 The prompt never becomes an argument, so a prompt like ``-v --help`` cannot be
-read as a flag, and no shell ever sees it. The reply is the head of stdout, up
+read as a flag, and no shell ever sees it. With skydeck's MCP tools on
+(mcp.md M25) the program finds the endpoint and its turn's token in
+``SKYDECK_MCP_URL`` and ``SKYDECK_MCP_TOKEN``. The reply is the head of stdout, up
 to the agent's ``max_reply_bytes``: the rest is read and dropped, the program
 runs to its end, and the reply says where it was cut (`output.cut_reply`).
 """
@@ -12,7 +14,7 @@ from functools import partial
 from pathlib import Path
 
 from ..errors import BackendError
-from ..model import AgentSpec, TurnResult, TurnSession
+from ..model import AgentSpec, ToolAccess, TurnResult, TurnSession
 from ..procs import ProcessRegistry
 from .base import Emit
 from .output import HeadBuffer, TailBuffer, cut_reply
@@ -34,17 +36,28 @@ class CommandBackend:
         self.processes = processes
 
     async def deliver(
-        self, agent: AgentSpec, prompt: str, session: TurnSession, emit: Emit
+        self,
+        agent: AgentSpec,
+        prompt: str,
+        session: TurnSession,
+        emit: Emit,
+        *,
+        tools: ToolAccess | None = None,
     ) -> TurnResult:
         if not agent.command:
             raise BackendError("agent has no command configured")
         home = workspace_for(self.workspaces, agent)
+        env = minimal_env(agent, home)
+        if tools is not None:
+            # mcp.md M25: after the agent's own env, which cannot override them.
+            env["SKYDECK_MCP_URL"] = tools.url
+            env["SKYDECK_MCP_TOKEN"] = tools.token
         stdout = HeadBuffer(agent.max_reply_bytes)
         stderr = TailBuffer.for_chars(STDERR_TAIL)
         try:
             async with open_group_process(
                 agent.command,
-                env=minimal_env(agent, home),
+                env=env,
                 cwd=home,
                 processes=self.processes,
                 owner=agent,

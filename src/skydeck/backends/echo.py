@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from ..model import AgentSpec, TurnResult, TurnSession
+from ..model import AgentSpec, ToolAccess, TurnResult, TurnSession
 from .base import Emit
 
 
 class EchoBackend:
     async def deliver(
-        self, agent: AgentSpec, prompt: str, session: TurnSession, emit: Emit
+        self,
+        agent: AgentSpec,
+        prompt: str,
+        session: TurnSession,
+        emit: Emit,
+        *,
+        tools: ToolAccess | None = None,
     ) -> TurnResult:
         emit("init", {"session_id": session.id})
         reply = f"echo: {prompt}"

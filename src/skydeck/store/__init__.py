@@ -132,6 +132,16 @@ class Store(Protocol):
     async def end_thread(
         self, thread: ThreadRecord, status: ThreadStatus, output: str, fence: Fence
     ) -> ThreadRecord: ...
+    async def add_outbound(
+        self,
+        channel: str,
+        content: str,
+        fence: Fence,
+        *,
+        metadata: dict[str, Any],
+        in_reply_to: str | None = None,
+        thread_id: str | None = None,
+    ) -> Message: ...
     async def set_remote_id(self, message: Message, remote_id: str, fence: Fence) -> Message: ...
     async def get_session(self, agent: str) -> str | None: ...
     async def clear_session(self, agent: str) -> None: ...

@@ -860,6 +860,30 @@ class SQLiteStore:
             )
         return settled, outbound, ended
 
+    async def add_outbound(
+        self,
+        channel: str,
+        content: str,
+        fence: Fence,
+        *,
+        metadata: dict[str, Any],
+        in_reply_to: str | None = None,
+        thread_id: str | None = None,
+    ) -> Message:
+        """An outbound message outside a turn's end (mcp.md M17, `notify`): `done`
+        at once; it answers nothing, so no inbound's ``reply_id`` moves (R19)."""
+        with self._tx() as db:
+            return self._insert(
+                db,
+                channel=channel,
+                direction="out",
+                content=content,
+                state=MessageState.DONE,
+                metadata=metadata,
+                in_reply_to=in_reply_to,
+                thread_id=thread_id,
+            )
+
     async def set_remote_id(self, message: Message, remote_id: str, fence: Fence) -> Message:
         """Where a mirror keeps this message (e.g. the vault note id), in its metadata."""
         updated = replace(message, metadata={**message.metadata, "remote_id": remote_id})

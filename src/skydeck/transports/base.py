@@ -57,6 +57,10 @@ class Mirror(Protocol):
         """R27 there too (durable outbox)."""
         ...
 
+    async def queue_notify(self, message: Message) -> None:
+        """mcp.md M17: a `notify` message, written there like a reply (durable outbox)."""
+        ...
+
 
 async def with_retry(
     write: Callable[[], Awaitable[T]],
@@ -151,3 +155,7 @@ class Mirrors:
     async def clear_session(self, agent: AgentSpec) -> None:
         for mirror in self._serving(agent.channel):
             await mirror.clear_session(agent)
+
+    async def queue_notify(self, message: Message) -> None:
+        for mirror in self._serving(message.channel):
+            await mirror.queue_notify(message)

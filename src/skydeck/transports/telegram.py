@@ -594,9 +594,11 @@ class TelegramMirror:
     def takes_callbacks(self, channel: str) -> bool:
         return False  # a callback to a linked channel is an ordinary local message
 
-    async def route(self, reply: Message, inbound: Message, *, settle: bool) -> list[NewRow]:
+    async def route(
+        self, reply: Message, inbound: Message | None, *, settle: bool
+    ) -> list[NewRow]:
         """T25/T26/T27: the rows a reply becomes, fixed when it is stored."""
-        batch = await self.store.answered_by(reply.id) or [inbound]
+        batch = await self.store.answered_by(reply.id) or ([inbound] if inbound else [])
         origins: dict[tuple[int, int | None], int] = {}
         for message in batch:
             meta = message.metadata
@@ -707,6 +709,16 @@ class TelegramMirror:
 
     async def clear_session(self, agent: AgentSpec) -> None:
         """Telegram keeps no session."""
+
+    async def queue_notify(self, message: Message) -> None:
+        """mcp.md M17: a progress message goes where the turn's reply will (the
+        origin chat, threaded; else the `deliver: all` links), through the outbox,
+        and never settles the turn."""
+        inbound = await self.store.get_message(message.in_reply_to) if message.in_reply_to else None
+        rows = await self.route(message, inbound, settle=False)
+        if rows:
+            self.rows.queue(rows)
+            self.sender.wake()
 
     async def recover(self) -> None:
         """T38, at start before any replay: a message whose reply is stored never

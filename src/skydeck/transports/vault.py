@@ -142,14 +142,17 @@ class VaultMirror:
 
     # -- replies ------------------------------------------------------------------
 
-    async def write_reply(self, reply: Message, inbound: Message) -> str:
+    async def write_reply(self, reply: Message, inbound: Message | None) -> str:
+        """An outbound note: a reply, or a `notify` (its metadata says ``notify``)."""
         metadata = {
             "agent": reply.channel,
             "direction": "outbound",
             "sender": "session",
             "ts": reply.created_at,
-            "in_reply_to": inbound.external_id or inbound.id,
+            **({"notify": "true"} if reply.metadata.get("notify") == "true" else {}),
         }
+        if inbound is not None:
+            metadata["in_reply_to"] = inbound.external_id or inbound.id
         if reply.thread_id:
             metadata["thread"] = reply.thread_id
         proposed = str(uuid.uuid4())
@@ -237,6 +240,10 @@ class VaultMirror:
         await self.store.outbox_add("reply", {"message_id": reply.id, "thread_id": thread.id})
         self._wake.set()
 
+    async def queue_notify(self, message: Message) -> None:
+        await self.store.outbox_add("notify", {"message_id": message.id})
+        self._wake.set()
+
     async def clear_session(self, agent: AgentSpec) -> None:
         """R27 for a vault agent: the thread note's session is cleared too."""
         await self.store.outbox_add("clear_session", {"agent": agent.name, "mode": agent.mode})
@@ -291,6 +298,8 @@ class VaultMirror:
             await self._write_callback(payload)
         elif kind == "reply":
             await self._redeliver_reply(payload)
+        elif kind == "notify":
+            await self._write_notify(payload)
         elif kind == "clear_session":
             path = thread_path(payload["agent"], payload["mode"], "")
             try:
@@ -314,6 +323,16 @@ class VaultMirror:
             tags=[TAG_MESSAGE, TAG_INBOUND],
             metadata=metadata,
         )
+
+    async def _write_notify(self, payload: dict[str, Any]) -> None:
+        """mcp.md M17: a notify as an outbound note, once (an item whose removal was
+        lost comes again, and finds the note's id already kept)."""
+        message = await self.store.get_message(payload["message_id"])
+        if message is None or "remote_id" in message.metadata:
+            return
+        inbound = await self.store.get_message(message.in_reply_to) if message.in_reply_to else None
+        remote_id = await self.write_reply(message, inbound)
+        await self.store.set_remote_id(message, remote_id, OUTBOX_FENCE)
 
     async def _redeliver_reply(self, payload: dict[str, Any]) -> None:
         """A reply that failed R20 lands at last: same turn, records back to ok,

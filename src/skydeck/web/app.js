@@ -307,6 +307,15 @@ async function chatScreen(channel) {
       stickToBottom(() => { node.textContent = node.dataset.text; });
       return;
     }
+    if (event.kind === "notify") {
+      // An agent's progress message (its MCP notify tool): an agent bubble, placed
+      // before the reply still being written, if its turn is running.
+      if (log.querySelector(`[data-id="${CSS.escape(event.id)}"]`)) return;
+      const note = bubble({ id: event.id, direction: "out", content: event.content, created_at: new Date().toISOString() });
+      const waiting = pending.get(event.message_id);
+      stickToBottom(() => (waiting ? waiting.before(note) : log.append(note)));
+      return;
+    }
     if (event.kind === "tool") {
       const node = replyBubble(event.message_id);
       stickToBottom(() => node.before(el("div", { class: "tool" }, `Tool: ${event.name} ${JSON.stringify(event.input)}`)));
