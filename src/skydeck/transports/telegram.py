@@ -594,9 +594,7 @@ class TelegramMirror:
     def takes_callbacks(self, channel: str) -> bool:
         return False  # a callback to a linked channel is an ordinary local message
 
-    async def route(
-        self, reply: Message, inbound: Message | None, *, settle: bool
-    ) -> list[NewRow]:
+    async def route(self, reply: Message, inbound: Message | None, *, settle: bool) -> list[NewRow]:
         """T25/T26/T27: the rows a reply becomes, fixed when it is stored."""
         batch = await self.store.answered_by(reply.id) or ([inbound] if inbound else [])
         origins: dict[tuple[int, int | None], int] = {}
