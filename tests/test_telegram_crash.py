@@ -173,7 +173,10 @@ async def test_kill_at_random_points_under_a_2000_update_backlog(tmp_path: Path)
                 stored = await until(settled, 10)
             except trio.TooSlowError:
                 states = [(m["state"], m["error"]) for m in await inbound_of(url, channel)]
-                raise AssertionError((seed, [s for s in states if s[0] != "done"])) from None
+                async with httpx.AsyncClient(base_url=url) as http:
+                    outbox = (await http.get("/api/telegram/outbox")).json()["items"]
+                stuck = [s for s in states if s[0] != "done"]
+                raise AssertionError((seed, stuck, outbox)) from None
             assert [m["content"] for m in stored] == [e[len("echo: ") :] for e in expected]
             assert all(m["reply_id"] for m in stored), seed
         # At least once: only a part in flight at a kill can show twice.

@@ -441,11 +441,11 @@ class TelegramSender:
                         continue
                     self._retry_later(row.chat_id, exc)
                     await self.store.flushed()
-                    await self._changed(row)
+                    self._changed(row)
                     return False
                 self._refuse(row, exc)
                 await self.store.flushed()
-                await self._changed(row)
+                self._changed(row)
                 return True
             self.rows.sent(row, result.get("message_id") if isinstance(result, dict) else None)
             self._chat_backoff.pop(row.chat_id, None)
@@ -456,8 +456,12 @@ class TelegramSender:
             self.metrics.parts.labels(row.kind).inc()
             if row.part == row.parts:
                 self.metrics.delivery.observe(max(0.0, time.time() - row.created))
+            if row.settle and row.message_id is not None and row.message_id not in self.waiting:
+                # In the same commit as `sent` (no checkpoint between): a kill can never
+                # leave a delivered reply's turn `failed` behind.
+                await settle_late(self.store, self.rows, row.message_id)
             await self.store.flushed()
-            await self._changed(row)
+            self._changed(row)
             return True
 
     def _pause(self, exc: TelegramError) -> None:
@@ -504,14 +508,11 @@ class TelegramSender:
             extra={"chat_id": row.chat_id, "code": exc.status, "description": exc.description},
         )
 
-    async def _changed(self, row: Row) -> None:
-        if row.message_id is None:
-            return
-        waiter = self.waiting.get(row.message_id)
+    def _changed(self, row: Row) -> None:
+        """Wake the turn waiting on this row's reply, if one is (T37)."""
+        waiter = self.waiting.get(row.message_id) if row.message_id is not None else None
         if waiter is not None:
             waiter.set()
-        elif row.settle:
-            await settle_late(self.store, self.rows, row.message_id)
 
     # -- typing (T29) ---------------------------------------------------------------------
 
