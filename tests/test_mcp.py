@@ -971,6 +971,9 @@ async def test_m28_post_api_jobs_takes_exactly_one_of_schedule_and_run_at(
             "error": "give exactly one of schedule and run_at",
             "field": "schedule",
         }
+    for edge in ("9999-12-31T23:59:59-01:00", "0001-01-01T00:00:00+01:00"):  # beyond UTC's range
+        answer = await http.post("/api/jobs", json={**base, "run_at": edge})
+        assert (answer.status_code, answer.json()["field"]) == (400, "run_at")
     made = await http.post("/api/jobs", json={**base, "run_at": "2030-01-01T01:00:00+01:00"})
     assert made.status_code == 201
     job = made.json()

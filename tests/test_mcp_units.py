@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import trio
 
+from helpers import agent, running_registry
 from skydeck.backends.claude import ClaudeBackend
 from skydeck.backends.claude_stream import StreamParser
 from skydeck.backends.claude_warm_protocol import servers_line
@@ -28,8 +29,10 @@ from skydeck.mcp.access import (
     TurnTokens,
     digest,
 )
+from skydeck.mcp.tools import TOOLS, Invocation, Toolbox
 from skydeck.mcp.wiring import base_url, prepare_dir, write_config
 from skydeck.model import AgentSpec, ToolAccess, TurnSession
+from skydeck.store.sqlite import SQLiteStore
 
 
 def caller(channel: str = "c", credential: str = "a") -> Caller:
@@ -185,3 +188,41 @@ def test_m26_vault_definitions_carry_mcp_and_mcp_allow() -> None:
     assert off.mcp is False and off.mcp_allow == ["worker", "other", "lead"]
     with pytest.raises(InvalidNote, match="mcp_allow must be null or a list"):
         parse_definition(note(mcp_allow="a b .."))
+
+
+class SlowFlushStore(SQLiteStore):
+    """Commits take a while (a busy disk): a tool awaits them with other calls in flight."""
+
+    async def flushed(self) -> None:
+        await trio.sleep(0.01)
+        await super().flushed()
+
+
+async def test_m14_concurrent_posts_take_their_slots_before_awaiting(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """150 notifies of one turn at once: each takes its slot before it awaits the
+    commit, so exactly 100 are stored and 50 refused (checking first and counting
+    after the await let every one of them through)."""
+    store = SlowFlushStore(tmp_path / "skydeck.db")
+    async with running_registry(store, agents=[agent("lead")]) as registry:
+        toolbox = Toolbox(registry, store, registry.events, None)
+        _, grant = TurnTokens().mint(
+            channel="lead", agent="lead", thread_id="t", message_id="m", depth=0, timeout_s=60
+        )
+        (notify,) = [tool for tool in TOOLS if tool.name == "notify"]
+        scopes = frozenset({notify.scope})
+        caller = Caller(channel="lead", scopes=scopes, credential="", grant=grant)
+        results: list[dict[str, Any]] = []
+
+        async def one() -> None:
+            invocation = Invocation(caller=caller, version="2025-11-25")
+            results.append(await toolbox.call(notify, invocation, {"content": "burst"}))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(150):
+                nursery.start_soon(one)
+        page = await store.list_messages("lead", limit=500)
+    assert sum(1 for r in results if not r["isError"]) == 100
+    assert grant.posts == 100
+    assert sum(1 for m in page.messages if m.content == "burst") == 100

@@ -451,7 +451,11 @@ def run_at(value: object) -> str:
         except ValueError:
             moment = None
         if moment is not None and moment.tzinfo is not None:
-            return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+            try:
+                utc = moment.astimezone(UTC)
+            except OverflowError:  # 9999-12-31T23:59-01:00 is past datetime's range in UTC
+                raise BadRequest(RUN_AT_TEXT, field="run_at") from None
+            return utc.isoformat(timespec="seconds").replace("+00:00", "Z")
     raise BadRequest(RUN_AT_TEXT, field="run_at")
 
 

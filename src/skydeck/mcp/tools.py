@@ -19,7 +19,8 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -429,21 +430,25 @@ class Toolbox:
         agent = self._serving(own)
         return agent is None or agent.mcp_allow is None or target in agent.mcp_allow
 
-    def _check_cap(self, call: Invocation) -> None:
-        """M14: refuse the 101st post of a turn (`_posted` counts the ones that succeed)."""
+    @contextmanager
+    def _post_slot(self, call: Invocation) -> Iterator[None]:
+        """M14: a post takes its slot of the turn's 100 before its first await, so
+        parallel calls cannot all pass the check; one that fails gives it back."""
         grant = call.caller.grant
         if grant is None:
+            yield
             return
         if grant.posts >= MAX_POSTS_PER_TURN:
             raise ToolError(
                 f"this turn has already posted {MAX_POSTS_PER_TURN} times through skydeck "
                 "tools (the per-turn limit)"
             )
-
-    @staticmethod
-    def _posted(call: Invocation) -> None:
-        if call.caller.grant is not None:
-            call.caller.grant.posts += 1
+        grant.posts += 1
+        try:
+            yield
+        except BaseException:
+            grant.posts -= 1
+            raise
 
     # -- the handlers -------------------------------------------------------------
 
@@ -464,32 +469,31 @@ class Toolbox:
                 "delegation depth limit reached: a message sent from this turn would be at "
                 f"depth {depth} (the limit is {MAX_DELEGATION_DEPTH - 1})"
             )
-        self._check_cap(call)
-        if not self.registry.accepting:
-            raise ToolError(SHUTTING_DOWN)
-        callback = args.get("callback", True)
-        metadata: dict[str, Any] = {}
-        if callback:
-            metadata["reply_to"] = own
-        metadata["delegation_depth"] = depth
-        if "correlation_id" in args:
-            metadata["correlation_id"] = args["correlation_id"]
-        metadata["sender_channel"] = own
-        grant = call.caller.grant
-        external_id = None
-        if grant is not None:
-            metadata["sender_thread"] = grant.thread_id
-            if call.tool_use_id is not None:
-                external_id = f"mcp:{grant.thread_id}:{call.tool_use_id}"
-        inbound = Inbound(
-            channel=target, content=args["content"], external_id=external_id, metadata=metadata
-        )
-        try:
-            accepted = await self.registry.submit(inbound)
-        except Unavailable:
-            raise ToolError(SHUTTING_DOWN) from None
-        await self.store.flushed()
-        self._posted(call)
+        with self._post_slot(call):
+            if not self.registry.accepting:
+                raise ToolError(SHUTTING_DOWN)
+            callback = args.get("callback", True)
+            metadata: dict[str, Any] = {}
+            if callback:
+                metadata["reply_to"] = own
+            metadata["delegation_depth"] = depth
+            if "correlation_id" in args:
+                metadata["correlation_id"] = args["correlation_id"]
+            metadata["sender_channel"] = own
+            grant = call.caller.grant
+            external_id = None
+            if grant is not None:
+                metadata["sender_thread"] = grant.thread_id
+                if call.tool_use_id is not None:
+                    external_id = f"mcp:{grant.thread_id}:{call.tool_use_id}"
+            inbound = Inbound(
+                channel=target, content=args["content"], external_id=external_id, metadata=metadata
+            )
+            try:
+                accepted = await self.registry.submit(inbound)
+            except Unavailable:
+                raise ToolError(SHUTTING_DOWN) from None
+            await self.store.flushed()
         return {
             "id": accepted.id,
             "state": accepted.state,
@@ -499,18 +503,17 @@ class Toolbox:
         }
 
     async def _notify(self, call: Invocation, args: dict[str, Any]) -> dict[str, Any]:
-        self._check_cap(call)
-        grant = call.caller.grant
-        message = await self.store.add_outbound(
-            call.channel,
-            args["content"],
-            grant.fence if grant is not None else Fence.local(call.channel),
-            metadata={"notify": "true"},
-            in_reply_to=grant.message_id if grant is not None else None,
-            thread_id=grant.thread_id if grant is not None else None,
-        )
-        await self.store.flushed()
-        self._posted(call)
+        with self._post_slot(call):
+            grant = call.caller.grant
+            message = await self.store.add_outbound(
+                call.channel,
+                args["content"],
+                grant.fence if grant is not None else Fence.local(call.channel),
+                metadata={"notify": "true"},
+                in_reply_to=grant.message_id if grant is not None else None,
+                thread_id=grant.thread_id if grant is not None else None,
+            )
+            await self.store.flushed()
         event = TurnEvent(
             kind=EventKind.NOTIFY,
             message_id=grant.message_id if grant is not None else message.id,
@@ -624,23 +627,22 @@ class Toolbox:
                 f"this channel already has {MAX_TOOL_JOBS} enabled jobs made through skydeck "
                 "tools; cancel one first"
             )
-        self._check_cap(call)
-        job = Job(
-            name=name,
-            channel=own,
-            schedule=args.get("cron"),
-            content=args["content"],
-            timezone=zone,
-            run_at=run_at,
-            source=source,
-            delegation_depth=call.depth,
-        )
-        try:
-            created = await jobs.create(job)
-        except Conflict as exc:  # made by someone else since `existing` was read
-            raise ToolError(exc.message, "name") from None
-        await self.store.flushed()
-        self._posted(call)
+        with self._post_slot(call):
+            job = Job(
+                name=name,
+                channel=own,
+                schedule=args.get("cron"),
+                content=args["content"],
+                timezone=zone,
+                run_at=run_at,
+                source=source,
+                delegation_depth=call.depth,
+            )
+            try:
+                created = await jobs.create(job)
+            except Conflict as exc:  # made by someone else since `existing` was read
+                raise ToolError(exc.message, "name") from None
+            await self.store.flushed()
         return {"job": created.to_json()}
 
     async def _list_jobs(self, call: Invocation, args: dict[str, Any]) -> dict[str, Any]:
