@@ -458,6 +458,33 @@ async def test_t25_routing_by_origin_and_deliver(tmp_path: Path) -> None:
         assert "reply_parameters" not in broadcast
 
 
+async def test_t25_t26_a_collect_turn_answers_each_origin_chat_once(tmp_path: Path) -> None:
+    async with running(tmp_path) as rig:
+        script = "import sys, time; p = sys.stdin.read(); time.sleep(1); print('got', p.split())"
+        body = {
+            "name": "col",
+            "channel": "col",
+            "backend": "command",
+            "command": [sys.executable, "-c", script],
+            "queue_mode": "collect",
+        }
+        await rig.api("POST", "/api/agents", body, 201)
+        await rig.link(41, "col")
+        await rig.link(42, "col")
+        rig.fake.push(41, "a1", from_id=41)
+        await until(lambda: rig.fake.requests("sendChatAction", 41))
+        b1 = rig.fake.push(42, "b1", from_id=42)
+        a2 = rig.fake.push(41, "a2", from_id=41)
+        await settled(rig, "col", 3, timeout=15)
+        await until(lambda: len(rig.fake.texts(41)) == 2 and rig.fake.texts(42))
+        assert rig.fake.texts(41) == ["got ['a1']", "got ['b1', 'a2']"]
+        assert rig.fake.texts(42) == ["got ['b1', 'a2']"]
+        last_a = reply_params(rig, 41)[1]["reply_parameters"]["message_id"]
+        assert last_a == a2["message"]["message_id"]
+        only_b = reply_params(rig, 42)[0]["reply_parameters"]["message_id"]
+        assert only_b == b1["message"]["message_id"]
+
+
 async def test_t26_t27_t28_long_reply_in_a_topic(tmp_path: Path) -> None:
     async with running(tmp_path) as rig:
         await rig.agent("long")

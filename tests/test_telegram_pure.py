@@ -312,3 +312,55 @@ def test_t1_token_checks_and_file(tmp_path: Any) -> None:
 def test_t3_bad_settings_name_the_setting(changes: dict[str, Any], named: str) -> None:
     with pytest.raises(ValueError, match=named):
         config(**changes)
+
+
+# -- the store's Telegram rows: pairing limits (T8) and the janitor (§11) ----------------
+
+
+def telegram_rows() -> Any:
+    from skydeck.store.sqlite import SQLiteStore
+    from skydeck.transports.telegram_store import TelegramStore
+
+    return TelegramStore(SQLiteStore(":memory:"))
+
+
+def test_t8_pairing_codes_expire_and_at_most_fifty_wait() -> None:
+    rows = telegram_rows()
+    for i in range(51):
+        rows.add_pairing(
+            {
+                "code": f"C{i:05d}",
+                "chat_id": 100 + i,
+                "topic_id": None,
+                "chat_type": "private",
+                "title": None,
+                "user": "@u",
+                "created_at": 1000.0 + i,
+                "expires_at": 1600.0 + i,
+            }
+        )
+    waiting = rows.pairings(1000.0)
+    assert len(waiting) == 50 and waiting[0]["code"] == "C00001"  # the oldest dropped
+    assert rows.pairing("C00050", 1649.0) is not None
+    assert rows.pairing("C00050", 1650.0) is None  # 10 minutes, then gone
+    assert rows.pending_pairing_for(150, 1000.0) and not rows.pending_pairing_for(100, 1000.0)
+
+
+def test_janitor_prunes_old_update_ids_pairings_and_done_rows() -> None:
+    from skydeck.transports.telegram_store import NewRow
+
+    rows = telegram_rows()
+    rows.record_updates([(5, "accepted"), (6, "ignored")])
+    assert rows.handled([5, 6, 7]) == {5, 6} and rows.offset() == 7
+    rows.queue([NewRow(chat_id=1, topic_id=None, kind="notice", text="a") for _ in range(2)])
+    first = rows.head(1)
+    assert first is not None
+    rows.sent(first, 77)
+    now = first.created
+    rows.prune(now + 47 * 3600)
+    assert rows.depth()[0] == 1  # the sent row is kept for 24 h, the pending one always
+    rows.prune(now + 49 * 3600)
+    assert rows.depth()[0] == 1 and rows.head(1) is not None  # pending rows never expire
+    assert rows.outbox(now + 49 * 3600)[0].state.value == "pending"
+    assert rows.handled([5, 6]) == {5, 6}  # below the offset: still duplicates, though pruned
+    assert not rows._read("SELECT 1 FROM telegram_updates")
