@@ -436,6 +436,45 @@ async def test_t23_reset_is_the_agent_reset_route(tmp_path: Path) -> None:
         assert await store.get_session("e") not in (None, first)
 
 
+async def test_t23_reset_starts_a_fresh_claude_conversation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two turns of a single-threaded claude agent (the pinned CLI, the fake Anthropic
+    API), `/reset`, a third: the third runs under a new session id, without history."""
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    from fake_anthropic import FakeAnthropic
+
+    api = FakeAnthropic()
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    async with trio.open_nursery() as nursery:
+        (api.url,) = await nursery.start(serve, api.app(), config)
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", api.url)
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-fake-key")
+        async with running(tmp_path) as rig:
+            await rig.api(
+                "POST", "/api/agents", {"name": "cl", "channel": "cl", "backend": "claude"}, 201
+            )
+            await rig.link(17, "cl")
+            for n, text in enumerate(("one", "two", "/reset", "three"), start=1):
+                rig.fake.push(17, text, from_id=17)
+
+                def answered(n: int = n) -> bool:
+                    return len(rig.fake.texts(17)) == n
+
+                await until(answered, 60)
+            assert rig.fake.texts(17)[2] == (
+                "Session cleared: the next message starts a fresh conversation."
+            )
+        nursery.cancel_scope.cancel()
+    sessions = [h["x-claude-code-session-id"] for h in api.headers]
+    assert sessions[0] == sessions[1] != sessions[-1]
+    assert sessions[-1] not in sessions[:-1]
+
+
 # -- outbound, T25-T30 ------------------------------------------------------------------------
 
 
