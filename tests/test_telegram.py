@@ -187,6 +187,17 @@ async def test_t10_failed_polls_back_off_then_recover(tmp_path: Path) -> None:
     fake = FakeTelegram()
     fake.fail("getUpdates", "409", "502")
     async with running(tmp_path, fake) as rig:
+
+        async def receive_error() -> dict[str, Any] | None:
+            block: dict[str, Any] = (await rig.health())["telegram"]
+            return block if block["receive"] == "error" else None
+
+        block = await until(receive_error, 3)
+        assert block["last_error"] == (
+            "getUpdates 409: Conflict: terminated by other getUpdates request; make sure that "
+            "only one bot instance is running"
+        )
+        assert block["last_error_at"] is not None
         await until(lambda: len(rig.fake.requests("getUpdates")) >= 3, timeout=8)
         polls = rig.fake.requests("getUpdates")
         assert polls[0]["params"] == {"limit": 100, "timeout": 1, "allowed_updates": ["message"]}
