@@ -329,16 +329,55 @@ async def test_t18_hostile_batches(tmp_path: Path) -> None:
         await settled(rig, "c", 2)
         assert [m["content"] for m in await rig.inbound("c")] == ["one", "two"]
         await until(lambda: rig.fake.state()["confirmed_offset"] == n + 6, 5)
-        errors_before = (await rig.http.get("/metrics")).text.count("polls_total")
-        assert errors_before
+        # A batch with an element without an integer update_id is a failed poll (the
+        # garbage and wrong-shape answers are the client's: test_t2_t18_unusable_answers).
         rig.fake.push_raw({"no": "id"})
-        rig.fake.fail("getUpdates", "garbage", "shape")
-        await until(lambda: len([r for r in rig.fake.requests("getUpdates")]) >= 8, 15)
-        metrics = (await rig.http.get("/metrics")).text
-        assert 'skydeck_telegram_polls_total{result="error"} 3.0' in metrics
-        assert 'skydeck_telegram_updates_total{outcome="malformed"} 3.0' in metrics
         rig.fake.push(3, "still serving", from_id=3)
         await settled(rig, "c", 3)
+        metrics = (await rig.http.get("/metrics")).text
+        assert 'skydeck_telegram_polls_total{result="error"} 1.0' in metrics
+        assert 'skydeck_telegram_updates_total{outcome="malformed"} 3.0' in metrics
+
+
+async def test_t2_t18_unusable_answers_are_errors_naming_the_method(tmp_path: Path) -> None:
+    """Garbage, a wrong shape, an HTML 502, a network cut: each a `TelegramError` with
+    the method, status and description, and never the URL (it holds the token)."""
+    from prometheus_client import CollectorRegistry
+
+    from fake_telegram import FakeTelegram, serving
+    from skydeck.transports.telegram import (
+        TelegramClient,
+        TelegramError,
+        TelegramMetrics,
+        load_config,
+    )
+
+    fake = FakeTelegram()
+    async with serving(fake) as api_url:
+        config = load_config(
+            token=TOKEN, token_file=None, api_url=api_url + "/", mode=None, webhook_url=None,
+            webhook_secret=None, poll_timeout_s=1.0, format=None, pairing=None, wait_s=1.0,
+            misconfig_retry_s=1.0,
+        )  # fmt: skip
+        assert config is not None
+        client = TelegramClient(config, TelegramMetrics(CollectorRegistry()))
+        fake.fail("getUpdates", "garbage", "shape", "502html", "net", "429:7")
+        seen = []
+        for _ in range(5):
+            with pytest.raises(TelegramError) as raised:
+                await client.call("getUpdates", {"timeout": 0})
+            seen.append((str(raised.value), raised.value.status, raised.value.retry_after))
+            assert TOKEN not in str(raised.value) and api_url not in str(raised.value)
+        assert seen == [
+            ("getUpdates 200: not a JSON answer", None, None),
+            ("getUpdates: answer of the wrong shape", None, None),
+            ("getUpdates 502: not a JSON answer", 502, None),
+            ("getUpdates: network error (RemoteProtocolError)", None, None),
+            ("getUpdates 429: Too Many Requests: retry after 7", 429, 7.0),
+        ]
+        assert await client.call("getUpdates", {"timeout": 0}) == []
+        assert fake.requests()[0]["http"] == "POST"
+        await client.aclose()
 
 
 async def test_t19_buffered_notice_once_then_answered(tmp_path: Path) -> None:
