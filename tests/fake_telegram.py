@@ -438,6 +438,7 @@ class FakeTelegram:
         offset = _int(params.get("offset"))
         self._poll_generation += 1
         generation = self._poll_generation
+        self._wake()  # a getUpdates already waiting ends now, with 409
         if offset is not None:
             self._confirm(offset)
         deadline = trio.current_time() + timeout
