@@ -888,7 +888,10 @@ class TelegramReceiver:
             self.health.receive = "ok"
             self.health.ok()
             if batch and not self.stopping:
-                await self.handle(batch)
+                try:
+                    await self.handle(batch)
+                except Unavailable:
+                    return  # stopping: unconfirmed, the batch comes again at next start
 
     # -- one batch: effects, update ids and the offset in one transaction (T11) ---------------
 
@@ -930,10 +933,9 @@ class TelegramReceiver:
             for _, tg, what in decided
             if tg is not None and isinstance(what, access.Accept)
         ]
-        try:
-            accepted = iter(await self.registry.submit_batch(inbounds) if inbounds else [])
-        except Unavailable:
-            return  # stopping: nothing of this batch is kept; Telegram sends it again
+        # Stopping (R29): `Unavailable` leaves with nothing of the batch kept, so
+        # Telegram sends it again (the poller stops; the webhook answers 503).
+        accepted = iter(await self.registry.submit_batch(inbounds) if inbounds else [])
         answers: list[tuple[access.TgMessage, str]] = []
         for _, tg, what in decided:
             if tg is not None and isinstance(what, access.Command):
