@@ -600,6 +600,16 @@ async def test_t26_t27_t28_long_reply_in_a_topic(tmp_path: Path) -> None:
         assert "skydeck_telegram_plain_fallbacks_total 1.0" in metrics
 
 
+async def test_t28_plain_format_never_sends_parse_mode(tmp_path: Path) -> None:
+    async with running(tmp_path, telegram_format="plain") as rig:
+        await rig.agent("p")
+        await rig.link(19, "p")
+        rig.fake.push(19, "**not bold** <b>", from_id=19)
+        await until(lambda: rig.fake.texts(19))
+        assert rig.fake.texts(19) == ["echo: **not bold** <b>"]
+        assert all("parse_mode" not in params for params in reply_params(rig, 19))
+
+
 async def test_t29_typing_while_the_turn_runs(tmp_path: Path) -> None:
     async with running(tmp_path) as rig:
         sleeper = [
