@@ -8,6 +8,7 @@ channels); pairing and webhook mode get their own pair."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import socket
@@ -419,3 +420,30 @@ def test_s9_webhook_mode(tmp_path: Path) -> None:
         daemon.proc.proc.wait(30)
         daemon.proc.log.close()
         own.close()
+
+
+def test_cli_link_ls_unlink_pairings_status(fake: Fake, daemon: Daemon) -> None:
+    from daemon_process import cli
+
+    url = daemon.proc.url
+    made = cli(
+        url, "telegram", "link", "-100777", "--channel", "cli", "--topic", "3", "--allow-user", "5"
+    )
+    assert made.returncode == 0 and made.stdout.startswith("linked -100777:3 ")
+    assert "mention" in made.stdout and "1 allowed users" in made.stdout
+    listed = cli(url, "telegram", "ls", "--json")
+    ids = [link["id"] for link in json.loads(listed.stdout)]
+    assert "-100777:3" in ids
+    again = cli(url, "telegram", "link", "-100777", "--channel", "cli", "--topic", "3")
+    assert again.returncode == 1 and again.stderr.count("\n") == 1
+    assert "already linked" in again.stderr and "(field: chat_id)" in again.stderr
+    private = cli(url, "telegram", "link", "55", "--channel", "cli", "--trigger", "mention")
+    assert private.returncode == 1 and "(field: trigger)" in private.stderr
+    assert cli(url, "telegram", "unlink", "-100777:3").stdout == "unlinked -100777:3\n"
+    assert cli(url, "telegram", "unlink", "-100777:3").returncode == 1
+    assert cli(url, "telegram", "pairings").stdout == "no chat is waiting to be paired\n"
+    status = cli(url, "telegram", "status", "--json")
+    block = json.loads(status.stdout)
+    assert block["mode"] == "polling" and block["bot"] == BOT_USERNAME
+    plain = cli(url, "telegram", "status").stdout
+    assert re.search(r"^receive\s+ok$", plain, re.M)

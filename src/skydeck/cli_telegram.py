@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -58,6 +59,9 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     ls.add_argument("--json", action="store_true", help="print raw JSON")
     unlink = _command(actions, "unlink", "remove a link", "skydeck telegram unlink 123456789")
     unlink.add_argument("id", help="the link id (<chat_id> or <chat_id>:<topic_id>)")
+    # A group's link id is negative ("-100123:7"): a value, not an option. argparse
+    # only knows plain negative numbers as values; teach this parser the topic form.
+    unlink._negative_number_matcher = re.compile(r"^-\d+(?::\d+)?$")
     pairings = _command(
         actions, "pairings", "list chats waiting to be paired", "skydeck telegram pairings"
     )
