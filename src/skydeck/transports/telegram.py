@@ -1191,9 +1191,9 @@ class Telegram:
         assert self.receiver is not None
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(self.sender.run)
-                await nursery.start(self.receiver.run)
-                nursery.start_soon(self._janitor)
+                await nursery.start(self.sender.run, name="telegram-sender")
+                await nursery.start(self.receiver.run, name="telegram-receiver")
+                nursery.start_soon(self._janitor, name="telegram-janitor")
                 task_status.started()
         finally:
             with trio.CancelScope(shield=True):
