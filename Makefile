@@ -15,6 +15,8 @@ CLAUDE_VERSION := 2.1.197
 CLAUDE := .tools/claude/node_modules/.bin/claude
 # Debian's Chromium for the browser tests (Playwright drives it; it downloads no browser).
 CHROMIUM := /usr/bin/chromium
+# Debian's bubblewrap for sandboxed turns (shared/spec/sandbox.md): the tests run it for real.
+BWRAP := /usr/bin/bwrap
 
 .PHONY: run test lint typecheck pytest bench claude clean
 
@@ -41,6 +43,10 @@ $(CHROMIUM):
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
+$(BWRAP):
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap
+
 run: $(RUN_STAMP)
 	$(BIN)/skydeck serve
 
@@ -52,15 +58,16 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 # pytest exits 5 when it collected no test: make treats that as a failure, so an empty run never passes.
-pytest: $(STAMP) $(CLAUDE) $(CHROMIUM)
+pytest: $(STAMP) $(CLAUDE) $(CHROMIUM) $(BWRAP)
 	$(BIN)/python -m pytest -q
 
 test: lint typecheck pytest
 
-bench: $(STAMP) $(CLAUDE)
+bench: $(STAMP) $(CLAUDE) $(BWRAP)
 	$(BIN)/python bench/queue_throughput.py
 	$(BIN)/python bench/turn_overhead.py
 	$(BIN)/python bench/warm_turns.py
+	$(BIN)/python bench/sandbox_turns.py
 	$(BIN)/python bench/http_ingest.py
 	$(BIN)/python bench/scheduler.py
 	$(BIN)/python bench/telegram_ingest.py

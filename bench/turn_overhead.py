@@ -57,12 +57,14 @@ async def bare_turn(backend: ClaudeBackend, agent: AgentSpec, home: Path) -> flo
     return elapsed
 
 
-async def skydeck_turn(client: httpx.AsyncClient) -> float:
-    async with client.stream("GET", "/api/channels/bench/turn-events") as events:
+async def skydeck_turn(client: httpx.AsyncClient, channel: str = "bench") -> float:
+    async with client.stream("GET", f"/api/channels/{channel}/turn-events") as events:
         lines = events.aiter_lines()
         assert (await anext(lines)).startswith(": subscribed")
         start = time.perf_counter()
-        ack = (await client.post("/api/channels/bench/messages", json={"content": "say hi"})).json()
+        ack = (
+            await client.post(f"/api/channels/{channel}/messages", json={"content": "say hi"})
+        ).json()
         async for line in lines:
             if line.startswith("data: "):
                 event = json.loads(line[6:])

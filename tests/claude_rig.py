@@ -24,6 +24,7 @@ from skydeck.backends.claude import ClaudeBackend, find_claude
 from skydeck.backends.claude_warm import WarmConfig
 from skydeck.model import AgentSpec, Message
 from skydeck.registry import Registry
+from skydeck.sandbox import Policy, Sandbox, bwrap_path, probe
 from skydeck.store.sqlite import SQLiteStore
 
 DAEMON_SECRET = "daemon-secret-7f3a"
@@ -39,6 +40,7 @@ class Rig:
     backend: ClaudeBackend
     spawns: list[str] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)
+    sandbox: Sandbox | None = None
 
     async def add(self, name: str, **kwargs: object) -> AgentSpec:
         spec = AgentSpec(name=name, channel=name, backend="claude", **kwargs)  # type: ignore[arg-type]
@@ -64,7 +66,10 @@ async def claude_rig(
     warm: WarmConfig | None,
     *,
     retry_delays: Sequence[float] = (0.2, 0.4),
+    sandbox: Policy | None = None,
 ) -> AsyncIterator[Rig]:
+    """``sandbox``: run the backend with a `Sandbox` of that policy (real /usr/bin/bwrap,
+    data dir ``tmp_path``); None: no sandboxing at all, as before."""
     executable = find_claude()
     assert executable is not None, "the pinned claude CLI is missing: `make test` installs it"
     api = FakeAnthropic()
@@ -82,6 +87,9 @@ async def claude_rig(
         monkeypatch.setenv("SKYDECK_JWT_SECRET", DAEMON_SECRET)
         store = make_store(tmp_path)
         workspaces = tmp_path / "workspaces"
+        boxes = None
+        if sandbox is not None:
+            boxes = Sandbox(sandbox, probe(bwrap_path(None)), data_dir=tmp_path)
         backend = ClaudeBackend(
             executable,
             workspaces,
@@ -89,13 +97,16 @@ async def claude_rig(
             warm=warm,
             on_warm_spawn=spawns.append,
             on_cold_fallback=fallbacks.append,
+            sandbox=boxes,
         )
         if backend.pool is not None:
             await nursery.start(backend.pool.run)
         async with running_registry(store, backends={"claude": backend}) as registry:
-            yield Rig(api, store, registry, workspaces, backend, spawns, fallbacks)
+            yield Rig(api, store, registry, workspaces, backend, spawns, fallbacks, boxes)
         if backend.pool is not None:
             await backend.pool.close()
+        if boxes is not None:
+            await boxes.aclose()
         nursery.cancel_scope.cancel()
 
 

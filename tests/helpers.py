@@ -14,6 +14,7 @@ turn does right where it posts the message:
 
 from __future__ import annotations
 
+import os
 import re
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable
@@ -206,3 +207,24 @@ async def reply_of(store: Store, message: Message) -> Message:
     reply = await store.get_message(message.reply_id)
     assert reply is not None
     return reply
+
+
+def namespace_of(pid: int) -> str:
+    """``pid:[<inode>]``: the pid namespace ``pid`` lives in (a sandbox has its own)."""
+    return os.readlink(f"/proc/{pid}/ns/pid")
+
+
+def alive_in(namespace: str) -> list[int]:
+    """Host pids in ``namespace`` that are not zombies."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                state = stat.read().rpartition(b")")[2].split()[0]
+            if state != b"Z" and namespace_of(int(entry)) == namespace:
+                found.append(int(entry))
+        except OSError:
+            continue
+    return found

@@ -645,11 +645,13 @@ async def test_w16_shutdown_exits_0_only_after_every_warm_process(tmp_path: Path
 
 
 async def test_w17_restart_kills_warm_orphans_before_the_replay(tmp_path: Path) -> None:
+    """Unsandboxed: inside a sandbox the daemon's death also cuts the CLI's only way to
+    the API, so nothing is left running to prove the sweep (S21; T5 covers that case)."""
     data = tmp_path / "data"
     frozen: list[psutil.Process] = []
     async with trio.open_nursery() as nursery:
         api = await fake_api(nursery)
-        daemon = await start_daemon(data, api)
+        daemon = await start_daemon(data, api, "--sandbox", "off")
         try:
             async with httpx.AsyncClient(base_url=daemon.url, timeout=30) as client:
                 body = {"name": "orphan", "channel": "orphan", "backend": "claude"}
@@ -675,7 +677,7 @@ async def test_w17_restart_kills_warm_orphans_before_the_replay(tmp_path: Path) 
             assert not gone(cli), "the warm CLI outlived the daemon"
             alive_at_replay: list[bool] = []
             api.on_request = lambda body: alive_at_replay.append(not gone(cli))
-            daemon = await start_daemon(data, api)
+            daemon = await start_daemon(data, api, "--sandbox", "off")
             async with httpx.AsyncClient(base_url=daemon.url, timeout=30) as client:
                 message = await settled(client, str(ack.json()["id"]))
             assert message["state"] == "done" and message["attempts"] == 2

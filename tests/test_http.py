@@ -26,6 +26,7 @@ async def test_post_then_read_the_reply_over_real_http(daemon: Daemon) -> None:
     client = daemon.client
     health = (await client.get("/health")).json()
     assert health.pop("claude_warm")["processes"] == [], "no warm claude process yet"
+    assert health.pop("sandbox")["default"] == "workspace", "bwrap works here (make test)"
     assert health == {
         "status": "ok",
         "store": "ok",

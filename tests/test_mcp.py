@@ -54,7 +54,9 @@ def jwt_for(scope: str, **claims: Any) -> str:
 
 def start(data_dir: Path, *extra: str) -> DaemonProcess:
     env = {"SKYDECK_TOKEN": TOKEN, "SKYDECK_JWT_SECRET": SECRET, "SKYDECK_LOG_LEVEL": "INFO"}
-    return DaemonProcess(data_dir, "--no-demo", *extra, env=env)
+    # Unsandboxed: the lead agent is the venv's Python with the MCP SDK, which a sandbox
+    # does not see (test_sandbox_escape.py's T1 calls the endpoint from inside one).
+    return DaemonProcess(data_dir, "--no-demo", "--sandbox", "off", *extra, env=env)
 
 
 def add_agents(url: str, **lead: Any) -> None:

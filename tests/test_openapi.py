@@ -129,7 +129,11 @@ def test_response_schemas_are_what_to_json_renders() -> None:
     for name, rec in records.items():
         assert set(schemas[name]["required"]) == set(rec.to_json()), name
     agent = AgentSpec(name="a", channel="c").to_json()
-    assert set(schemas["Agent"]["required"]) == set(agent) | {"status", "queued"}
+    assert set(schemas["Agent"]["required"]) == set(agent) | {
+        "status",
+        "queued",
+        "sandbox_effective",
+    }
 
 
 async def test_the_route_serves_the_document_to_agent_read(daemon_url: str) -> None:
@@ -249,9 +253,11 @@ def api_schema(served_schema: OpenApiSchema, request: pytest.FixtureRequest) -> 
 #: Rules that hang on the resource's current state, which no request schema can
 #: say (the operations' descriptions say them): a PATCH may repeat the name but
 #: not change it; an agent on the command backend keeps a command; a cron job stays
-#: one and a one-shot stays one.
+#: one and a one-shot stays one; egress needs a workspace sandbox and never names the
+#: daemon's own port (S2).
 STATE_RULES = {
-    ("PATCH", "/api/agents/{name}"): {"name", "command"},
+    ("POST", "/api/agents"): {"egress"},
+    ("PATCH", "/api/agents/{name}"): {"name", "command", "egress"},
     ("PATCH", "/api/jobs/{name}"): {"name", "schedule", "run_at"},
     # telegram.md §9: a private chat (a positive id) takes trigger all only.
     ("POST", "/api/telegram/links"): {"trigger"},

@@ -28,6 +28,8 @@ def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
         env={
             "SKYDECK_ALLOWED_HOSTS": "agents.example",
             "SKYDECK_ALLOWED_ORIGINS": "http://ui.example:8080",
+            # Unsandboxed, so the marker an accepted attack would write stays a real witness.
+            "SKYDECK_SANDBOX": "off",
         },
     )
     yield process

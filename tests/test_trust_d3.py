@@ -64,7 +64,8 @@ def test_trust_d3_lock_of_a_killed_daemon_never_blocks_a_start(tmp_path: Path) -
     """SIGKILL mid-turn: the kernel released the lock with the daemon (the turn's
     processes never held it; D5's reaper takes them down with the daemon)."""
     data, pid_file = tmp_path / "data", tmp_path / "agent.pid"
-    first = DaemonProcess(data, "--no-demo")
+    # Unsandboxed: the agent writes its host pid outside its workspace.
+    first = DaemonProcess(data, "--no-demo", "--sandbox", "off")
     with httpx.Client(base_url=first.url, timeout=30) as client:
         command = [sys.executable, "-c", HANG, str(pid_file)]
         spec = {"name": "x", "channel": "x", "backend": "command", "command": command}

@@ -8,6 +8,7 @@ does, its RSS stays flat and ``/health`` keeps answering.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -82,7 +83,8 @@ class Rig:
 @pytest.fixture
 def rig(tmp_path: Path) -> Iterator[Rig]:
     fake_claude = tmp_path / "fake-claude"
-    fake_claude.write_text(f"#!{sys.executable}\n{FAKE_CLAUDE}")
+    # The real interpreter, not the venv's link to it: a sandbox sees /usr, not the venv.
+    fake_claude.write_text(f"#!{os.path.realpath(sys.executable)}\n{FAKE_CLAUDE}")
     fake_claude.chmod(0o755)
     daemon = DaemonProcess(
         tmp_path / "data", "--no-demo", env={"SKYDECK_CLAUDE_BIN": str(fake_claude)}

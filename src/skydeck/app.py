@@ -11,6 +11,7 @@ import errno
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -47,6 +48,7 @@ from .mcp.endpoint import McpEndpoint, Reply
 from .metrics import Metrics
 from .model import AgentSpec, Inbound
 from .registry import Registry
+from .sandbox import Sandbox
 from .scheduler import Scheduler
 from .store import Store
 from .transports import telegram_http
@@ -173,6 +175,7 @@ def create_app(
     max_body: int = MAX_BODY_BYTES,
     body_timeout_s: float = BODY_TIMEOUT_S,
     origins: OriginPolicy | None = None,
+    sandbox: Sandbox | None = None,
     mcp: McpEndpoint | None = None,
     telegram: tuple[TelegramStore, TelegramReceiver | None] | None = None,
 ) -> QuartTrio:
@@ -187,7 +190,19 @@ def create_app(
 
     def agent_json(agent: AgentSpec) -> dict[str, Any]:
         status, queued = registry.status(agent.name)
-        return {**agent.to_json(), "status": status, "queued": queued}
+        effective = sandbox.effective(agent) if sandbox is not None else agent.sandbox or "off"
+        return {
+            **agent.to_json(),
+            "status": status,
+            "queued": queued,
+            "sandbox_effective": effective,
+        }
+
+    def checked(agent: AgentSpec) -> AgentSpec:
+        """S2/S3: what only the daemon's sandbox settings can refuse."""
+        if sandbox is not None:
+            sandbox.check_agent(agent)
+        return agent
 
     async def json_body() -> dict[str, Any]:
         if not is_json(request.headers.get("Content-Type")):
@@ -465,7 +480,7 @@ def create_app(
 
     @app.post("/api/agents")
     async def create_agent() -> Json:
-        agent = await registry.create(validate.new_agent(await json_body()))
+        agent = await registry.create(checked(validate.new_agent(await json_body())))
         await store.flushed()
         return agent_json(agent), 201
 
@@ -476,7 +491,9 @@ def create_app(
     @app.patch("/api/agents/<name>")
     async def patch_agent(name: str) -> Json:
         body = await json_body()
-        changes = validate.agent_changes(body, registry.get(name))
+        current = registry.get(name)
+        changes = validate.agent_changes(body, current)
+        checked(replace(current, **changes))
         agent = await registry.update(name, changes)
         await store.flushed()
         return agent_json(agent)

@@ -22,7 +22,7 @@ import trio
 
 from . import __version__, cli_telegram
 from .ledger import TERMINAL_STATES, MessageState
-from .model import BACKENDS, MODES, QUEUE_MODES, EventKind
+from .model import BACKENDS, MODES, QUEUE_MODES, SANDBOX_MODES, EventKind
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -133,6 +133,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             insecure=args.insecure,
             max_turns=args.max_turns,
             public_url=args.public_url,
+            sandbox=args.sandbox,
             telegram_token_file=args.telegram_token_file,
             telegram_mode=args.telegram_mode,
             telegram_webhook_url=args.telegram_webhook_url,
@@ -157,6 +158,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"skydeck {__version__} serving data in {settings.data_dir}", flush=True)
             print(f"  web UI: {base}/", flush=True)
             print(f"  API:    {base}/api  (health: {base}/health)", flush=True)
+            print(f"  {service.sandbox.banner()}", flush=True)
             if service.demo_note:
                 print(f"  {service.demo_note}", flush=True)
 
@@ -204,6 +206,10 @@ def cmd_agent(args: argparse.Namespace, client: Client) -> int:
             body["max_reply_bytes"] = args.max_reply_bytes
         if args.env:
             body["env"] = dict(item.split("=", 1) for item in args.env)
+        if args.sandbox is not None:
+            body["sandbox"] = args.sandbox
+        if args.egress:
+            body["egress"] = args.egress
         if args.no_mcp:
             body["mcp"] = False
         if args.mcp_allow is not None:
@@ -458,6 +464,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds running turns get at shutdown (default 30)",
     )
     serve.add_argument(
+        "--sandbox",
+        metavar="POLICY",
+        help="auto (default: workspace where bwrap works), off, workspace, strict or required: "
+        "the bubblewrap sandbox of agents without their own (env SKYDECK_SANDBOX)",
+    )
+    serve.add_argument(
         "--vault-url", metavar="URL", help="Parachute Vault URL (env SKYDECK_VAULT_URL)"
     )
     serve.add_argument(
@@ -546,6 +558,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="KEY=VALUE",
         help="environment variable for the backend (repeatable)",
+    )
+    add.add_argument(
+        "--sandbox",
+        choices=SANDBOX_MODES,
+        help="its bubblewrap sandbox: off, workspace or strict (default: the daemon's)",
+    )
+    add.add_argument(
+        "--egress",
+        action="append",
+        metavar="HOST:PORT",
+        help="a host a workspace sandbox may reach besides the model API (repeatable)",
     )
     add.add_argument(
         "--no-mcp",

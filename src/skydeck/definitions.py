@@ -101,6 +101,12 @@ def parse_definition(note: dict[str, Any]) -> AgentSpec:
             raise InvalidNote("timeout_s is not a whole number") from None
     if _text(metadata, "queue_mode"):
         body["queue_mode"] = _text(metadata, "queue_mode")
+    if _text(metadata, "sandbox"):
+        body["sandbox"] = _text(metadata, "sandbox")
+    egress = metadata.get("egress")
+    if egress not in (None, ""):
+        # S2: an array, or one string of targets split by commas or spaces.
+        body["egress"] = egress.replace(",", " ").split() if isinstance(egress, str) else egress
     if str(metadata.get("mcp", "")).strip().lower() == "false":  # mcp.md M26
         body["mcp"] = False
     if (allow := _text(metadata, "mcp_allow")) is not None:

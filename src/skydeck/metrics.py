@@ -96,6 +96,19 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.sandbox_egress_denied = Counter(
+            "skydeck_sandbox_egress_denied",
+            "Sandbox gateway requests refused (S17 d), by agent",
+            ["agent"],
+            registry=self.registry,
+        )
+
+    def watch_sandboxes(self, count: Callable[[], int]) -> None:
+        gauge = Gauge(
+            "skydeck_sandbox_processes", "Sandboxed processes alive (S23)", registry=self.registry
+        )
+        gauge.set_function(count)
+
     def watch_mcp_sessions(self, count: Callable[[], int]) -> None:
         gauge = Gauge(
             "skydeck_mcp_sessions", "Live MCP sessions (mcp.md M4)", registry=self.registry

@@ -25,10 +25,13 @@ Backend = Literal["claude", "command", "echo"]
 Mode = Literal["single-threaded", "multi-threaded"]
 QueueMode = Literal["followup", "collect", "interrupt"]
 Direction = Literal["in", "out"]
+#: S1: how an agent's process is sandboxed (None: the daemon's default, `sandbox/`).
+SandboxMode = Literal["off", "workspace", "strict"]
 
 BACKENDS: tuple[Backend, ...] = ("claude", "command", "echo")
 MODES: tuple[Mode, ...] = ("single-threaded", "multi-threaded")
 QUEUE_MODES: tuple[QueueMode, ...] = ("followup", "collect", "interrupt")
+SANDBOX_MODES: tuple[SandboxMode, ...] = ("off", "workspace", "strict")
 
 DEFAULT_TIMEOUT_S = 900
 #: The longest reply a backend may give, in UTF-8 bytes; the rest is cut (1 MiB).
@@ -75,6 +78,10 @@ class AgentSpec:
     env: dict[str, str] = field(default_factory=dict)
     timeout_s: int = DEFAULT_TIMEOUT_S
     max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES
+    #: S1: None means the daemon's ``--sandbox`` default.
+    sandbox: SandboxMode | None = None
+    #: S2: extra ``host:port`` targets a ``workspace`` sandbox may reach.
+    egress: list[str] = field(default_factory=list)
     created_at: str = field(default_factory=utc_now)
     #: Where the definition lives: None for the HTTP API, "vault:<note id>" for a vault note.
     source: str | None = None

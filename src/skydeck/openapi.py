@@ -32,11 +32,13 @@ from .model import (
     MODES,
     NAME_PATTERN,
     QUEUE_MODES,
+    SANDBOX_MODES,
     AgentSpec,
     Job,
     Message,
     ThreadRecord,
 )
+from .sandbox.modes import MAX_EGRESS
 from .validate import (
     _AGENT_FIELDS,
     _JOB_FIELDS,
@@ -183,6 +185,12 @@ def _with_defaults(properties: Schema, cls: type) -> Schema:
     return properties
 
 
+_LABEL = "[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_PORT = "(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+#: S2's ``host[:port]`` for a DNS name or IPv4 address (what `modes.parse_target` takes).
+EGRESS_PATTERN = f"^{_LABEL}(?:\\.{_LABEL})*(?::{_PORT})?$"
+
+
 def agent_fields() -> Schema:
     """One schema per `validate._AGENT_FIELDS` entry (a missing one is a KeyError)."""
     name = ref("Name")
@@ -210,6 +218,22 @@ def agent_fields() -> Schema:
             "minimum": MIN_REPLY_BYTES,
             "maximum": MAX_REPLY_BYTES,
             "description": "the longest reply kept, in UTF-8 bytes; the rest is cut",
+        },
+        "sandbox": nullable(
+            {
+                "type": "string",
+                "enum": list(SANDBOX_MODES),
+                "description": "S1: the bubblewrap sandbox of its process; null: the daemon's",
+            }
+        ),
+        "egress": {
+            "type": "array",
+            "maxItems": MAX_EGRESS,
+            "items": {"type": "string", "pattern": EGRESS_PATTERN, "maxLength": 200},
+            "description": (
+                "S2: host:port targets a workspace sandbox may reach (a bare host means 443; "
+                "the daemon also takes [IPv6] hosts). Never the daemon's own port on loopback"
+            ),
         },
         "mcp": {
             "type": "boolean",
@@ -385,6 +409,7 @@ def schemas() -> Schema:
     agent_extra = {
         "status": schema_of(AgentStatus),
         "queued": {"type": "integer", "minimum": 0},
+        "sandbox_effective": {"type": "string", "enum": list(SANDBOX_MODES)},
     }
     agent = agent_fields()
     job = job_fields()
@@ -392,6 +417,10 @@ def schemas() -> Schema:
     command_needs_argv = {
         "if": {"required": ["backend"], "properties": {"backend": {"const": "command"}}},
         "then": {"required": ["command"], "properties": {"command": {"type": "array"}}},
+    }
+    egress_needs_workspace = {
+        "if": {"required": ["sandbox"], "properties": {"sandbox": {"enum": ["off", "strict"]}}},
+        "then": {"properties": {"egress": {"maxItems": 0}}},
     }
     return {
         "Name": name_schema(),
@@ -423,18 +452,22 @@ def schemas() -> Schema:
             description="a vault note tagged outbound: acknowledged, nothing runs",
         ),
         "Agent": record(AgentSpec, extra=agent_extra),
-        "NewAgent": _object(agent, ("name", "channel"), allOf=[command_needs_argv]),
+        "NewAgent": _object(
+            agent, ("name", "channel"), allOf=[command_needs_argv, egress_needs_workspace]
+        ),
         "AgentChanges": _object(
             agent,
             description=(
-                "a partial update; `name` may repeat the agent's name but not change it, and an "
-                "agent on the command backend keeps a command (else 400)"
+                "a partial update; `name` may repeat the agent's name but not change it, an "
+                "agent on the command backend keeps a command, and one with egress keeps "
+                "sandbox workspace or null (else 400)"
             ),
             allOf=[
+                egress_needs_workspace,
                 {
                     "if": command_needs_argv["if"],
                     "then": {"properties": {"command": {"type": "array"}}},
-                }
+                },
             ],
         ),
         "Job": record(Job),
@@ -676,10 +709,22 @@ def operations() -> dict[tuple[str, str], Schema]:
         ("max", "idle_timeout_s", "processes"),
         description="the warm claude processes (issue 14)",
     )
+    sandbox = _object(
+        {
+            "available": {"type": "boolean"},
+            "default": {"type": "string", "enum": list(SANDBOX_MODES)},
+            "required": {"type": "boolean"},
+            "bwrap": {"type": "string"},
+            "reason": {"type": "string"},
+        },
+        optional=("bwrap", "reason"),
+        description="S5: the start-up probe, and the mode of agents without their own",
+    )
     health_body = {
         "agents": {"type": "array", "items": health_agent},
         "buffered": count,
         "claude_warm": warm,
+        "sandbox": sandbox,
         "vault": vault,
     }
     return {
@@ -734,7 +779,7 @@ def operations() -> dict[tuple[str, str], Schema]:
                     "serving",
                     _object(
                         {"status": {"const": "ok"}, "store": {"const": "ok"}, **health_body},
-                        optional=("claude_warm", "vault"),
+                        optional=("claude_warm", "sandbox", "vault"),
                     ),
                 ),
                 "503": response(
@@ -750,7 +795,7 @@ def operations() -> dict[tuple[str, str], Schema]:
                                     "error": {"type": "string", "minLength": 1},
                                     **health_body,
                                 },
-                                optional=("claude_warm", "vault"),
+                                optional=("claude_warm", "sandbox", "vault"),
                             ),
                         ]
                     },

@@ -422,6 +422,7 @@ def build_registry(
     on_finished: Callable[[str, MessageState, float, int], None] | None = None,
     buffer_cap: int = DEFAULT_BUFFER_CAP,
     max_turns: int = DEFAULT_MAX_TURNS,
+    sandbox_mode: Callable[[AgentSpec], str] | None = None,
     tools: ToolGate | None = None,
 ) -> Registry:
     """A registry and what its turns need, wired once and never re-wired.
@@ -439,6 +440,7 @@ def build_registry(
         mirror=mirror,
         on_finished=on_finished,
         on_outbound_retry=metrics.outbound_retries.inc if metrics is not None else None,
+        sandbox_mode=sandbox_mode,
         tools=tools,
     )
     return Registry(

@@ -53,6 +53,7 @@ from .metrics import Metrics
 from .model import AgentSpec
 from .procs import ProcessRegistry
 from .registry import DEFAULT_BUFFER_CAP, DEFAULT_MAX_TURNS, build_registry
+from .sandbox import Sandbox, bwrap_path, parse_policy, probe
 from .scheduler import Scheduler, WallClock
 from .store.sqlite import SQLiteStore
 from .transports.base import Mirror, Mirrors
@@ -134,6 +135,8 @@ ENV: dict[str, tuple[str, ...]] = {
     "allowed_origins": ("SKYDECK_ALLOWED_ORIGINS",),
     "keepalive_s": ("SKYDECK_KEEPALIVE_S",),
     "body_timeout_s": ("SKYDECK_BODY_TIMEOUT_S",),
+    "sandbox": ("SKYDECK_SANDBOX",),
+    "bwrap": ("SKYDECK_BWRAP",),
     # Telegram (telegram.md §1): the token comes from the environment or a file, never a flag.
     "telegram_token": ("SKYDECK_TELEGRAM_TOKEN",),
     "telegram_api_url": ("SKYDECK_TELEGRAM_API_URL",),
@@ -198,6 +201,9 @@ class Settings:
     body_timeout_s: float = BODY_TIMEOUT_S
     #: Warm claude processes (SKYDECK_CLAUDE_WARM, _MAX, _IDLE_S).
     claude_warm: WarmConfig = field(default_factory=WarmConfig)
+    #: S3/S4: the sandbox policy for agents without their own, and bwrap's absolute path.
+    sandbox: str = "auto"
+    bwrap: str | None = None
     #: Telegram (telegram.md §1); no token: Telegram off. Never in a repr.
     telegram_token: str | None = field(default=None, repr=False)
     telegram_token_file: Path | None = None
@@ -259,6 +265,11 @@ class Settings:
             raise ConfigError(str(exc)) from None
 
     def check(self) -> None:
+        try:
+            parse_policy(self.sandbox)
+            bwrap_path(self.bwrap)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         secured = bool(self.token or self.jwt_secret or self.jwks_url)
         if not is_loopback(self.host) and not secured and not self.insecure:
             raise ConfigError(
@@ -311,6 +322,7 @@ class Service:
         workspaces = settings.data_dir / "workspaces"
         self.claude_bin = find_claude()
         self.processes = ProcessRegistry(self.store)
+        self.sandbox = self._sandbox()
         self.claude = ClaudeBackend(
             self.claude_bin,
             workspaces,
@@ -319,12 +331,13 @@ class Service:
             warm=settings.claude_warm,
             on_warm_spawn=lambda reason: self.metrics.claude_warm_spawns.labels(reason).inc(),
             on_cold_fallback=lambda reason: self.metrics.claude_cold_fallbacks.labels(reason).inc(),
+            sandbox=self.sandbox,
         )
         self.warm = self.claude.pool
         self.metrics.watch_claude_warm(lambda: self.warm.count if self.warm else 0)
         backends: dict[str, Backend] = {
             "echo": EchoBackend(),
-            "command": CommandBackend(workspaces, self.processes),
+            "command": CommandBackend(workspaces, self.processes, self.sandbox),
             "claude": self.claude,
         }
         self.vault: VaultMirror | None = None
@@ -337,7 +350,9 @@ class Service:
         # a killed daemon's turns are removed here (M9).
         tokens, sessions = TurnTokens(), Sessions()
         prepare_dir(settings.data_dir / "mcp")
-        self.turn_tools = TurnTools(tokens, sessions, settings.data_dir / "mcp")
+        self.turn_tools = TurnTools(
+            tokens, sessions, settings.data_dir / "mcp", sandboxed_base=self.sandbox.mcp_base
+        )
         self.telegram_rows = TelegramStore(self.store)
         self.telegram: Telegram | None = None
         if self.telegram_config is not None:
@@ -355,6 +370,7 @@ class Service:
             metrics=self.metrics,
             buffer_cap=settings.buffer_cap,
             max_turns=settings.max_turns,
+            sandbox_mode=self._sandbox_mode,
             tools=self.turn_tools,
         )
         self.deps = self.registry.deps
@@ -392,12 +408,35 @@ class Service:
             max_body=settings.max_body,
             body_timeout_s=settings.body_timeout_s,
             origins=settings.origin_policy(),
+            sandbox=self.sandbox,
             mcp=McpEndpoint(toolbox, auth, tokens=tokens, sessions=sessions),
             telegram=(self.telegram_rows, self.telegram_receiver),
         )
         self._stopped = trio.Event()
         self._http_done = trio.Event()
         self.demo_note: str | None = None
+
+    def _sandbox(self) -> Sandbox:
+        """S3-S5: the policy, and the probe, once, before any turn (replays included)."""
+        policy = parse_policy(self.settings.sandbox)
+        found = probe(bwrap_path(self.settings.bwrap))
+        if policy == "required" and not found.available:
+            raise ConfigError(f"refusing to start: --sandbox required, but {found.reason}")
+        sandbox = Sandbox(
+            policy,
+            found,
+            data_dir=self.settings.data_dir,
+            on_denied=lambda agent, _: self.metrics.sandbox_egress_denied.labels(agent).inc(),
+            await_listener=True,
+        )
+        self.metrics.watch_sandboxes(lambda: sandbox.running)
+        if not found.available:
+            log.warning(sandbox.banner())
+        return sandbox
+
+    def _sandbox_mode(self, agent: AgentSpec) -> str:
+        """S23: echo runs no process; the others run in their effective mode."""
+        return "off" if agent.backend == "echo" else self.sandbox.effective(agent)
 
     def _hub_keys(self) -> HubKeys | None:
         s = self.settings
@@ -474,6 +513,7 @@ class Service:
                         shutdown_trigger=self._http_done.wait,
                     )
                 )
+                self.sandbox.listening(binds[0])  # before any turn waiting for the address
                 self.turn_tools.listening(binds)
                 log.info("skydeck listening", extra={"binds": ",".join(binds)})
                 task_status.started(binds)
@@ -489,14 +529,17 @@ class Service:
                     await self.warm.close()  # W16: no warm process outlives the daemon
                 self._http_done.set()
         finally:
+            with trio.CancelScope(shield=True):
+                await self.sandbox.aclose()
             self.store.close()
             self._lock.close()
 
     async def _health_extra(self) -> dict[str, Any]:
         extra: dict[str, Any] = {
+            "sandbox": self.sandbox.health(),
             "claude_warm": self.warm.health()
             if self.warm is not None
-            else {"max": 0, "idle_timeout_s": self.settings.claude_warm.idle_s, "processes": []}
+            else {"max": 0, "idle_timeout_s": self.settings.claude_warm.idle_s, "processes": []},
         }
         if self.telegram is not None:
             extra["telegram"] = self.telegram.health_block()

@@ -179,6 +179,8 @@ class TurnDeps:
     #: error, timeout or cancelled.
     on_finished: Callable[[str, MessageState, float, int], None] | None = None
     on_outbound_retry: Callable[[], None] | None = None
+    #: S23: the sandbox mode an agent's turn runs in, for the `turn finished` line.
+    sandbox_mode: Callable[[AgentSpec], str] | None = None
     #: mcp.md M8: the turn token and config around the backend call (None: no tools).
     tools: ToolGate | None = None
 
@@ -555,6 +557,7 @@ class Turn:
                 "message_id": self.messages[0].id,
                 "outcome": outcome.metric,
                 "duration_ms": round(elapsed * 1000, 1),
+                "sandbox": self.deps.sandbox_mode(self.agent) if self.deps.sandbox_mode else "off",
             },
         )
         if self.deps.on_finished is not None:

@@ -22,11 +22,13 @@ from .model import (
     DEFAULT_TIMEOUT_S,
     MODES,
     QUEUE_MODES,
+    SANDBOX_MODES,
     AgentSpec,
     Inbound,
     Job,
     is_valid_name,
 )
+from .sandbox.modes import EGRESS_NEEDS_WORKSPACE, MAX_EGRESS, parse_target
 
 OUTBOUND_TAGS = frozenset({"#agent/message/outbound", "agent/message/outbound"})
 MAX_TIMEOUT_S = 86_400
@@ -317,6 +319,8 @@ _AGENT_FIELDS = frozenset(
         "env",
         "timeout_s",
         "max_reply_bytes",
+        "sandbox",
+        "egress",
         "mcp",
         "mcp_allow",
     }
@@ -397,6 +401,14 @@ def _agent_fields(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
                 field="max_reply_bytes",
             )
         out["max_reply_bytes"] = cap
+    if "sandbox" in body:
+        if body["sandbox"] is not None and body["sandbox"] not in SANDBOX_MODES:
+            raise BadRequest(
+                f"sandbox must be one of: {', '.join(SANDBOX_MODES)} (or null)", field="sandbox"
+            )
+        out["sandbox"] = body["sandbox"]
+    if "egress" in body:
+        out["egress"] = egress(body["egress"])
     if "mcp" in body:
         if not isinstance(body["mcp"], bool):
             raise BadRequest("mcp must be true or false", field="mcp")
@@ -416,9 +428,34 @@ def _agent_fields(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
     return out
 
 
+def egress(value: object) -> list[str]:
+    """S2: at most `MAX_EGRESS` ``host:port`` strings (a bare host is ``host:443``)."""
+    if not isinstance(value, list) or len(value) > MAX_EGRESS:
+        raise BadRequest(
+            f'egress must be a list of at most {MAX_EGRESS} "host:port" strings', field="egress"
+        )
+    targets: list[str] = []
+    for index, item in enumerate(value):
+        try:
+            if not isinstance(item, str):
+                raise ValueError(item)
+            target = parse_target(item)
+        except ValueError:
+            raise BadRequest(
+                f"egress[{index}] must be host:port (a DNS name, IPv4 or [IPv6]; "
+                "no scheme, path or wildcard)",
+                field=f"egress[{index}]",
+            ) from None
+        if target not in targets:
+            targets.append(target)
+    return targets
+
+
 def _check_command(spec: AgentSpec) -> None:
     if spec.backend == "command" and not spec.command:
         raise BadRequest("command is required for the command backend", field="command")
+    if spec.egress and spec.sandbox not in (None, "workspace"):
+        raise BadRequest(EGRESS_NEEDS_WORKSPACE, field="egress")
 
 
 def new_agent(body: dict[str, Any]) -> AgentSpec:

@@ -44,6 +44,7 @@ import trio
 from ..errors import BackendError
 from ..model import AgentSpec, ToolAccess, TurnResult, TurnSession
 from ..procs import ProcessRegistry
+from ..sandbox import Jail, Sandbox
 from .base import Emit
 from .claude_stream import StreamOutcome, StreamParser
 from .claude_warm import WarmConfig, WarmPool, WarmSpec
@@ -129,8 +130,10 @@ class ClaudeBackend:
         warm: WarmConfig | None = None,
         on_warm_spawn: Callable[[str], None] | None = None,
         on_cold_fallback: Callable[[str], None] | None = None,
+        sandbox: Sandbox | None = None,
     ) -> None:
         self.executable = executable
+        self.sandbox = sandbox
         self.workspaces = workspaces
         self.processes = processes
         self.retry_delays = tuple(retry_delays)
@@ -249,9 +252,36 @@ class ClaudeBackend:
         home = workspace_for(self.workspaces, agent)
         argv = [*self.base_argv(agent), "--input-format", "stream-json"]
         env = self.env(agent, home)
+        jail = self.jail(agent, home, env)
+        if jail is not None:
+            env = jail.env
         stat = _stat(self.executable, env)
-        fingerprint = Fingerprint.of(self.executable, stat, argv, env, str(home))
-        return WarmSpec(agent, argv, env, home, session, fingerprint)
+        sandbox = jail.fingerprint if jail is not None else ()
+        fingerprint = Fingerprint.of(self.executable, stat, [*sandbox, *argv], env, str(home))
+        return WarmSpec(agent, argv, env, home, session, fingerprint, jail)
+
+    def jail(
+        self, agent: AgentSpec, home: Path, env: dict[str, str], mcp_file: Path | None = None
+    ) -> Jail | None:
+        """The sandbox of the agent's process (`sandbox.Sandbox.jail`), None when off.
+
+        With MCP on, the sandbox's gateway routes ``/mcp/<channel>`` to the daemon
+        (S17 a) for the process's whole life (a warm one gets each turn's token on
+        stdin); a cold turn's M24 config file is bound in read-only.
+        """
+        if self.sandbox is None:
+            return None
+        assert self.executable is not None
+        found = shutil.which(self.executable, path=env.get("PATH")) or self.executable
+        return self.sandbox.jail(
+            agent,
+            workspace=home,
+            env=env,
+            executable=os.path.abspath(found),
+            claude=True,
+            mcp_channel=agent.channel if agent.mcp else None,
+            mcp_file=mcp_file,
+        )
 
     def env(self, agent: AgentSpec, home: Path) -> dict[str, str]:
         defaults = {
@@ -324,12 +354,15 @@ class ClaudeBackend:
                 for kind, data in events:
                     emit(kind, data)
 
+        env = self.env(agent, home)
+        jail = self.jail(agent, home, env, tools.config if tools is not None else None)
         async with open_group_process(
             self.argv(agent, prompt, session, tools),
-            env=self.env(agent, home),
+            env=env if jail is None else jail.env,
             cwd=home,
             processes=self.processes,
             owner=agent,
+            jail=jail,
         ) as process:
             assert process.stdin is not None and process.stdout is not None
             await process.stdin.aclose()
@@ -338,6 +371,8 @@ class ClaudeBackend:
                 partial(read_stream, process.stdout),
                 partial(pump, process.stderr, stderr.add),
             )
+        if jail is not None:
+            returncode = jail.judge(returncode, stderr.tail(STDERR_TAIL))
         return self._judge(parser.outcome, returncode, stderr.tail(STDERR_TAIL), session)
 
     def _judge(

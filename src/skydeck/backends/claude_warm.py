@@ -45,6 +45,7 @@ import trio
 
 from ..model import AgentSpec, TurnSession
 from ..procs import ProcessRegistry, all_processes
+from ..sandbox import Jail
 from .base import Emit, EventKind
 from .claude_warm_protocol import (
     RECYCLE_RSS_BYTES,
@@ -147,6 +148,8 @@ class WarmSpec:
     cwd: Path
     session: TurnSession
     fingerprint: Fingerprint
+    #: The sandbox the process lives in for its whole life (S20), None when off.
+    jail: Jail | None = None
 
     def command(self) -> list[str]:
         """R11/W2: ``--resume <id>`` or ``--session-id <id>``; never a positional prompt."""
@@ -188,7 +191,11 @@ class WarmProcess:
     def pid(self) -> int | None:
         """The CLI's own pid (the reaper's first child), for /health and RSS."""
         if self.claude_pid is None and self.process is not None:
-            self.claude_pid = first_child(self.process.pid)
+            pid: int | None = self.process.pid
+            # Sandboxed: bwrap, its init and the relay come first (`Jail.depth`).
+            for _ in range(1 + (self.spec.jail.depth if self.spec.jail is not None else 0)):
+                pid = first_child(pid) if pid is not None else None
+            self.claude_pid = pid
         return self.claude_pid
 
     def mismatch(self, spec: WarmSpec) -> str | None:
@@ -515,6 +522,7 @@ class WarmPool:
                     cwd=proc.spec.cwd,
                     processes=self.processes,
                     owner=proc.spec.agent,
+                    jail=proc.spec.jail,
                 ) as process:
                     proc.process = process
                     started = True
@@ -553,6 +561,8 @@ class WarmPool:
             nursery.start_soon(self._idle_timer, proc)
             nursery.start_soon(self._closer, proc, process)
             returncode = await process.wait()
+            if proc.spec.jail is not None:
+                returncode = proc.spec.jail.returncode(returncode)  # S12
             # A result the CLI printed just before it exited is still in the pipe.
             with trio.move_on_after(EXIT_GRACE_S):
                 await stdout_done.wait()

@@ -16,10 +16,12 @@ from pathlib import Path
 from ..errors import BackendError
 from ..model import AgentSpec, ToolAccess, TurnResult, TurnSession
 from ..procs import ProcessRegistry
+from ..sandbox import Sandbox
 from .base import Emit
 from .output import HeadBuffer, TailBuffer, cut_reply
 from .process import (
     STDERR_TAIL,
+    check_executable,
     describe_exit,
     feed,
     minimal_env,
@@ -31,9 +33,15 @@ from .process import (
 
 
 class CommandBackend:
-    def __init__(self, workspaces: Path, processes: ProcessRegistry | None = None) -> None:
+    def __init__(
+        self,
+        workspaces: Path,
+        processes: ProcessRegistry | None = None,
+        sandbox: Sandbox | None = None,
+    ) -> None:
         self.workspaces = workspaces
         self.processes = processes
+        self.sandbox = sandbox
 
     async def deliver(
         self,
@@ -54,13 +62,25 @@ class CommandBackend:
             env["SKYDECK_MCP_TOKEN"] = tools.token
         stdout = HeadBuffer(agent.max_reply_bytes)
         stderr = TailBuffer.for_chars(STDERR_TAIL)
+        jail = None
         try:
+            program = check_executable(agent.command[0], path=env.get("PATH"), cwd=home)
+            if self.sandbox is not None:
+                jail = self.sandbox.jail(
+                    agent,
+                    workspace=home,
+                    env=env,
+                    executable=str(program),
+                    claude=False,
+                    mcp_channel=agent.channel if tools is not None else None,
+                )
             async with open_group_process(
                 agent.command,
-                env=env,
+                env=env if jail is None else jail.env,
                 cwd=home,
                 processes=self.processes,
                 owner=agent,
+                jail=jail,
             ) as process:
                 returncode = await run_until_exit(
                     process,
@@ -72,6 +92,8 @@ class CommandBackend:
             raise BackendError(f"command not found: {agent.command[0]}") from None
         except PermissionError:
             raise BackendError(f"command not executable: {agent.command[0]}") from None
+        if jail is not None:
+            returncode = jail.judge(returncode, stderr.tail(STDERR_TAIL))
         if returncode != 0:
             tail = stderr.tail(STDERR_TAIL).strip()
             raise BackendError(tail or f"command {describe_exit(returncode)}")

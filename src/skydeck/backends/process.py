@@ -23,8 +23,9 @@ import os
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from contextlib import asynccontextmanager, suppress
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from pathlib import Path
+from typing import Protocol
 
 import trio
 
@@ -76,11 +77,12 @@ def workspace_for(root: Path, agent: AgentSpec) -> Path:
     return path
 
 
-def check_executable(program: str, *, path: str | None, cwd: Path) -> None:
-    """Raise what exec would for a missing or non-executable program.
+def check_executable(program: str, *, path: str | None, cwd: Path) -> Path:
+    """The file exec would run for ``program``, or what exec would raise.
 
     The reaper runs the program, so its exec errors would only show up as an
-    exit status; checking first keeps "command not found: X" a clear failure.
+    exit status; checking first keeps "command not found: X" a clear failure
+    (before any sandbox, which binds the file found here, S9 row 6).
     """
     if "/" in program:
         candidates = [cwd / program]
@@ -89,11 +91,20 @@ def check_executable(program: str, *, path: str | None, cwd: Path) -> None:
     denied = False
     for candidate in candidates:
         if candidate.is_file() and os.access(candidate, os.X_OK):
-            return
+            return candidate
         denied = denied or candidate.exists()
     if denied:
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), program)
     raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
+
+
+class Confinement(Protocol):
+    """A sandbox around one process (`sandbox.Jail`): it rewrites the launch and
+    owns whatever serves the process while it runs (its network gateway)."""
+
+    def running(self, argv: list[str]) -> AbstractAsyncContextManager[Launch]: ...
+
+    def spawned(self) -> None: ...
 
 
 @asynccontextmanager
@@ -104,9 +115,11 @@ async def open_group_process(
     cwd: Path,
     processes: ProcessRegistry | None = None,
     owner: AgentSpec | None = None,
+    jail: Confinement | None = None,
 ) -> AsyncIterator[trio.Process]:
     """Start ``argv`` under the reaper (pipes on stdin/stdout/stderr), leading a new
-    process group; with ``processes``, recorded (and committed) before this yields.
+    process group; with ``processes``, recorded (and committed) before this yields;
+    with ``jail``, inside that sandbox (``env`` is then the jail's, S11).
 
     On leaving the block, for any reason, a reaper that still runs is told to stop
     (its control pipe closes) and given `KILL_GRACE_S`; after that its tree is
@@ -114,9 +127,29 @@ async def open_group_process(
     is being cancelled, or processes would be left behind.
     """
     check_executable(argv[0], path=env.get("PATH"), cwd=cwd)
+    if jail is None:
+        async with _group_process(Launch(list(argv)), env, cwd, processes, owner) as process:
+            yield process
+        return
+    async with (
+        jail.running(list(argv)) as launch,
+        _group_process(launch, env, cwd, processes, owner, jail) as process,
+    ):
+        yield process
+
+
+@asynccontextmanager
+async def _group_process(
+    launch: Launch,
+    env: Mapping[str, str],
+    cwd: Path,
+    processes: ProcessRegistry | None,
+    owner: AgentSpec | None,
+    jail: Confinement | None = None,
+) -> AsyncIterator[trio.Process]:
     control, keep = os.pipe()  # the reaper reads `control`; only we hold `keep`
     try:
-        launch = under_reaper(Launch(list(argv)), control)
+        launch = under_reaper(launch, control)
         process = await trio.lowlevel.open_process(
             launch.argv,
             stdin=subprocess.PIPE,
@@ -132,6 +165,8 @@ async def open_group_process(
         raise
     finally:
         os.close(control)
+        if jail is not None:
+            jail.spawned()
     try:
         if processes is not None and owner is not None:
             await processes.track(process.pid, owner)
@@ -154,7 +189,7 @@ async def _stop(process: trio.Process, control: int) -> None:
     # A program that SIGKILLed its own reaper leaves its process group behind:
     # the group is still named after the reaper, and dies here. (A helper that
     # also left the group with setsid is out of reach without a pid namespace:
-    # that is the sandbox's job, issue 16.)
+    # a sandboxed turn has one, `sandbox/`.)
     with suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
 

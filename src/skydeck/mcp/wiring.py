@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -71,10 +71,19 @@ def prepare_dir(directory: Path) -> None:
 class TurnTools:
     """The turn side of the endpoint: tokens and config files around backend calls."""
 
-    def __init__(self, tokens: TurnTokens, sessions: Sessions, config_dir: Path) -> None:
+    def __init__(
+        self,
+        tokens: TurnTokens,
+        sessions: Sessions,
+        config_dir: Path,
+        *,
+        sandboxed_base: Callable[[AgentSpec], str | None] | None = None,
+    ) -> None:
         self.tokens = tokens
         self.sessions = sessions
         self.config_dir = config_dir
+        #: sandbox.md S11: a sandboxed agent reaches the endpoint through its relay.
+        self.sandboxed_base = sandboxed_base
         self.url: str | None = None
         self._listening = trio.Event()
 
@@ -104,7 +113,8 @@ class TurnTools:
             fence=fence,
         )
         config = self.config_dir / f"{thread_id}.json" if agent.backend == "claude" else None
-        access = ToolAccess(url=f"{self.url}/mcp/{agent.channel}", token=token, config=config)
+        base = (self.sandboxed_base(agent) if self.sandboxed_base else None) or self.url
+        access = ToolAccess(url=f"{base}/mcp/{agent.channel}", token=token, config=config)
         try:
             if config is not None:
                 write_config(config, access)
