@@ -12,6 +12,7 @@ import pytest
 import trio
 
 from fake_telegram import BOT_USERNAME, FIRST_UPDATE_ID, TOKEN
+from skydeck.errors import StoreFailure
 from skydeck.transports.telegram import pairing_text, unsupported_text
 from telegram_rig import METHODS, Rig, running, until
 
@@ -210,6 +211,30 @@ async def test_t10_failed_polls_back_off_then_recover(tmp_path: Path) -> None:
             return bool((await rig.health())["telegram"]["receive"] == "ok")
 
         await until(receiving, 3)
+
+
+async def test_t9_a_store_failure_during_a_batch_is_retried_not_fatal(tmp_path: Path) -> None:
+    """The disk fails while a batch is stored: nothing is confirmed, the receiver
+    (and the daemon) stay up, and the batch comes again and lands once it commits."""
+    async with running(tmp_path) as rig:
+        await rig.agent("c")
+        await rig.link(5, "c")
+        registry = rig.service.registry
+        real = registry.submit_batch
+        failures = 0
+
+        async def failing_once(inbounds: Any) -> Any:
+            nonlocal failures
+            if failures == 0:
+                failures += 1
+                raise StoreFailure("disk I/O error")
+            return await real(inbounds)
+
+        registry.submit_batch = failing_once  # type: ignore[method-assign]
+        rig.fake.push(5, "survives", from_id=5)
+        (inbound,) = await settled(rig, "c", 1)
+        assert inbound["content"] == "survives" and failures == 1
+        assert rig.fake.texts(5) == ["echo: survives"]
 
 
 async def test_t12_redelivered_updates_have_no_second_effect(tmp_path: Path) -> None:

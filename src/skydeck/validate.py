@@ -256,6 +256,7 @@ def inbound(body: dict[str, Any], *, channel: str | None = None) -> Inbound | No
     if not isinstance(metadata, dict):
         raise BadRequest("metadata must be a JSON object", field="metadata")
     metadata = dict(metadata)
+    _refuse_reserved(metadata)
     if body.get("reply_to") is not None:
         metadata["reply_to"] = name(body["reply_to"], "reply_to")
     correlation_id = _optional_str(body, "correlation_id")
@@ -267,6 +268,17 @@ def inbound(body: dict[str, Any], *, channel: str | None = None) -> Inbound | No
         # A numeric string is kept as received; a number as the integer it is (3.0 -> 3).
         metadata["delegation_depth"] = raw if isinstance(raw, str) else depth
     return Inbound(channel=target, content=content, external_id=external_id, metadata=metadata)
+
+
+def _refuse_reserved(metadata: dict[str, Any]) -> None:
+    """Only the Telegram receiver marks a message as Telegram's: replies are routed
+    to a chat by these keys (T25), so a client must not be able to set them."""
+    for key, value in metadata.items():
+        if key.startswith("telegram_") or (key == "source" and value == "telegram"):
+            raise BadRequest(
+                f"metadata key {key!r} is reserved for the Telegram transport",
+                field=f"metadata.{key}",
+            )
 
 
 def _vault_trigger(body: dict[str, Any]) -> Inbound | None:

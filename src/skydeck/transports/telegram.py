@@ -892,6 +892,18 @@ class TelegramReceiver:
                     await self.handle(batch)
                 except Unavailable:
                     return  # stopping: unconfirmed, the batch comes again at next start
+                except StoreFailure as exc:
+                    # The disk, not Telegram: nothing of the batch was confirmed, so
+                    # Telegram sends it again; poll again after the backoff (the daemon
+                    # stays up and recovers by itself, as for HTTP posts: 507).
+                    self.health.receive = "error"
+                    self.health.error(exc.message)
+                    log.warning(
+                        "telegram batch not stored: the store failed",
+                        extra={"reason": exc.reason, "backoff_s": delay},
+                    )
+                    await trio.sleep(delay)
+                    delay = _backoff(delay, RECEIVE_BACKOFF_MAX_S)
 
     # -- one batch: effects, update ids and the offset in one transaction (T11) ---------------
 
