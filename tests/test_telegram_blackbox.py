@@ -29,7 +29,7 @@ FAKE = str(Path(__file__).parent / "fake_telegram.py")
 T = TypeVar("T")
 
 
-def wait_for(check: Callable[[], T | None], timeout: float = 10) -> T:
+def wait_for(check: Callable[[], T | None], timeout: float = 30) -> T:
     deadline = time.monotonic() + timeout
     while True:
         value = check()
