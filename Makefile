@@ -18,7 +18,7 @@ CHROMIUM := /usr/bin/chromium
 # Debian's bubblewrap for sandboxed turns (shared/spec/sandbox.md): the tests run it for real.
 BWRAP := /usr/bin/bwrap
 
-.PHONY: run test lint typecheck pytest bench claude clean
+.PHONY: run test lint typecheck pytest bench claude clean postgres
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ $(CHROMIUM):
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
+# PostgreSQL for the multi-host tests (tests/pg.py starts a throw-away cluster from these
+# binaries); Debian's package, installed only when no initdb is there yet.
+postgres:
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; }
+
 $(BWRAP):
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap
@@ -58,12 +64,12 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 # pytest exits 5 when it collected no test: make treats that as a failure, so an empty run never passes.
-pytest: $(STAMP) $(CLAUDE) $(CHROMIUM) $(BWRAP)
+pytest: $(STAMP) $(CLAUDE) $(CHROMIUM) $(BWRAP) postgres
 	$(BIN)/python -m pytest -q
 
 test: lint typecheck pytest
 
-bench: $(STAMP) $(CLAUDE) $(BWRAP)
+bench: $(STAMP) $(CLAUDE) $(BWRAP) postgres
 	$(BIN)/python bench/queue_throughput.py
 	$(BIN)/python bench/turn_overhead.py
 	$(BIN)/python bench/warm_turns.py
@@ -71,6 +77,7 @@ bench: $(STAMP) $(CLAUDE) $(BWRAP)
 	$(BIN)/python bench/http_ingest.py
 	$(BIN)/python bench/scheduler.py
 	$(BIN)/python bench/telegram_ingest.py
+	$(BIN)/python bench/multi_host.py
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -8,6 +8,7 @@ import httpx
 import pytest
 import trio
 
+from pg import PgCluster, start_cluster
 from skydeck.service import Service, Settings
 
 
@@ -20,7 +21,7 @@ class Daemon:
     def count_rows(self, table: str = "messages") -> int:
         import sqlite3
 
-        with sqlite3.connect(self.service.store.path) as db:
+        with sqlite3.connect(self.service.db_path) as db:
             return int(db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
 
 
@@ -53,3 +54,19 @@ async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
         async with httpx.AsyncClient(base_url=binds[0], timeout=30) as client:
             yield Daemon(service, binds[0], client)
         service.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """One throw-away PostgreSQL cluster for the whole test session (tests/pg.py)."""
+    cluster = start_cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: PgCluster) -> str:
+    """A database of this test's own, migrated (from the template)."""
+    return pg_cluster.new_database()

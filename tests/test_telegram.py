@@ -864,7 +864,9 @@ async def test_t41_t42_health_block_and_metrics(tmp_path: Path) -> None:
             "skydeck_telegram_delivery_seconds_count 2.0",
         ):
             assert line in metrics, line
-        offset = rig.service.telegram_rows.offset()
+        rows = rig.service.telegram_rows
+        assert rows is not None
+        offset = rows.offset()
         assert f"skydeck_telegram_offset {float(offset or 0):.8e}".replace("e+0", "e+0") in metrics
         assert offset == FIRST_UPDATE_ID + 2
 

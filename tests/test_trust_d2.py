@@ -35,6 +35,7 @@ from conftest import Daemon
 from daemon_process import DaemonProcess
 from skydeck.errors import StoreFailure
 from skydeck.model import Inbound
+from skydeck.store.sqlite import SQLiteStore
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -199,6 +200,7 @@ async def test_trust_d2_failed_insert_fails_its_whole_group_and_is_not_run(
     """SQLITE_FULL on an INSERT: 507 (not 500); the neighbour whose write SQLite
     rolled back with it is not acknowledged and never runs; recovery by itself."""
     store, registry = daemon.service.store, daemon.service.registry
+    assert isinstance(store, SQLiteStore)
     db = store._db  # max_page_count is per connection: only the daemon's own will do
     (pages,) = db.execute("PRAGMA page_count").fetchone()
     db.execute(f"PRAGMA max_page_count = {pages}")
@@ -242,6 +244,7 @@ async def test_trust_d2_failed_insert_fails_its_whole_group_and_is_not_run(
 async def test_trust_d2_a_batch_is_all_or_nothing_under_a_store_failure(daemon: Daemon) -> None:
     """POST /api/inbound/batch: a 507 keeps no item and runs none (issue 13 with D2)."""
     store = daemon.service.store
+    assert isinstance(store, SQLiteStore)
     db = store._db
     (pages,) = db.execute("PRAGMA page_count").fetchone()
     db.execute(f"PRAGMA max_page_count = {pages + 2}")

@@ -41,6 +41,7 @@ from .errors import (
     NotFound,
     SkydeckError,
     StoreFailure,
+    StoreUnreachable,
     Unavailable,
 )
 from .guard import NOT_JSON, SECURITY_HEADERS, OriginPolicy, Refusal, is_json
@@ -76,6 +77,7 @@ STATUSES: tuple[tuple[type[SkydeckError], int], ...] = (
     (Conflict, 409),
     (Unavailable, 503),
     (FencedOut, 503),  # another host holds the channel now; the sender may retry
+    (StoreUnreachable, 503),  # P6: not confirmed; resend with the same id
     (StoreFailure, 507),  # Insufficient Storage: nothing was kept; send it again
 )
 
@@ -172,6 +174,7 @@ def create_app(
     scheduler: Scheduler | None = None,
     *,
     health_extra: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+    cluster_view: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     max_body: int = MAX_BODY_BYTES,
     body_timeout_s: float = BODY_TIMEOUT_S,
     origins: OriginPolicy | None = None,
@@ -473,6 +476,12 @@ def create_app(
         limit = _page_limit(request.args.get("limit"), default=MAX_PAGE)
         threads = await store.list_threads(channel, limit=limit)
         return {"threads": [thread.to_json() for thread in threads]}
+
+    if cluster_view is not None:  # several hosts on one store (multi-host.md P28)
+
+        @app.get("/api/cluster")
+        async def cluster() -> Json:
+            return await cluster_view()
 
     @app.get("/api/agents")
     async def list_agents() -> Json:

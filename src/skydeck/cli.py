@@ -23,6 +23,7 @@ import trio
 from . import __version__, cli_telegram
 from .ledger import TERMINAL_STATES, MessageState
 from .model import BACKENDS, MODES, QUEUE_MODES, SANDBOX_MODES, EventKind
+from .pg import config as store_config
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -137,6 +138,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             telegram_token_file=args.telegram_token_file,
             telegram_mode=args.telegram_mode,
             telegram_webhook_url=args.telegram_webhook_url,
+            **store_config.flag_values(args),
         )
     except ConfigError as exc:
         raise CliError(str(exc), code=2) from None
@@ -353,6 +355,46 @@ def cmd_tail(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """P4: migrate a PostgreSQL store without serving it (what --no-migrate points to)."""
+    if not args.store_url or store_config.store_kind(args.store_url) != "postgres":
+        raise CliError("skydeck migrate needs --store postgres://... (or SKYDECK_STORE_URL)")
+    import psycopg
+
+    from .pg import schema
+    from .pg.driver import describe, redact
+
+    try:
+        with psycopg.connect(args.store_url, connect_timeout=5) as conn:
+            done = schema.migrate(conn, args.store_schema)
+    except psycopg.OperationalError as exc:
+        raise CliError(
+            f"cannot reach the store at {redact(args.store_url)}: {describe(exc)}", code=2
+        ) from None
+    except schema.SchemaError as exc:
+        raise CliError(str(exc), code=2) from None
+    if done.before == done.after:
+        print(f"store is at schema version {done.after}; nothing to do")
+    else:
+        print(f"store migrated from {done.before} to {done.after}")
+    return 0
+
+
+def cmd_cluster(client: Client) -> int:
+    """P28: the hosts of a cluster and what they own."""
+    view = client.request("GET", "/api/cluster")
+    for host in view["hosts"]:
+        state = "alive" if host["alive"] else "gone"
+        print(
+            f"{host['id']:<20} {state:<6} incarnation {host['incarnation']:<6} "
+            f"owns {host['owned']:<5} heartbeat {host['heartbeat_age_s']:.1f} s ago  "
+            f"{host['url'] or ''}"
+        )
+    channels = view["channels"]
+    print(f"channels: {channels['owned']} owned, {channels['unowned']} unowned")
+    return 0
+
+
 # -- parsing ------------------------------------------------------------------------
 
 DESCRIPTION = """\
@@ -425,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
         "SKYDECK_JWT_ISSUER (Parachute hub tokens), SKYDECK_CLAUDE_BIN, SKYDECK_LOG_LEVEL,\n"
         "SKYDECK_CLAUDE_WARM (on/off), SKYDECK_CLAUDE_WARM_MAX, SKYDECK_CLAUDE_WARM_IDLE_S"
     )
+    store_config.add_flags(serve)
     serve.add_argument("--host", help="bind address (default 127.0.0.1, env SKYDECK_HOST)")
     serve.add_argument("--port", type=int, help="port (default 1941, env SKYDECK_PORT or PORT)")
     serve.add_argument(
@@ -648,6 +691,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tail.add_argument("channel", help="the channel to follow")
     cli_telegram.add_parser(commands)
+
+    migrate = _command(
+        commands,
+        "migrate",
+        "bring a PostgreSQL store's schema to this version, then exit",
+        "skydeck migrate --store postgres://skydeck@db.internal/skydeck",
+    )
+    migrate.add_argument(
+        "--store",
+        dest="store_url",
+        metavar="URL",
+        default=os.environ.get("SKYDECK_STORE_URL"),
+        help="the store (env SKYDECK_STORE_URL)",
+    )
+    migrate.add_argument(
+        "--store-schema",
+        metavar="NAME",
+        default=os.environ.get("SKYDECK_STORE_SCHEMA") or "skydeck",
+        help="default skydeck",
+    )
+    _command(
+        commands,
+        "cluster",
+        "show the hosts sharing the daemon's PostgreSQL store, and what each owns",
+        "skydeck cluster",
+    )
     return parser
 
 
@@ -658,7 +727,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.serve_token:
                 args.token = args.serve_token
             return cmd_serve(args)
+        if args.cmd == "migrate":
+            return cmd_migrate(args)
         client = Client(args.url, args.token)
+        if args.cmd == "cluster":
+            return cmd_cluster(client)
         if args.cmd == "agent":
             return cmd_agent(args, client)
         if args.cmd == "send":

@@ -10,12 +10,14 @@
     ├── StateError          the input was fine; the daemon's state says no
     │   ├── NotFound        no such agent, job, message
     │   ├── Conflict        a name or channel taken
+    │   ├── Stale           a turn's messages moved on under it (several hosts)
     │   ├── Unavailable     shutting down
     │   └── FencedOut       a write for a channel this host no longer owns (a newer fence)
     └── ExternalError       something outside the daemon failed
         ├── BackendError    a turn's backend (``session_id``: one it saw echoed)
         ├── DeliveryError   a mirror's write (``status``: the far side's, if any)
         └── StoreFailure    the disk: a write could not be made durable
+            └── StoreUnreachable   a shared store did not confirm it (P6)
 
 Domain code raises these and carries no HTTP status: `app.py` maps the tree to
 statuses in one table, and the CLI prints any of them as one line. A bug is
@@ -83,6 +85,12 @@ class FencedOut(StateError):
         self.token = token
 
 
+class Stale(StateError):
+    """A turn's write found its messages moved on (ended, or put back by a
+    deregistration on another host): it changed nothing, and the turn is
+    skipped; the channel goes on (multi-host.md P11's compare-and-set)."""
+
+
 # -- external -----------------------------------------------------------------------
 
 
@@ -125,6 +133,18 @@ class StoreFailure(ExternalError):
     def __init__(self, reason: str) -> None:
         super().__init__(f"the store could not commit: {reason}")
         self.reason = reason
+
+
+class StoreUnreachable(StoreFailure):
+    """A shared store (PostgreSQL) did not confirm the write: the connection
+    broke or the server did not answer, so the write may or may not have
+    landed (multi-host.md P6). A sender that resends with the same ``id`` gets
+    the original back as a duplicate (R8)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.message = f"the store did not confirm the write ({reason}); resend with the same id"
+        self.args = (self.message,)
 
 
 def unwrap(exc: BaseException) -> BaseException:

@@ -178,6 +178,8 @@ class Accepted:
     #: `queued`, `buffered`, or the answer `duplicate` (never a stored state, R8).
     state: MessageState | Literal["duplicate"]
     message: Message
+    #: The host whose lease runs the channel (a PostgreSQL store; None: this one, or nobody).
+    owner: str | None = None
 
 
 @dataclass(slots=True)

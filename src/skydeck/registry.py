@@ -22,7 +22,6 @@ That is a restart's R28 replay, done in place, so it is exactly as correct.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -32,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .backends.base import release_agent
-from .errors import Conflict, NotFound, StoreFailure, Unavailable
+from .errors import Conflict, FencedOut, NotFound, Stale, StoreFailure, Unavailable
 from .events import TurnEvents
 from .ledger import AgentStatus, MessageState
 from .model import Accepted, AgentSpec, EventKind, Inbound, Job, Message, TurnEvent
@@ -86,6 +85,12 @@ class ChannelTask:
     epoch: int = 0
     #: Messages taken off the queue, not yet finished (waiting for a slot or in a turn).
     holding: bool = False
+    #: Ids of the open messages handed to this task (several hosts only): a wake-up
+    #: (P19) reads the channel's open messages by state and hands on only the others.
+    known: set[str] = field(default_factory=set)
+    #: A wake-up is reading the store now; another one asked meanwhile reads again after.
+    waking: bool = False
+    wake_again: bool = False
 
     @property
     def backlog(self) -> int:
@@ -108,8 +113,15 @@ class Registry:
         buffer_cap: int = DEFAULT_BUFFER_CAP,
         max_turns: int = DEFAULT_MAX_TURNS,
         on_accepted: Callable[[Accepted], None] | None = None,
+        clustered: bool = False,
     ) -> None:
+        """``clustered``: the store is shared by several hosts (multi-host.md §7):
+        a channel task runs only for a channel this host holds the lease of
+        (`adopt`), and the other agents are known but run elsewhere."""
         self.store = store
+        self.clustered = clustered
+        #: Agents whose channel another host runs (``clustered`` only).
+        self._remote: dict[str, AgentSpec] = {}
         self.deps = deps
         self.events: TurnEvents = deps.events
         self.buffer_cap = buffer_cap
@@ -133,7 +145,10 @@ class Registry:
             self._nursery = nursery
             nursery.start_soon(self.store.run_flusher, name="store-flusher")
             for agent in await self.store.list_agents():
-                await self._register(agent)
+                if self.clustered:
+                    self._remote[agent.name] = agent  # run here once adopted
+                else:
+                    await self._register(agent)
             nursery.start_soon(self._resync_after_failures, name="store-resync")
             task_status.started()
             await trio.sleep_forever()
@@ -157,22 +172,31 @@ class Registry:
     # -- agents -------------------------------------------------------------------
 
     def agents(self) -> list[AgentSpec]:
-        return [task.agent for task in sorted(self._by_name.values(), key=lambda t: t.agent.name)]
+        local = [task.agent for task in self._by_name.values()]
+        return sorted([*local, *self._remote.values()], key=lambda agent: agent.name)
 
     def get(self, name: str) -> AgentSpec:
         task = self._by_name.get(name)
-        if task is None:
-            raise NotFound(f"no agent named {name!r}", field="name")
-        return task.agent
+        if task is not None:
+            return task.agent
+        if name in self._remote:
+            return self._remote[name]
+        raise NotFound(f"no agent named {name!r}", field="name")
 
     def status(self, name: str) -> tuple[AgentStatus, int]:
         task = self._by_name.get(name)
         return (AgentStatus.IDLE, 0) if task is None else task.status()
 
     async def create(self, agent: AgentSpec) -> AgentSpec:
-        if agent.name in self._by_name:
+        if agent.name in self._by_name or agent.name in self._remote:
             raise Conflict(f"an agent named {agent.name!r} already exists", field="name")
         self._check_channel_free(agent.channel)
+        if self.clustered:
+            # The store decides between hosts (R2 as unique constraints, P22); the
+            # channel runs wherever its lease is claimed, this host included.
+            await self.store.create_agent(agent, Fence.local(agent.channel))
+            self._remote[agent.name] = agent
+            return agent
         # One write: a failed claim of its buffered messages undoes the row.
         await self._register(agent, lambda fence: self.store.create_agent(agent, fence))
         return agent
@@ -185,7 +209,12 @@ class Registry:
         if moved:
             self._check_channel_free(updated.channel)
         await self.store.save_agent(updated)
-        if moved:
+        if name in self._remote or (self.clustered and moved):
+            # Its owner applies it (P22); a moved one is claimed again under a new token.
+            if name in self._by_name:
+                await self.abandon([current.channel], "agent moved")
+            self._remote[name] = updated
+        elif moved:
             await self._deregister(name)
             await self._register(updated)
         else:
@@ -195,7 +224,10 @@ class Registry:
     async def remove(self, name: str) -> None:
         """R26: cancel the channel's task and forget the agent (404 when unknown)."""
         self.get(name)
-        await self._deregister(name)
+        if name in self._remote:  # its owner cancels the running turn when told (P22)
+            del self._remote[name]
+        else:
+            await self._deregister(name)
         await self.store.delete_agent(name)
 
     async def reset(self, name: str) -> None:
@@ -209,10 +241,12 @@ class Registry:
 
     def _check_channel_free(self, channel: str) -> None:
         holder = self._by_channel.get(channel)
-        if holder is not None:
+        name = holder.agent.name if holder is not None else None
+        if name is None:
+            name = next((a.name for a in self._remote.values() if a.channel == channel), None)
+        if name is not None:
             raise Conflict(
-                f"channel {channel!r} is already served by agent {holder.agent.name!r}",
-                field="channel",
+                f"channel {channel!r} is already served by agent {name!r}", field="channel"
             )
 
     # -- messages -----------------------------------------------------------------
@@ -266,9 +300,15 @@ class Registry:
         interrupt (R9), the `queued` event, metrics."""
         task = self._by_channel.get(accepted.message.channel)
         if accepted.state is MessageState.QUEUED and task is not None:
-            task.send.send_nowait(accepted.message)
-            if task.agent.queue_mode == "interrupt" and task.turn is not None:
-                await task.turn.cancel(INTERRUPTED_REASON)  # R9: the newest message wins
+            if self.clustered:
+                # P20: an earlier message stored on another host may not have
+                # reached this task yet; reading by state keeps seq order.
+                await self.wake(task.agent.channel)
+            else:
+                task.known.add(accepted.id)
+                task.send.send_nowait(accepted.message)
+                if task.agent.queue_mode == "interrupt" and task.turn is not None:
+                    await task.turn.cancel(INTERRUPTED_REASON)  # R9: the newest message wins
             try:
                 self.events.publish(
                     task.agent.channel, TurnEvent(kind=EventKind.QUEUED, message_id=accepted.id)
@@ -284,13 +324,16 @@ class Registry:
 
     # -- channel tasks ------------------------------------------------------------
 
-    async def _register(self, agent: AgentSpec, claim: Claim | None = None) -> None:
+    async def _register(
+        self, agent: AgentSpec, claim: Claim | None = None, fence: Fence | None = None
+    ) -> None:
         """Start the channel's task and feed it the channel's open messages (R7, R28),
-        as ``claim`` takes them (by default `Store.claim_open`)."""
+        as ``claim`` takes them (by default `Store.claim_open`), under ``fence``
+        (by default the embedded store's)."""
         assert self._nursery is not None, "Registry.serve() is not running"
         send, receive = trio.open_memory_channel[Message](math.inf)
         task = ChannelTask(
-            agent=agent, send=send, receive=receive, fence=Fence.local(agent.channel)
+            agent=agent, send=send, receive=receive, fence=fence or Fence.local(agent.channel)
         )
         await self._reload(task, claim)  # first: if the store fails here, nothing is registered
         self._by_name[agent.name] = task
@@ -307,6 +350,8 @@ class Registry:
         self._drain_nowait(task.receive)
         for message in messages:
             task.send.send_nowait(message)
+        if self.clustered:
+            task.known |= {message.id for message in messages}
         task.epoch = epoch
 
     async def _resync_after_failures(self) -> None:
@@ -326,6 +371,9 @@ class Registry:
         """The agents as stored; the queue of every task not holding messages as
         stored (a task holding some reloads itself when it is done with them)."""
         stored = {agent.name: agent for agent in await self.store.list_agents()}
+        if self.clustered:
+            self._remote = {n: a for n, a in stored.items() if n not in self._by_name}
+            stored = {n: a for n, a in stored.items() if n in self._by_name}
         for name, task in list(self._by_name.items()):
             agent = stored.get(name)
             if agent is None or agent.channel != task.agent.channel:
@@ -337,7 +385,10 @@ class Registry:
                 await self._register(agent)
         for task in list(self._by_name.values()):
             if not task.holding and task.epoch != self.store.failures:
-                await self._reload(task)
+                try:
+                    await self._reload(task)
+                except FencedOut:  # the lease went meanwhile (several hosts)
+                    await self.abandon([task.agent.channel], "write fenced")
 
     async def _deregister(self, name: str) -> None:
         """R26: cancel the running turn (recorded `cancelled`), stop the task, and
@@ -371,8 +422,12 @@ class Registry:
                     # included, if their end was lost).
                     await self.store.recovered(task.epoch)
                     if task.epoch != self.store.failures:  # not already done by _resync
-                        with contextlib.suppress(StoreFailure):
+                        try:
                             await self._reload(task)
+                        except StoreFailure:
+                            pass
+                        except FencedOut:  # the lease went meanwhile (several hosts)
+                            await self.abandon([task.agent.channel], "write fenced")
 
     async def _run_turn(self, task: ChannelTask, batch: list[Message]) -> None:
         task.waiting_for_slot = True
@@ -393,6 +448,12 @@ class Registry:
                 await task.turn.run()
             except StoreFailure:
                 pass  # the turn stopped where its writes were lost; replayed by the caller
+            except Stale:
+                pass  # its messages ended or moved on elsewhere; the channel goes on
+            except FencedOut:
+                # Another host holds the channel now (P11): this task must not go on.
+                log.warning("turn stopped: write fenced", extra={"channel": task.agent.channel})
+                await self.abandon([task.agent.channel], "write fenced")
             except Exception:
                 # R25: a bug in a side effect never kills the channel.
                 log.exception("turn crashed", extra={"channel": task.agent.channel})
@@ -401,6 +462,102 @@ class Registry:
                 self._running -= 1
                 if self._running == 0:
                     self._idle.set()
+
+    # -- a cluster's channels (pg.cluster.ChannelHost; ``clustered`` only) -----------
+
+    def owned(self) -> dict[str, Fence]:
+        """Channel -> the fence its task holds: what this host runs."""
+        return {channel: task.fence for channel, task in self._by_channel.items()}
+
+    async def adopt(self, channel: str, fence: Fence) -> None:
+        """This host just claimed ``channel``: run its task under ``fence``,
+        replaying its open messages in seq order (R28, P15)."""
+        agent = next((a for a in self._remote.values() if a.channel == channel), None)
+        if agent is None:  # created on another host a moment ago
+            stored = await self.store.list_agents()
+            agent = next((a for a in stored if a.channel == channel), None)
+        if agent is None or channel in self._by_channel:
+            return
+        self._remote.pop(agent.name, None)
+        await self._register(agent, fence=fence)
+
+    async def wake(self, channel: str) -> None:
+        """P19: a message for this channel was stored elsewhere. Its open messages
+        are read by state, never by a seq high-water mark (a lower seq can commit
+        later); the task gets those it does not have yet, in seq order."""
+        task = self._by_channel.get(channel)
+        if task is None:
+            return
+        if task.waking:  # one read at a time per channel; the one running reads again
+            task.wake_again = True
+            return
+        task.waking = True
+        try:
+            while True:
+                task.wake_again = False
+                try:
+                    messages = await self.store.claim_open(channel, task.fence)
+                except (StoreFailure, FencedOut):
+                    return  # the store's recovery, or the lease's loss, deals with it
+                if self._by_channel.get(channel) is not task:
+                    return
+                fresh = [m for m in messages if m.id not in task.known]
+                for message in fresh:
+                    task.send.send_nowait(message)
+                # Only open messages can come back in a later read: the rest is forgotten.
+                task.known = {m.id for m in messages}
+                if fresh and task.agent.queue_mode == "interrupt" and task.turn is not None:
+                    await task.turn.cancel(INTERRUPTED_REASON)
+                if not task.wake_again:
+                    return
+        finally:
+            task.waking = False
+
+    async def abandon(self, channels: Sequence[str], reason: str) -> None:
+        """Stop these channel tasks as R29's forced stop does: running turns are
+        cancelled unrecorded (their messages stay `working` for the next owner)."""
+        for channel in channels:
+            task = self._by_channel.pop(channel, None)
+            if task is None:
+                continue
+            del self._by_name[task.agent.name]
+            self._remote[task.agent.name] = task.agent
+            task.scope.cancel()
+            task.send.close()
+            log.info("channel given up", extra={"channel": channel, "reason": reason})
+
+    def idle_movable(self, shared: bool) -> list[str]:
+        """Owned channels with nothing running or queued that may move, for
+        rebalancing (P13): a command or claude workspace is a local directory,
+        so only echo channels move unless workspaces are ``shared``."""
+        return [
+            channel
+            for channel, task in self._by_channel.items()
+            if task.turn is None and not task.backlog and (shared or task.agent.backend == "echo")
+        ]
+
+    def idle(self) -> list[str]:
+        """Owned channels with no turn running and nothing queued in memory."""
+        return [
+            channel
+            for channel, task in self._by_channel.items()
+            if task.turn is None and not task.backlog and not task.holding and not task.waking
+        ]
+
+    async def definitions_changed(self) -> None:
+        """P22: agents as stored. An owned agent that is gone is deregistered here
+        (its running turn cancelled, `agent removed`); a changed one applies from
+        its next turn; the others are known as remote."""
+        stored = {agent.name: agent for agent in await self.store.list_agents()}
+        for name, task in list(self._by_name.items()):
+            agent = stored.get(name)
+            if agent is None:
+                await self._deregister(name)
+            elif agent.channel != task.agent.channel:
+                await self.abandon([task.agent.channel], "agent moved")
+            else:
+                task.agent = agent
+        self._remote = {n: a for n, a in stored.items() if n not in self._by_name}
 
     @staticmethod
     def _drain_nowait(receive: trio.MemoryReceiveChannel[Message]) -> list[Message]:
@@ -422,6 +579,7 @@ def build_registry(
     on_finished: Callable[[str, MessageState, float, int], None] | None = None,
     buffer_cap: int = DEFAULT_BUFFER_CAP,
     max_turns: int = DEFAULT_MAX_TURNS,
+    clustered: bool = False,
     sandbox_mode: Callable[[AgentSpec], str] | None = None,
     tools: ToolGate | None = None,
 ) -> Registry:
@@ -449,4 +607,5 @@ def build_registry(
         buffer_cap=buffer_cap,
         max_turns=max_turns,
         on_accepted=metrics.on_accepted if metrics is not None else None,
+        clustered=clustered,
     )

@@ -51,10 +51,12 @@ from .mcp.tools import Toolbox
 from .mcp.wiring import TurnTools, prepare_dir
 from .metrics import Metrics
 from .model import AgentSpec
+from .pg import config as store_config
 from .procs import ProcessRegistry
 from .registry import DEFAULT_BUFFER_CAP, DEFAULT_MAX_TURNS, build_registry
 from .sandbox import Sandbox, bwrap_path, parse_policy, probe
 from .scheduler import Scheduler, WallClock
+from .store import Store
 from .store.sqlite import SQLiteStore
 from .transports.base import Mirror, Mirrors
 from .transports.telegram import Telegram, TelegramConfig, load_config
@@ -63,6 +65,8 @@ from .transports.vault import VaultClient, VaultMirror
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
+
+    from .pg.hosting import PgHost
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +152,18 @@ ENV: dict[str, tuple[str, ...]] = {
     "telegram_pairing": ("SKYDECK_TELEGRAM_PAIRING",),
     "telegram_wait_s": ("SKYDECK_TELEGRAM_WAIT_S",),
     "telegram_misconfig_retry_s": ("SKYDECK_TELEGRAM_MISCONFIG_RETRY_S",),
+    # Several hosts on one PostgreSQL (docs/multi-host.md, multi-host.md §1).
+    "store_url": ("SKYDECK_STORE_URL",),
+    "store_schema": ("SKYDECK_STORE_SCHEMA",),
+    "host_id": ("SKYDECK_HOST_ID",),
+    "advertise_url": ("SKYDECK_ADVERTISE_URL",),
+    "lease_ttl_s": ("SKYDECK_LEASE_TTL_S",),
+    "scan_interval_s": ("SKYDECK_SCAN_INTERVAL_S",),
+    "max_channels": ("SKYDECK_MAX_CHANNELS",),
+    "workspaces_shared": ("SKYDECK_WORKSPACES_SHARED",),
+    "fast_failover": ("SKYDECK_FAST_FAILOVER",),
+    "store_wait_s": ("SKYDECK_STORE_WAIT_S",),
+    "store_pool": ("SKYDECK_STORE_POOL",),
 }
 
 
@@ -165,6 +181,8 @@ def _parse_setting(name: str, kind: Any, raw: Any) -> Any:
         raise ConfigError(f"{name} must be a number, not {raw!r}") from None
     if kind == "Path":
         return Path(raw)
+    if kind == "bool":
+        return raw.strip().lower() in {"1", "true", "yes", "on"}
     if kind.startswith("tuple"):
         return tuple(item.strip() for item in raw.split(",") if item.strip())
     return raw
@@ -216,6 +234,20 @@ class Settings:
     telegram_pairing: str | None = None
     telegram_wait_s: float = 10.0
     telegram_misconfig_retry_s: float = 60.0
+    #: None: the embedded SQLite file; a postgres:// URL: one host of a cluster (§1).
+    store_url: str | None = None
+    store_schema: str = "skydeck"
+    #: An R1 name; default ``<short hostname>-<port>``.
+    host_id: str | None = None
+    advertise_url: str | None = None
+    lease_ttl_s: float = 10.0
+    scan_interval_s: float = 1.0
+    max_channels: int = 0
+    workspaces_shared: bool = False
+    fast_failover: bool = True
+    store_wait_s: float = 0.0
+    store_pool: int = 4
+    migrate: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **flags: Any) -> Settings:
@@ -270,6 +302,12 @@ class Settings:
             bwrap_path(self.bwrap)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        try:
+            store_config.check(
+                url=self.store_url, host_id=self.host_id, lease_ttl_s=self.lease_ttl_s
+            )
+        except store_config.StoreConfigError as exc:
+            raise ConfigError(str(exc)) from None
         secured = bool(self.token or self.jwt_secret or self.jwks_url)
         if not is_loopback(self.host) and not secured and not self.insecure:
             raise ConfigError(
@@ -284,7 +322,11 @@ class Service:
         settings.check()
         self.telegram_config = settings.telegram()
         self.settings = settings
+        #: One host of a PostgreSQL cluster (docs/multi-host.md), or None: SQLite.
+        self.pg: PgHost | None = None
         self.db_path = settings.data_dir / DB_NAME
+        if settings.store_url and store_config.store_kind(settings.store_url) == "sqlite":
+            self.db_path = Path(store_config.sqlite_path(settings.store_url))
         with self._starting():
             settings.data_dir.mkdir(parents=True, exist_ok=True)
             self._lock = lock_data_dir(settings.data_dir)  # before the store is opened
@@ -305,6 +347,9 @@ class Service:
             exc = unwrap(raised)
             if isinstance(exc, ConfigError):
                 raise exc from None
+            said = self.pg.start_failure(exc) if self.pg is not None else None
+            if said is not None:
+                raise ConfigError(said) from None
             if isinstance(exc, OSError):
                 where = exc.filename or self.settings.data_dir
                 raise ConfigError(f"cannot use {where}: {exc.strerror or exc}") from None
@@ -317,7 +362,15 @@ class Service:
     def _open(self, clock: WallClock | None) -> None:
         settings = self.settings
         self.metrics = Metrics()
-        self.store = SQLiteStore(self.db_path, on_dropped=self.metrics.dropped.inc)
+        if store_config.store_kind(settings.store_url) == "postgres":
+            from .pg.hosting import PgHost  # psycopg only when it is asked for (P1)
+
+            self.pg = PgHost.build(
+                settings, self.metrics.registry, on_dropped=self.metrics.dropped.inc
+            )
+            self.store: Store = self.pg.store
+        else:
+            self.store = SQLiteStore(self.db_path, on_dropped=self.metrics.dropped.inc)
         self.events = TurnEvents()
         workspaces = settings.data_dir / "workspaces"
         self.claude_bin = find_claude()
@@ -353,9 +406,18 @@ class Service:
         self.turn_tools = TurnTools(
             tokens, sessions, settings.data_dir / "mcp", sandboxed_base=self.sandbox.mcp_base
         )
-        self.telegram_rows = TelegramStore(self.store)
+        # Telegram's rows (links, update ids, its outbox) live in the embedded
+        # engine's group commit; a shared PostgreSQL store has no Telegram tables yet.
+        self.telegram_rows = (
+            TelegramStore(self.store) if isinstance(self.store, SQLiteStore) else None
+        )
         self.telegram: Telegram | None = None
-        if self.telegram_config is not None:
+        if self.telegram_config is not None and self.telegram_rows is None:
+            raise ConfigError(
+                "Telegram runs on the embedded SQLite store only for now; unset "
+                "SKYDECK_TELEGRAM_TOKEN or serve without --store postgres://"
+            )
+        if self.telegram_config is not None and self.telegram_rows is not None:
             self.telegram = Telegram(
                 self.store, self.telegram_rows, self.telegram_config, self.metrics.registry
             )
@@ -370,9 +432,12 @@ class Service:
             metrics=self.metrics,
             buffer_cap=settings.buffer_cap,
             max_turns=settings.max_turns,
+            clustered=self.pg is not None,
             sandbox_mode=self._sandbox_mode,
             tools=self.turn_tools,
         )
+        if self.pg is not None:
+            self.pg.attach(self.registry, self.metrics.registry)
         self.deps = self.registry.deps
         self.telegram_receiver = (
             self.telegram.receive_with(self.registry) if self.telegram is not None else None
@@ -405,12 +470,15 @@ class Service:
             self.metrics,
             self.scheduler,
             health_extra=self._health_extra,
+            cluster_view=self.pg.view if self.pg is not None else None,
             max_body=settings.max_body,
             body_timeout_s=settings.body_timeout_s,
             origins=settings.origin_policy(),
             sandbox=self.sandbox,
             mcp=McpEndpoint(toolbox, auth, tokens=tokens, sessions=sessions),
-            telegram=(self.telegram_rows, self.telegram_receiver),
+            telegram=(self.telegram_rows, self.telegram_receiver)
+            if self.telegram_rows is not None
+            else None,
         )
         self._stopped = trio.Event()
         self._http_done = trio.Event()
@@ -450,7 +518,10 @@ class Service:
         It uses claude when a CLI and credentials are there, else echo, so it
         always works; `demo_note` says which, for the startup banner.
         """
-        if await self.store.get_meta("initialized") is not None:
+        if self.pg is not None:
+            if not await self.pg.store.init_once("demo"):  # once per store, not per host (P4)
+                return
+        elif await self.store.get_meta("initialized") is not None:
             return
         if self.settings.demo and not self.registry.agents():
             backend: Literal["claude", "echo"] = "echo"
@@ -470,6 +541,9 @@ class Service:
         config.graceful_timeout = 5
         config.keep_alive_timeout = self.settings.keepalive_s
         try:
+            if self.pg is not None:
+                with self._starting():  # P5: HTTP is bound only after joining
+                    await self.pg.open()
             # Before any message replays: a killed daemon's turns may still be running.
             await self.processes.kill_leftovers()
             async with trio.open_nursery() as nursery:
@@ -486,6 +560,15 @@ class Service:
                 with self._starting():  # the stored agents are read and replayed here
                     await nursery.start(run_registry)
                     await self._ensure_demo()
+                cluster_scope = trio.CancelScope()
+                if self.pg is not None and self.pg.cluster is not None:
+                    cluster = self.pg.cluster
+
+                    async def run_cluster(task_status: TaskStatus[None]) -> None:
+                        with cluster_scope:
+                            await cluster.run(task_status=task_status)
+
+                    await nursery.start(run_cluster)
                 scheduler_scope = trio.CancelScope()
 
                 async def run_scheduler(task_status: TaskStatus[None]) -> None:
@@ -525,6 +608,9 @@ class Service:
                 await self.registry.drain(self.settings.grace_s)
                 registry_scope.cancel()
                 telegram_scope.cancel()  # T38: pending rows go at next start
+                cluster_scope.cancel()  # heartbeats ran through the grace period
+                if self.pg is not None and self.pg.cluster is not None:
+                    await self.pg.cluster.leave()  # P14: only after every turn stopped
                 if self.warm is not None:
                     await self.warm.close()  # W16: no warm process outlives the daemon
                 self._http_done.set()
@@ -535,7 +621,8 @@ class Service:
             self._lock.close()
 
     async def _health_extra(self) -> dict[str, Any]:
-        extra: dict[str, Any] = {
+        extra: dict[str, Any] = await self.pg.health() if self.pg is not None else {}
+        extra |= {
             "sandbox": self.sandbox.health(),
             "claude_warm": self.warm.health()
             if self.warm is not None

@@ -1,0 +1,141 @@
+"""What `service.Service` needs to be one host of a PostgreSQL cluster, in one place.
+
+The service stays the composition root; this module builds the parts it adds
+for ``--store postgres://...`` (the store, the cluster loops, their metrics)
+and says what the host adds to `/health` (P26), `/metrics` (P27) and
+`/api/cluster` (P28), so `service.py` only calls in at its few seams.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Gauge
+
+from .. import __version__
+from ..errors import StoreUnreachable
+from ..store.postgres import PostgresStore, build_postgres
+from .cluster import CHANNELS, Cluster, ClusterMetrics
+from .config import default_host_id
+from .driver import Listener, Timeouts, conninfo, redact
+from .ownership import HostInUse
+from .schema import SchemaError
+
+if TYPE_CHECKING:
+    from ..registry import Registry
+    from ..service import Settings
+
+#: Test hook (P12): no LISTEN, so every wake-up comes from the scan.
+NO_LISTEN_ENV = "SKYDECK_TEST_NO_LISTEN"
+
+
+@dataclass(slots=True)
+class PgHost:
+    """The store, and (once the registry exists) the cluster loops of this host."""
+
+    settings: Settings
+    store: PostgresStore
+    metrics: ClusterMetrics
+    cluster: Cluster | None = None
+
+    @classmethod
+    def build(cls, settings: Settings, registry: CollectorRegistry, *, on_dropped: Any) -> PgHost:
+        assert settings.store_url is not None
+        metrics = ClusterMetrics.create(registry)
+        store = build_postgres(
+            settings.store_url,
+            host_id=settings.host_id or default_host_id(settings.port),
+            ttl_s=settings.lease_ttl_s,
+            schema_name=settings.store_schema,
+            readers=settings.store_pool,
+            advertise_url=settings.advertise_url or settings.public_url,
+            version=__version__,
+            on_dropped=on_dropped,
+            on_fenced=metrics.fenced.inc,
+        )
+        return cls(settings, store, metrics)
+
+    def attach(self, registry: Registry, metrics_registry: CollectorRegistry) -> Cluster:
+        """The cluster loops, driving ``registry`` (a `ChannelHost`)."""
+        s = self.settings
+        assert s.store_url is not None
+        listener = Listener(
+            conninfo(
+                s.store_url,
+                application_name=f"skydeck/{self.store.host}/joining",
+                schema=s.store_schema,
+                timeouts=Timeouts.for_ttl(s.lease_ttl_s),
+            ),
+            CHANNELS,
+        )
+        self.cluster = Cluster(
+            self.store,
+            listener,
+            registry,
+            scan_interval_s=s.scan_interval_s,
+            max_channels=s.max_channels,
+            fast_failover=s.fast_failover,
+            listen=os.environ.get(NO_LISTEN_ENV) != "1",
+            workspaces_shared=s.workspaces_shared,
+            metrics=self.metrics,
+        )
+        owned = Gauge(
+            "skydeck_owned_channels",
+            "Channels this host holds the lease of",
+            registry=metrics_registry,
+        )
+        owned.set_function(lambda: len(registry.owned()))
+        return self.cluster
+
+    async def open(self) -> None:
+        """P3, P4, P5: migrate, join, connect; before HTTP is bound."""
+        s = self.settings
+        await self.store.open(wait_s=s.store_wait_s, migrate=s.migrate)
+
+    def start_failure(self, exc: BaseException) -> str | None:
+        """One sentence for a start that cannot go on (exit 2), or None."""
+        url = redact(self.settings.store_url or "")
+        if isinstance(exc, StoreUnreachable):
+            return (
+                f"cannot reach the store at {url}: {exc.reason} "
+                "(check --store / SKYDECK_STORE_URL, or give --store-wait)"
+            )
+        if isinstance(exc, (SchemaError, HostInUse)):
+            return str(exc)
+        return None
+
+    async def health(self) -> dict[str, Any]:
+        """P26: what `/health` adds for this host."""
+        ownership = self.store.ownership
+        cluster = self.cluster
+        store: dict[str, Any] = {"kind": "postgres", "url": redact(self.settings.store_url or "")}
+        if self.store.error is not None:
+            store |= {"state": "unreachable", "since": self.store.failing_since}
+        hosts_alive = None
+        with contextlib.suppress(StoreUnreachable):
+            hosts_alive = sum(1 for host in await ownership.hosts() if host.alive)
+        return {
+            "store": store,
+            "host": {
+                "id": ownership.host_id,
+                "incarnation": ownership.incarnation,
+                "owned": len(cluster.host.owned()) if cluster is not None else 0,
+                "roles": sorted(cluster.roles) if cluster is not None else [],
+                "lease_ttl_s": ownership.ttl_s,
+                "heartbeat_age_s": round(cluster.heartbeat_age_s(), 3) if cluster else None,
+                "hosts_alive": hosts_alive,
+            },
+        }
+
+    async def view(self) -> dict[str, Any]:
+        """P28: `GET /api/cluster`."""
+        hosts = await self.store.ownership.hosts()
+        owned = sum(host.owned for host in hosts if host.alive)
+        channels, _ = await self.store.cluster_size()
+        return {
+            "hosts": [host.to_json() for host in hosts],
+            "channels": {"owned": owned, "unowned": max(channels - owned, 0)},
+        }
