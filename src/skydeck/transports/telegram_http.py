@@ -42,7 +42,7 @@ def _unknown(body: dict[str, Any], allowed: set[str]) -> None:
 
 def _whole(value: Any) -> Any:
     """JSON's one number type: ``5.0`` is the integer 5 (validate.py does the same)."""
-    whole = validate._whole(value)
+    whole = validate.json_integer(value)
     return value if whole is None else whole
 
 
