@@ -76,6 +76,7 @@ bench: $(STAMP) $(CLAUDE) $(BWRAP) postgres
 	$(BIN)/python bench/sandbox_turns.py
 	$(BIN)/python bench/http_ingest.py
 	$(BIN)/python bench/scheduler.py
+	$(BIN)/python bench/telegram_ingest.py
 	$(BIN)/python bench/multi_host.py
 
 clean:

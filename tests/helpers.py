@@ -119,6 +119,9 @@ class FlakyMirror:
     def serves(self, channel: str) -> bool:
         return self.channels is None or channel in self.channels
 
+    def takes_callbacks(self, channel: str) -> bool:
+        return self.serves(channel)
+
     async def write_reply(self, reply: Message, inbound: Message) -> str:
         self.attempts.append(trio.current_time())
         if self.failures:

@@ -41,7 +41,17 @@ ROUTES = [
     ("PATCH", "/api/jobs/demo"),
     ("DELETE", "/api/jobs/demo"),
     ("POST", "/api/jobs/demo/run"),
+    # telegram.md T40: GET agent:read (pairings agent:admin), writes agent:admin
+    ("GET", "/api/telegram/links"),
+    ("POST", "/api/telegram/links"),
+    ("PATCH", "/api/telegram/links/111"),
+    ("DELETE", "/api/telegram/links/111"),
+    ("GET", "/api/telegram/pairings"),
+    ("POST", "/api/telegram/pair"),
+    ("GET", "/api/telegram/outbox"),
 ]
+#: Routes outside bearer auth: Telegram's webhook authenticates by its secret header (T14).
+EXEMPT = {("POST", "/api/telegram/webhook")}
 
 
 def token(scope: str, *, expires_in: float = 300) -> str:
@@ -60,7 +70,7 @@ async def client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
 
 def test_every_served_route_is_in_the_table(tmp_path: Path) -> None:
     service = Service(Settings(port=0, data_dir=tmp_path))
-    concrete = {"<channel>": "demo", "<name>": "demo", "<message_id>": "some-id"}
+    concrete = {"<channel>": "demo", "<name>": "demo", "<message_id>": "some-id", "<lid>": "111"}
     served = set()
     for rule in service.app.url_map.iter_rules():
         path = rule.rule
@@ -69,8 +79,27 @@ def test_every_served_route_is_in_the_table(tmp_path: Path) -> None:
         for placeholder, value in concrete.items():
             path = path.replace(placeholder, value)
         served |= {(m, path) for m in rule.methods or () if m not in ("HEAD", "OPTIONS")}
-    assert served == set(ROUTES)
+    assert served == set(ROUTES) | EXEMPT
     service.store.close()
+
+
+def test_t40_telegram_scopes() -> None:
+    assert scope_for("GET", "/api/telegram/links") == "agent:read"
+    assert scope_for("GET", "/api/telegram/outbox") == "agent:read"
+    assert scope_for("GET", "/api/telegram/pairings") == "agent:admin"
+    for method, path in (
+        ("POST", "/api/telegram/links"),
+        ("PATCH", "/api/telegram/links/1"),
+        ("DELETE", "/api/telegram/links/1"),
+        ("POST", "/api/telegram/pair"),
+    ):
+        assert scope_for(method, path) == "agent:admin"
+
+
+async def test_t14_webhook_is_outside_bearer_auth(client: httpx.AsyncClient) -> None:
+    """No bearer token needed (nor taken): without webhook mode the route is a 404, not a 401."""
+    answer = await client.post("/api/telegram/webhook", json={"update_id": 1})
+    assert answer.status_code == 404
 
 
 @pytest.mark.parametrize(("method", "path"), ROUTES)

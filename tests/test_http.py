@@ -141,6 +141,17 @@ BAD_BODIES: list[tuple[str, bytes, str | None]] = [
     ),
     ("/api/inbound", b'{"channel": "demo", "content": "hi", "id": 5}', "id"),
     ("/api/inbound", b'{"channel": "demo", "content": "hi", "bogus": 1}', "bogus"),
+    # T25: only the Telegram receiver may mark a message as a chat's (replies follow it)
+    (
+        "/api/inbound",
+        b'{"channel": "demo", "content": "hi", "metadata": {"source": "telegram"}}',
+        "metadata.source",
+    ),
+    (
+        "/api/channels/demo/messages",
+        b'{"content": "hi", "metadata": {"telegram_chat_id": "-100777"}}',
+        "metadata.telegram_chat_id",
+    ),
     ("/api/vault/inbound", b'{"note": []}', "note"),
     ("/api/vault/inbound", b'{"note": {"content": "x", "metadata": {"agent": "demo"}}}', "note.id"),
     ("/api/vault/inbound", b'{"note": {"id": "n", "content": "x", "metadata": {}}}', "channel"),

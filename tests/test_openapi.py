@@ -259,6 +259,9 @@ STATE_RULES = {
     ("POST", "/api/agents"): {"egress"},
     ("PATCH", "/api/agents/{name}"): {"name", "command", "egress"},
     ("PATCH", "/api/jobs/{name}"): {"name", "schedule", "run_at"},
+    # telegram.md §9: a private chat (a positive id) takes trigger all only.
+    ("POST", "/api/telegram/links"): {"trigger"},
+    ("PATCH", "/api/telegram/links/{lid}"): {"trigger"},
 }
 
 

@@ -52,6 +52,9 @@ from .registry import Registry
 from .sandbox import Sandbox
 from .scheduler import Scheduler
 from .store import Store
+from .transports import telegram_http
+from .transports.telegram import WEBHOOK_PATH, TelegramReceiver
+from .transports.telegram_store import TelegramStore
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +180,7 @@ def create_app(
     origins: OriginPolicy | None = None,
     sandbox: Sandbox | None = None,
     mcp: McpEndpoint | None = None,
+    telegram: tuple[TelegramStore, TelegramReceiver | None] | None = None,
 ) -> QuartTrio:
     app = QuartTrio("skydeck", static_folder=str(WEB_DIR), static_url_path="/web")
     # No 308 redirects with HTML bodies for `a//b` paths: a path is a route or a JSON 404.
@@ -222,6 +226,8 @@ def create_app(
 
     @app.before_request
     async def authenticate() -> Response | None:
+        if request.path == WEBHOOK_PATH:
+            return None  # T14: Telegram's; its secret is checked before the body is read
         # Read every request's body before answering, even on routes that ignore
         # it (a GET with a body): a response sent while body bytes are still in
         # flight could leave a kept-alive connection waiting (seen in the fuzz).
@@ -568,4 +574,6 @@ def create_app(
         await store.flushed()
         return {"ok": True, "id": accepted.id, "state": accepted.state}
 
+    if telegram is not None:
+        app.register_blueprint(telegram_http.blueprint(store, *telegram))
     return app

@@ -71,6 +71,11 @@ def scope_for(method: str, path: str) -> Scope:
     resource = parts[1] if len(parts) > 1 and parts[0] == "api" else None
     if resource == "agents" and len(parts) == 4 and parts[3] == "reset" and method == "POST":
         return "agent:admin"
+    if resource == "telegram":
+        # A link lets outsiders run an agent (telegram.md T40); pairings list who asked.
+        if method in ("GET", "HEAD") and parts[2:3] != ["pairings"]:
+            return "agent:read"
+        return "agent:admin"
     if resource in ("agents", "jobs"):
         if method in ("GET", "HEAD"):
             return "agent:read"

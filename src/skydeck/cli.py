@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import httpx
 import trio
 
-from . import __version__
+from . import __version__, cli_telegram
 from .ledger import TERMINAL_STATES, MessageState
 from .model import BACKENDS, MODES, QUEUE_MODES, SANDBOX_MODES, EventKind
 from .pg import config as store_config
@@ -135,6 +135,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_turns=args.max_turns,
             public_url=args.public_url,
             sandbox=args.sandbox,
+            telegram_token_file=args.telegram_token_file,
+            telegram_mode=args.telegram_mode,
+            telegram_webhook_url=args.telegram_webhook_url,
             **store_config.flag_values(args),
         )
     except ConfigError as exc:
@@ -522,6 +525,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between vault definition polls (default 60)",
     )
 
+    serve.add_argument(
+        "--telegram-token-file",
+        metavar="PATH",
+        help="Telegram bot token, first line of this file (env SKYDECK_TELEGRAM_TOKEN; "
+        "never as a flag: argv is readable by every local user)",
+    )
+    serve.add_argument(
+        "--telegram-mode",
+        choices=("polling", "webhook"),
+        help="how updates arrive (default polling, env SKYDECK_TELEGRAM_MODE)",
+    )
+    serve.add_argument(
+        "--telegram-webhook-url",
+        metavar="URL",
+        help="public HTTPS URL of /api/telegram/webhook (env SKYDECK_TELEGRAM_WEBHOOK_URL)",
+    )
+
     agent = _command(
         commands,
         "agent",
@@ -670,6 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
         "skydeck tail shout",
     )
     tail.add_argument("channel", help="the channel to follow")
+    cli_telegram.add_parser(commands)
 
     migrate = _command(
         commands,
@@ -717,6 +738,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_send(args, client)
         if args.cmd == "job":
             return cmd_job(args, client)
+        if args.cmd == "telegram":
+            return cli_telegram.run(args, client)
         return cmd_tail(args, client)
     except CliError as exc:
         print(f"skydeck: {exc}", file=sys.stderr)

@@ -110,6 +110,10 @@ class BackendError(ExternalError):
 class DeliveryError(ExternalError):
     """A mirror's write failed; ``status`` is the far side's HTTP status, if it answered."""
 
+    #: False when the writer already waited as long as a turn may (Telegram's
+    #: delivery wait, T37): R20 must not wait that long again.
+    retry: bool = True
+
     def __init__(self, reason: str, *, status: int | None = None) -> None:
         super().__init__(reason if status is None else f"{reason} ({status})")
         self.status = status

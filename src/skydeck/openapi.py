@@ -574,15 +574,24 @@ def error_responses(*, max_body: int, body_timeout_s: float) -> Schema:
 STATIC_PATH = "/web/{filename}"
 
 
-#: Where a name or a channel can be taken (409).
+#: Where a name or a channel can be taken (409), or a chat is linked already.
 CONFLICTS = frozenset(
-    {("post", "/api/agents"), ("patch", "/api/agents/{name}"), ("post", "/api/jobs")}
+    {
+        ("post", "/api/agents"),
+        ("patch", "/api/agents/{name}"),
+        ("post", "/api/jobs"),
+        ("post", "/api/telegram/links"),
+        ("post", "/api/telegram/pair"),
+    }
 )
+#: Telegram's webhook: outside bearer auth, authenticated by its secret header (T14).
+TELEGRAM_WEBHOOK = "/api/telegram/webhook"
 
 
 def _needs_auth(path: str) -> bool:
-    """Mirrors `app.authenticate`: `/api/...` and `/metrics`, not `/api` itself."""
-    return path.startswith("/api/") or path == "/metrics"
+    """Mirrors `app.authenticate`: `/api/...` and `/metrics`, not `/api` itself
+    (nor Telegram's webhook)."""
+    return (path.startswith("/api/") and path != TELEGRAM_WEBHOOK) or path == "/metrics"
 
 
 def _api_family(path: str) -> bool:
@@ -719,6 +728,7 @@ def operations() -> dict[tuple[str, str], Schema]:
         "vault": vault,
     }
     return {
+        **telegram_operations(),
         ("get", "/"): {
             "operationId": "web_ui",
             "summary": "The web UI",
@@ -1029,6 +1039,160 @@ def operations() -> dict[tuple[str, str], Schema]:
             "parameters": [job_name],
             "responses": {
                 "200": {**ack["200"], "links": message_link},
+                "503": {"$ref": "#/components/responses/Unavailable"},
+            },
+        },
+    }
+
+
+def telegram_operations() -> dict[tuple[str, str], Schema]:
+    """telegram.md §9: links, pairings, the outbox, and Telegram's webhook."""
+    text = {"type": "string"}
+    maybe_text = nullable(text)
+    chat_id = {
+        "oneOf": [
+            {"type": "integer", "minimum": -9999999999999999, "maximum": 9999999999999999},
+            {"type": "string", "pattern": "^-?[0-9]{1,16}$"},
+        ],
+        "description": "the chat's id, as an integer or a decimal string",
+    }
+    user_id = {
+        "oneOf": [
+            {"type": "integer", "minimum": 0, "maximum": INT_MAX},
+            {"type": "string", "pattern": "^[0-9]{1,20}$"},
+        ]
+    }
+    trigger = {"type": "string", "enum": ["all", "mention"]}
+    deliver = {"type": "string", "enum": ["all", "origin"]}
+    allow = nullable({"type": "array", "items": user_id, "maxItems": 1000})
+    link = _object(
+        {
+            "id": text,
+            "chat_id": text,
+            "topic_id": nullable({"type": "integer"}),
+            "channel": ref("Name"),
+            "chat_type": maybe_text,
+            "title": maybe_text,
+            "trigger": trigger,
+            "deliver": deliver,
+            "allow_users": nullable({"type": "array", "items": text}),
+            "blocked_at": maybe_text,
+            "created_at": text,
+        },
+        optional=(),
+    )
+    link_fields = {"channel": ref("Name"), "trigger": trigger, "deliver": deliver}
+    new_link = _object(
+        {
+            "chat_id": chat_id,
+            "topic_id": {"type": "integer", "minimum": 1, "maximum": INT_MAX},
+            **link_fields,
+            "allow_users": allow,
+        },
+        ("chat_id", "channel"),
+        description="a private chat (a positive id) takes trigger all only (else 400)",
+    )
+    changes = _object({**link_fields, "allow_users": allow})
+    pairing = _object(
+        {
+            "code": text,
+            "chat_id": text,
+            "topic_id": nullable({"type": "integer"}),
+            "chat_type": text,
+            "title": maybe_text,
+            "user": text,
+            "expires_at": text,
+        },
+        optional=(),
+    )
+    item = _object(
+        {
+            "seq": {"type": "integer"},
+            "chat_id": text,
+            "message_id": maybe_text,
+            "part": {"type": "integer", "minimum": 1},
+            "parts": {"type": "integer", "minimum": 1},
+            "kind": {"type": "string", "enum": ["reply", "notice"]},
+            "state": {"type": "string", "enum": ["pending", "sent", "refused"]},
+            "attempts": {"type": "integer", "minimum": 0},
+            "last_error": maybe_text,
+            "created_at": text,
+        },
+        optional=(),
+    )
+    link_id = _path_param("lid", text, "the link id: <chat_id> or <chat_id>:<topic_id>")
+    created = {"201": response("the link", link)}
+    not_found = {"404": {"$ref": "#/components/responses/NotFound"}}
+    return {
+        ("get", "/api/telegram/links"): {
+            "operationId": "telegram.list_links",
+            "summary": "Telegram links, oldest first",
+            "parameters": [_query("channel", ref("Name"), "only this channel's links")],
+            "responses": _ok("the links", _object({"links": {"type": "array", "items": link}})),
+        },
+        ("post", "/api/telegram/links"): {
+            "operationId": "telegram.create_link",
+            "summary": "Link a chat (or a forum topic of it) to a channel",
+            "requestBody": _body(new_link),
+            "responses": created,
+        },
+        ("patch", "/api/telegram/links/{lid}"): {
+            "operationId": "telegram.patch_link",
+            "summary": "Change a link",
+            "parameters": [link_id],
+            "requestBody": _body(changes),
+            "responses": _ok("the link", link),
+        },
+        ("delete", "/api/telegram/links/{lid}"): {
+            "operationId": "telegram.delete_link",
+            "summary": "Remove a link (its chat is not stored from the next update on)",
+            "parameters": [link_id],
+            "responses": _ok("deleted", ref("Ok")),
+        },
+        ("get", "/api/telegram/pairings"): {
+            "operationId": "telegram.list_pairings",
+            "summary": "Chats waiting to be paired (codes valid 10 minutes)",
+            "responses": _ok(
+                "the pairings", _object({"pairings": {"type": "array", "items": pairing}})
+            ),
+        },
+        ("post", "/api/telegram/pair"): {
+            "operationId": "telegram.pair_chat",
+            "summary": "Link the chat that got this pairing code",
+            "requestBody": _body(
+                _object(
+                    {"code": {"type": "string", "minLength": 1}, **link_fields},
+                    ("code", "channel"),
+                )
+            ),
+            "responses": {**created, **not_found},
+        },
+        ("get", "/api/telegram/outbox"): {
+            "operationId": "telegram.outbox",
+            "summary": "Parts and notices pending, and those refused in the last 24 h (no text)",
+            "responses": _ok("the rows", _object({"items": {"type": "array", "items": item}})),
+        },
+        ("post", TELEGRAM_WEBHOOK): {
+            "operationId": "telegram.webhook",
+            "summary": "Telegram's webhook (webhook mode only; its secret header, no bearer)",
+            "parameters": [
+                {
+                    "name": "X-Telegram-Bot-Api-Secret-Token",
+                    "in": "header",
+                    "required": False,
+                    "schema": text,
+                }
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {JSON_MEDIA_TYPE: {"schema": {"type": "object"}}},
+            },
+            "responses": {
+                **_ok(
+                    "stored, or an unusable update ignored", {"oneOf": [ref("Ok"), ref("Ignored")]}
+                ),
+                "401": response("no or a wrong secret header", ref("Error")),
+                **not_found,
                 "503": {"$ref": "#/components/responses/Unavailable"},
             },
         },

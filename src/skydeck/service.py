@@ -58,6 +58,9 @@ from .sandbox import Sandbox, bwrap_path, parse_policy, probe
 from .scheduler import Scheduler, WallClock
 from .store import Store
 from .store.sqlite import SQLiteStore
+from .transports.base import Mirror, Mirrors
+from .transports.telegram import Telegram, TelegramConfig, load_config
+from .transports.telegram_store import TelegramStore
 from .transports.vault import VaultClient, VaultMirror
 
 if TYPE_CHECKING:
@@ -138,6 +141,17 @@ ENV: dict[str, tuple[str, ...]] = {
     "body_timeout_s": ("SKYDECK_BODY_TIMEOUT_S",),
     "sandbox": ("SKYDECK_SANDBOX",),
     "bwrap": ("SKYDECK_BWRAP",),
+    # Telegram (telegram.md §1): the token comes from the environment or a file, never a flag.
+    "telegram_token": ("SKYDECK_TELEGRAM_TOKEN",),
+    "telegram_api_url": ("SKYDECK_TELEGRAM_API_URL",),
+    "telegram_mode": ("SKYDECK_TELEGRAM_MODE",),
+    "telegram_webhook_url": ("SKYDECK_TELEGRAM_WEBHOOK_URL",),
+    "telegram_webhook_secret": ("SKYDECK_TELEGRAM_WEBHOOK_SECRET",),
+    "telegram_poll_timeout_s": ("SKYDECK_TELEGRAM_POLL_TIMEOUT_S",),
+    "telegram_format": ("SKYDECK_TELEGRAM_FORMAT",),
+    "telegram_pairing": ("SKYDECK_TELEGRAM_PAIRING",),
+    "telegram_wait_s": ("SKYDECK_TELEGRAM_WAIT_S",),
+    "telegram_misconfig_retry_s": ("SKYDECK_TELEGRAM_MISCONFIG_RETRY_S",),
     # Several hosts on one PostgreSQL (docs/multi-host.md, multi-host.md §1).
     "store_url": ("SKYDECK_STORE_URL",),
     "store_schema": ("SKYDECK_STORE_SCHEMA",),
@@ -208,6 +222,18 @@ class Settings:
     #: S3/S4: the sandbox policy for agents without their own, and bwrap's absolute path.
     sandbox: str = "auto"
     bwrap: str | None = None
+    #: Telegram (telegram.md §1); no token: Telegram off. Never in a repr.
+    telegram_token: str | None = field(default=None, repr=False)
+    telegram_token_file: Path | None = None
+    telegram_api_url: str | None = None
+    telegram_mode: str | None = None
+    telegram_webhook_url: str | None = None
+    telegram_webhook_secret: str | None = field(default=None, repr=False)
+    telegram_poll_timeout_s: float = 30.0
+    telegram_format: str | None = None
+    telegram_pairing: str | None = None
+    telegram_wait_s: float = 10.0
+    telegram_misconfig_retry_s: float = 60.0
     #: None: the embedded SQLite file; a postgres:// URL: one host of a cluster (§1).
     store_url: str | None = None
     store_schema: str = "skydeck"
@@ -251,6 +277,25 @@ class Settings:
             origins=self.allowed_origins,
         )
 
+    def telegram(self) -> TelegramConfig | None:
+        """T1/T3: the Telegram settings, checked (a bad one is a `ConfigError`)."""
+        try:
+            return load_config(
+                token=self.telegram_token,
+                token_file=str(self.telegram_token_file) if self.telegram_token_file else None,
+                api_url=self.telegram_api_url,
+                mode=self.telegram_mode,
+                webhook_url=self.telegram_webhook_url,
+                webhook_secret=self.telegram_webhook_secret,
+                poll_timeout_s=self.telegram_poll_timeout_s,
+                format=self.telegram_format,
+                pairing=self.telegram_pairing,
+                wait_s=self.telegram_wait_s,
+                misconfig_retry_s=self.telegram_misconfig_retry_s,
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
     def check(self) -> None:
         try:
             parse_policy(self.sandbox)
@@ -275,6 +320,7 @@ class Settings:
 class Service:
     def __init__(self, settings: Settings, *, clock: WallClock | None = None) -> None:
         settings.check()
+        self.telegram_config = settings.telegram()
         self.settings = settings
         #: One host of a PostgreSQL cluster (docs/multi-host.md), or None: SQLite.
         self.pg: PgHost | None = None
@@ -360,11 +406,29 @@ class Service:
         self.turn_tools = TurnTools(
             tokens, sessions, settings.data_dir / "mcp", sandboxed_base=self.sandbox.mcp_base
         )
+        # Telegram's rows (links, update ids, its outbox) live in the embedded
+        # engine's group commit; a shared PostgreSQL store has no Telegram tables yet.
+        self.telegram_rows = (
+            TelegramStore(self.store) if isinstance(self.store, SQLiteStore) else None
+        )
+        self.telegram: Telegram | None = None
+        if self.telegram_config is not None and self.telegram_rows is None:
+            raise ConfigError(
+                "Telegram runs on the embedded SQLite store only for now; unset "
+                "SKYDECK_TELEGRAM_TOKEN or serve without --store postgres://"
+            )
+        if self.telegram_config is not None and self.telegram_rows is not None:
+            self.telegram = Telegram(
+                self.store, self.telegram_rows, self.telegram_config, self.metrics.registry
+            )
+        telegram_mirror = self.telegram.mirror if self.telegram is not None else None
+        mirrors: list[Mirror] = [m for m in (self.vault, telegram_mirror) if m is not None]
+        mirror = mirrors[0] if len(mirrors) == 1 else Mirrors(*mirrors) if mirrors else None
         self.registry = build_registry(
             self.store,
             backends,
             events=self.events,
-            mirror=self.vault,
+            mirror=mirror,
             metrics=self.metrics,
             buffer_cap=settings.buffer_cap,
             max_turns=settings.max_turns,
@@ -375,6 +439,9 @@ class Service:
         if self.pg is not None:
             self.pg.attach(self.registry, self.metrics.registry)
         self.deps = self.registry.deps
+        self.telegram_receiver = (
+            self.telegram.receive_with(self.registry) if self.telegram is not None else None
+        )
         self.metrics.watch_queues(self.registry.depths)
         self.scheduler = Scheduler(
             self.store,
@@ -409,6 +476,9 @@ class Service:
             origins=settings.origin_policy(),
             sandbox=self.sandbox,
             mcp=McpEndpoint(toolbox, auth, tokens=tokens, sessions=sessions),
+            telegram=(self.telegram_rows, self.telegram_receiver)
+            if self.telegram_rows is not None
+            else None,
         )
         self._stopped = trio.Event()
         self._http_done = trio.Event()
@@ -485,6 +555,8 @@ class Service:
                     with registry_scope:
                         await self.registry.serve(task_status=task_status)
 
+                if self.telegram is not None:
+                    await self.telegram.mirror.recover()  # T38: before any turn replays
                 with self._starting():  # the stored agents are read and replayed here
                     await nursery.start(run_registry)
                     await self._ensure_demo()
@@ -504,6 +576,15 @@ class Service:
                         await self.scheduler.run(task_status=task_status)
 
                 await nursery.start(run_scheduler)
+                telegram_scope = trio.CancelScope()
+                if self.telegram is not None:
+                    telegram = self.telegram
+
+                    async def run_telegram(task_status: TaskStatus[None]) -> None:
+                        with telegram_scope:
+                            await telegram.run(task_status=task_status)
+
+                    await nursery.start(run_telegram)
                 if self.vault is not None and self.sync is not None:
                     await nursery.start(self.vault.run_outbox)
                     nursery.start_soon(self.sync.run)
@@ -526,6 +607,7 @@ class Service:
                 # only then does the HTTP server stop listening.
                 await self.registry.drain(self.settings.grace_s)
                 registry_scope.cancel()
+                telegram_scope.cancel()  # T38: pending rows go at next start
                 cluster_scope.cancel()  # heartbeats ran through the grace period
                 if self.pg is not None and self.pg.cluster is not None:
                     await self.pg.cluster.leave()  # P14: only after every turn stopped
@@ -546,6 +628,8 @@ class Service:
             if self.warm is not None
             else {"max": 0, "idle_timeout_s": self.settings.claude_warm.idle_s, "processes": []},
         }
+        if self.telegram is not None:
+            extra["telegram"] = self.telegram.health_block()
         if self.vault is None or self.sync is None:
             return extra
         return {
@@ -566,5 +650,7 @@ class Service:
         """Begin the graceful shutdown (R29); `run` returns once it is complete."""
         log.info("stopping", extra={"grace_s": self.settings.grace_s})
         self.registry.stop_accepting()
+        if self.telegram_receiver is not None:
+            self.telegram_receiver.stop()  # T38: no getUpdates or webhook update from now on
         self.events.close_all()
         self._stopped.set()

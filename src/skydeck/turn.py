@@ -517,7 +517,7 @@ class Turn:
     ) -> None:
         """R22/R22a: route each callback — the mirror's senders only there."""
         mirror = self.deps.mirror
-        serves = mirror.serves if mirror is not None else (lambda _: False)
+        serves = mirror.takes_callbacks if mirror is not None else (lambda _: False)
         for inbound, remote in callbacks_for(
             self.messages,
             channel=self.channel,

@@ -174,7 +174,7 @@ def _optional_str(body: dict[str, Any], field: str) -> str | None:
     return value
 
 
-def _whole(value: object) -> int | None:
+def json_integer(value: object) -> int | None:
     """A JSON integer. RFC 8259 has one number type, so ``5.0`` is 5 (as JSON Schema
     says too: a client whose numbers are all doubles sends what it means)."""
     if isinstance(value, bool):
@@ -188,7 +188,7 @@ def _whole(value: object) -> int | None:
 
 def _depth(value: object) -> int:
     """R23, plain JSON body: a non-negative integer or a numeric string."""
-    whole = _whole(value)
+    whole = json_integer(value)
     if whole is not None and whole >= 0:
         return whole
     # int() refuses more digits than MAX_NUMBER_DIGITS (a ValueError, not a BadRequest).
@@ -256,6 +256,7 @@ def inbound(body: dict[str, Any], *, channel: str | None = None) -> Inbound | No
     if not isinstance(metadata, dict):
         raise BadRequest("metadata must be a JSON object", field="metadata")
     metadata = dict(metadata)
+    _refuse_reserved(metadata)
     if body.get("reply_to") is not None:
         metadata["reply_to"] = name(body["reply_to"], "reply_to")
     correlation_id = _optional_str(body, "correlation_id")
@@ -267,6 +268,17 @@ def inbound(body: dict[str, Any], *, channel: str | None = None) -> Inbound | No
         # A numeric string is kept as received; a number as the integer it is (3.0 -> 3).
         metadata["delegation_depth"] = raw if isinstance(raw, str) else depth
     return Inbound(channel=target, content=content, external_id=external_id, metadata=metadata)
+
+
+def _refuse_reserved(metadata: dict[str, Any]) -> None:
+    """Only the Telegram receiver marks a message as Telegram's: replies are routed
+    to a chat by these keys (T25), so a client must not be able to set them."""
+    for key, value in metadata.items():
+        if key.startswith("telegram_") or (key == "source" and value == "telegram"):
+            raise BadRequest(
+                f"metadata key {key!r} is reserved for the Telegram transport",
+                field=f"metadata.{key}",
+            )
 
 
 def _vault_trigger(body: dict[str, Any]) -> Inbound | None:
@@ -387,14 +399,14 @@ def _agent_fields(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
             raise BadRequest("env must be an object of string values", field="env")
         out["env"] = env
     if "timeout_s" in body:
-        timeout = _whole(body["timeout_s"])
+        timeout = json_integer(body["timeout_s"])
         if timeout is None or not 1 <= timeout <= MAX_TIMEOUT_S:
             raise BadRequest(
                 f"timeout_s must be an integer from 1 to {MAX_TIMEOUT_S}", field="timeout_s"
             )
         out["timeout_s"] = timeout
     if "max_reply_bytes" in body:
-        cap = _whole(body["max_reply_bytes"])
+        cap = json_integer(body["max_reply_bytes"])
         if cap is None or not MIN_REPLY_BYTES <= cap <= MAX_REPLY_BYTES:
             raise BadRequest(
                 f"max_reply_bytes must be an integer from {MIN_REPLY_BYTES} to {MAX_REPLY_BYTES}",

@@ -34,6 +34,7 @@ from ..registry import Registry
 from ..scheduler import Scheduler, iso
 from ..store import Fence, Store
 from ..turn import MAX_DELEGATION_DEPTH
+from ..validate import json_integer
 from ..validate import name as valid_name
 from ..validate import timezone as valid_timezone
 from .access import Caller
@@ -110,7 +111,7 @@ def _integer(value: object) -> int | None:
 
 def _bounded(field: str, low: int, high: int) -> Callable[[object], Any]:
     def check(value: object) -> Any:
-        number = _integer(value)
+        number = json_integer(value)
         if number is None or not low <= number <= high:
             raise ToolError(f"{field} must be an integer from {low} to {high}", field)
         return number

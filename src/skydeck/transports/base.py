@@ -1,8 +1,8 @@
 """The outbound seam and its retry policy (R20).
 
 The local store always keeps every record first. A `Mirror` is a second place
-some channels' records must also land (a Parachute Vault; later a chat
-service): replies, thread records and callbacks. Writes raise
+some channels' records must also land (a Parachute Vault, Telegram chats):
+replies, thread records and callbacks; `Mirrors` is several of them at once. Writes raise
 `DeliveryError` with the HTTP status when there was one, which is what decides
 whether a retry can help.
 """
@@ -30,6 +30,10 @@ class Mirror(Protocol):
     """Where a channel's records go besides the local store."""
 
     def serves(self, channel: str) -> bool: ...
+
+    def takes_callbacks(self, channel: str) -> bool:
+        """R22a: callbacks for ``channel`` go here rather than to the local channel."""
+        ...
 
     async def write_reply(self, reply: Message, inbound: Message) -> str:
         """Write the reply; return its id over there."""
@@ -79,7 +83,7 @@ async def with_retry(
             error = exc
         except Exception as exc:  # R25: a mirror's failure must not kill the turn
             error = DeliveryError(f"{type(exc).__name__}: {exc}")
-        if not error.transient or attempt > OUTBOUND_MAX_RETRIES:
+        if not error.transient or not error.retry or attempt > OUTBOUND_MAX_RETRIES:
             raise error
         log.warning(
             "outbound write failed, retrying",
@@ -88,3 +92,70 @@ async def with_retry(
         if on_retry is not None:
             on_retry()
         await trio.sleep(OUTBOUND_BACKOFF_S * attempt)
+
+
+class Mirrors:
+    """Several mirrors as one (a vault channel linked to a Telegram chat writes a
+    reply note and Telegram parts). Each write goes to every mirror serving the
+    channel; a reply written by one is not written there again when R20 retries
+    the lot, and the first failure that no retry can cure is the one raised."""
+
+    def __init__(self, *mirrors: Mirror) -> None:
+        self.mirrors = mirrors
+        self._written: dict[str, dict[int, str]] = {}
+
+    def _serving(self, channel: str) -> list[Mirror]:
+        return [mirror for mirror in self.mirrors if mirror.serves(channel)]
+
+    def serves(self, channel: str) -> bool:
+        return bool(self._serving(channel))
+
+    def takes_callbacks(self, channel: str) -> bool:
+        return any(mirror.takes_callbacks(channel) for mirror in self.mirrors)
+
+    async def write_reply(self, reply: Message, inbound: Message) -> str:
+        written = self._written.setdefault(reply.id, {})
+        errors: list[DeliveryError] = []
+        for index, mirror in enumerate(self._serving(reply.channel)):
+            if index in written:
+                continue
+            try:
+                written[index] = await mirror.write_reply(reply, inbound)
+            except DeliveryError as exc:
+                errors.append(exc)
+        if errors:
+            raise next((e for e in errors if not e.transient or not e.retry), errors[0])
+        del self._written[reply.id]
+        return next(iter(written.values()), "")
+
+    async def write_thread(
+        self, thread: ThreadRecord, phase: Literal["start", "end"], inbound: Message
+    ) -> None:
+        for mirror in self._serving(thread.channel):
+            await mirror.write_thread(thread, phase, inbound)
+
+    async def read_session(self, agent: AgentSpec) -> str | None:
+        for mirror in self._serving(agent.channel):
+            session = await mirror.read_session(agent)
+            if session:
+                return session
+        return None
+
+    async def queue_callback(self, callback: Inbound) -> None:
+        for mirror in self.mirrors:
+            if mirror.takes_callbacks(callback.channel):
+                await mirror.queue_callback(callback)
+                return
+
+    async def defer_reply(self, reply: Message, thread: ThreadRecord) -> None:
+        self._written.pop(reply.id, None)
+        for mirror in self._serving(reply.channel):
+            await mirror.defer_reply(reply, thread)
+
+    async def clear_session(self, agent: AgentSpec) -> None:
+        for mirror in self._serving(agent.channel):
+            await mirror.clear_session(agent)
+
+    async def queue_notify(self, message: Message) -> None:
+        for mirror in self._serving(message.channel):
+            await mirror.queue_notify(message)

@@ -137,6 +137,9 @@ class VaultMirror:
     def serves(self, channel: str) -> bool:
         return channel in self.channels
 
+    def takes_callbacks(self, channel: str) -> bool:
+        return channel in self.channels
+
     # -- replies ------------------------------------------------------------------
 
     async def write_reply(self, reply: Message, inbound: Message | None) -> str:
