@@ -167,7 +167,9 @@ def test_the_error_tree_and_its_http_statuses() -> None:
         errors.Conflict("x"): 409,
         errors.Unavailable("x"): 503,
         errors.FencedOut("c", 1): 503,
+        errors.Stale("x"): 409,
         errors.StoreFailure("disk full"): 507,
+        errors.StoreUnreachable("x"): 503,
         errors.BackendError("x"): 500,
         errors.DeliveryError("x"): 500,
     }
@@ -176,7 +178,13 @@ def test_the_error_tree_and_its_http_statuses() -> None:
     }
     branches = {
         errors.InputError: {errors.BadRequest, errors.CursorError, errors.InvalidNote},
-        errors.StateError: {errors.NotFound, errors.Conflict, errors.Unavailable, errors.FencedOut},
+        errors.StateError: {
+            errors.NotFound,
+            errors.Conflict,
+            errors.Unavailable,
+            errors.FencedOut,
+            errors.Stale,
+        },
         errors.ExternalError: {errors.BackendError, errors.DeliveryError, errors.StoreFailure},
     }
     for branch, leaves in branches.items():

@@ -40,6 +40,7 @@ from .errors import (
     InputError,
     NotFound,
     SkydeckError,
+    Stale,
     StoreFailure,
     StoreUnreachable,
     Unavailable,
@@ -77,6 +78,7 @@ STATUSES: tuple[tuple[type[SkydeckError], int], ...] = (
     (Conflict, 409),
     (Unavailable, 503),
     (FencedOut, 503),  # another host holds the channel now; the sender may retry
+    (Stale, 409),  # the messages moved on meanwhile (another host's turn or removal)
     (StoreUnreachable, 503),  # P6: not confirmed; resend with the same id
     (StoreFailure, 507),  # Insufficient Storage: nothing was kept; send it again
 )

@@ -138,6 +138,11 @@ def thread_moved(thread: ThreadRecord, target: ThreadStatus, **changes: object) 
     return replace(thread, status=target, **changes)  # type: ignore[arg-type]
 
 
+def sql_state(state: MessageState | ThreadStatus) -> str:
+    """One state as an SQL literal, ``'queued'`` (spelled into query text, as below)."""
+    return f"'{state.value}'"
+
+
 def sql_states(states: Iterable[MessageState]) -> str:
     """States as an SQL list, ``('queued', 'working')``, for ``state IN ...``.
 

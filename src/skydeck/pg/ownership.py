@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
+from ..ledger import MessageState, ThreadStatus, sql_state, sql_states
 from .driver import Connection, Session
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ SELECT l.name FROM leases l
 WHERE {vacant} AND {wanted}
 ORDER BY (l.home IS NOT DISTINCT FROM %(id)s) DESC,
     (SELECT min(m.seq) FROM messages m
-     WHERE m.channel = l.name AND m.state IN ('queued', 'working')) NULLS LAST,
+     WHERE m.channel = l.name AND m.state IN {runnable}) NULLS LAST,
     l.name
 LIMIT %(room)s
 FOR UPDATE OF l SKIP LOCKED
@@ -155,10 +156,10 @@ RETURNING l.name, l.token, c.owner, c.incarnation, c.token
 
 # P15: in the claim's transaction, the orphaned `working` records of the claimed
 # channels end as errors, dated at the claim.
-_CLOSE_ORPHANS = """
-UPDATE threads t SET status = 'error', output = c.why, ended_at = now()
+_CLOSE_ORPHANS = f"""
+UPDATE threads t SET status = {sql_state(ThreadStatus.ERROR)}, output = c.why, ended_at = now()
 FROM unnest(%s::text[], %s::bigint[], %s::text[]) AS c(channel, token, why)
-WHERE t.channel = c.channel AND t.status = 'working' AND t.ended_at IS NULL
+WHERE t.channel = c.channel AND t.status = {sql_state(ThreadStatus.WORKING)} AND t.ended_at IS NULL
   AND t.fence IS NOT NULL AND t.fence < c.token
 """
 
@@ -371,7 +372,11 @@ class PgOwnership:
             condition = f"l.name NOT LIKE 'role:%%' AND l.owner IS NOT NULL AND {has_agent}"
         else:
             condition = f"l.name NOT LIKE 'role:%%' AND {has_agent}"
-        lock = _LOCK_CANDIDATES.replace("{wanted}", condition).replace("{vacant}", _VACANT)
+        lock = (
+            _LOCK_CANDIDATES.replace("{wanted}", condition)
+            .replace("{vacant}", _VACANT)
+            .replace("{runnable}", sql_states({MessageState.QUEUED, MessageState.WORKING}))
+        )
         take = _TAKE.replace("{vacant}", _VACANT)
         params: dict[str, object] = {
             "id": self.host_id,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from ..ledger import OPEN_STATES, sql_states
+from ..ledger import OPEN_STATES, ThreadStatus, sql_state, sql_states
 from .driver import Connection
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,8 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             fence bigint
         )""",
         "CREATE INDEX threads_channel ON threads (channel, seq)",
-        "CREATE INDEX threads_open ON threads (channel) WHERE status = 'working'",
+        f"CREATE INDEX threads_open ON threads (channel) WHERE status = "
+        f"{sql_state(ThreadStatus.WORKING)}",
         "CREATE TABLE sessions (agent text PRIMARY KEY, session_id text, thread_id text)",
         "CREATE TABLE jobs (name text PRIMARY KEY, spec text NOT NULL)",
         """CREATE TABLE outbox (

@@ -36,7 +36,7 @@ import trio.lowlevel
 
 from .. import ledger
 from ..errors import Conflict, CursorError, FencedOut, Stale, StoreUnreachable
-from ..ledger import MessageState, ThreadStatus
+from ..ledger import MessageState, ThreadStatus, sql_state, sql_states
 from ..model import (
     Accepted,
     AgentSpec,
@@ -75,6 +75,14 @@ THREAD_COLUMNS = (
     + _ts("ended_at")
     + ", message_id"
 )
+# States spelled into query text, from the ledger (the one owner of every state).
+_QUEUED = sql_state(MessageState.QUEUED)
+_WORKING = sql_state(MessageState.WORKING)
+_BUFFERED = sql_state(MessageState.BUFFERED)
+_DONE = sql_state(MessageState.DONE)
+_DROPPED = sql_state(MessageState.DROPPED)
+_RUNNABLE = sql_states({MessageState.QUEUED, MessageState.WORKING})
+
 _M_FIELDS = (
     "seq",
     "id",
@@ -518,8 +526,8 @@ class PostgresStore:
                     (agent.channel, agent.name),
                 )
                 conn.execute(
-                    "UPDATE messages SET state = 'queued' "
-                    "WHERE channel = %s AND state = 'buffered'",
+                    f"UPDATE messages SET state = {_QUEUED} "
+                    f"WHERE channel = %s AND state = {_BUFFERED}",
                     (agent.channel,),
                 )
                 if moved_from is None:
@@ -669,7 +677,7 @@ class PostgresStore:
 
         def release(conn: Connection, tick: _Tick) -> int:
             released = conn.execute(
-                "UPDATE messages SET state = 'buffered' WHERE channel = %s AND state = 'queued'",
+                f"UPDATE messages SET state = {_BUFFERED} WHERE channel = %s AND state = {_QUEUED}",
                 (channel,),
             ).rowcount
             dropped = _evict_over_cap(conn, channel, buffer_cap)
@@ -736,7 +744,7 @@ class PostgresStore:
             rows = conn.execute(
                 f"WITH {_FENCE} SELECT (SELECT count(*) FROM f), {MESSAGE_COLUMNS} "
                 "FROM (SELECT 1) one LEFT JOIN messages ON channel = %(fch)s "
-                "AND state IN ('queued', 'working') ORDER BY seq".encode(),
+                f"AND state IN {_RUNNABLE} ORDER BY seq".encode(),
                 params,
             ).fetchall()
             if not rows or not rows[0][0]:
@@ -753,9 +761,9 @@ class PostgresStore:
 
         def read(conn: Connection) -> dict[str, tuple[int, int]]:
             rows = conn.execute(
-                "SELECT channel, count(*) FILTER (WHERE state = 'working'), "
-                "count(*) FILTER (WHERE state = 'queued') FROM messages "
-                "WHERE state IN ('queued', 'working') GROUP BY channel"
+                f"SELECT channel, count(*) FILTER (WHERE state = {_WORKING}), "
+                f"count(*) FILTER (WHERE state = {_QUEUED}) FROM messages "
+                f"WHERE state IN {_RUNNABLE} GROUP BY channel"
             ).fetchall()
             return {ch: (int(w), int(q)) for ch, w, q in rows}
 
@@ -767,7 +775,7 @@ class PostgresStore:
         def read(conn: Connection) -> list[str]:
             rows = conn.execute(
                 "SELECT DISTINCT channel FROM messages "
-                "WHERE channel = ANY(%s) AND state = 'queued'",
+                f"WHERE channel = ANY(%s) AND state = {_QUEUED}",
                 (list(channels),),
             ).fetchall()
             return [str(row[0]) for row in rows]
@@ -776,7 +784,9 @@ class PostgresStore:
 
     async def count_buffered(self) -> int:
         def read(conn: Connection) -> int:
-            row = conn.execute("SELECT count(*) FROM messages WHERE state = 'buffered'").fetchone()
+            row = conn.execute(
+                f"SELECT count(*) FROM messages WHERE state = {_BUFFERED}"
+            ).fetchone()
             return int(row[0]) if row else 0
 
         return await self._read(read)
@@ -803,11 +813,11 @@ class PostgresStore:
         WITH {_FENCE},
         ok AS (
             SELECT 1 FROM f WHERE (SELECT count(*) FROM messages
-                WHERE id = ANY(%(ids)s) AND state IN ('queued', 'working'))
+                WHERE id = ANY(%(ids)s) AND state IN {_RUNNABLE})
                 = cardinality(%(ids)s::text[])
         ),
         m AS (
-            UPDATE messages SET state = 'working', attempts = attempts + 1,
+            UPDATE messages SET state = {_WORKING}, attempts = attempts + 1,
                 thread_id = %(thread)s, host = %(host)s, fence = %(token)s
             WHERE id = ANY(%(ids)s) AND EXISTS (SELECT 1 FROM ok)
             RETURNING id
@@ -880,7 +890,7 @@ class PostgresStore:
         WITH {_FENCE},
         ok AS (
             SELECT 1 FROM f WHERE (SELECT count(*) FROM messages
-                WHERE id = ANY(%(ids)s) AND state = 'working') = cardinality(%(ids)s::text[])
+                WHERE id = ANY(%(ids)s) AND state = {_WORKING}) = cardinality(%(ids)s::text[])
         ),
         t AS (
             UPDATE threads SET status = %(status)s, input = %(input)s, output = %(output)s,
@@ -897,7 +907,7 @@ class PostgresStore:
         r AS (
             INSERT INTO messages (id, channel, direction, content, state, metadata,
                 in_reply_to, thread_id, host, fence)
-            SELECT %(reply_id)s, %(channel)s, 'out', %(reply)s, 'done', '{{}}', %(first)s,
+            SELECT %(reply_id)s, %(channel)s, 'out', %(reply)s, {_DONE}, '{{}}', %(first)s,
                 %(id)s, %(host)s, %(token)s
             WHERE %(reply_id)s::text IS NOT NULL AND EXISTS (SELECT 1 FROM ok)
             RETURNING {MESSAGE_COLUMNS}
@@ -1018,7 +1028,7 @@ class PostgresStore:
             row = conn.execute(
                 f"WITH {_FENCE} INSERT INTO messages (id, channel, direction, content, state, "
                 "metadata, in_reply_to, thread_id, host, fence) "
-                "SELECT %(id)s, %(channel)s, 'out', %(content)s, 'done', %(metadata)s, "
+                f"SELECT %(id)s, %(channel)s, 'out', %(content)s, {_DONE}, %(metadata)s, "
                 "%(in_reply_to)s, %(thread_id)s, %(host)s, %(token)s "
                 f"WHERE EXISTS (SELECT 1 FROM f) RETURNING {MESSAGE_COLUMNS}".encode(),
                 params,
@@ -1309,7 +1319,7 @@ def _unregister_channel(conn: Connection, channel: str) -> None:
     """R26: no agent on the channel any more; its queued messages wait, buffered."""
     conn.execute("UPDATE channels SET agent = NULL WHERE name = %s", (channel,))
     conn.execute(
-        "UPDATE messages SET state = 'buffered' WHERE channel = %s AND state = 'queued'",
+        f"UPDATE messages SET state = {_BUFFERED} WHERE channel = %s AND state = {_QUEUED}",
         (channel,),
     )
 
@@ -1318,8 +1328,8 @@ def _evict_over_cap(conn: Connection, channel: str, cap: int) -> int:
     """R7: the oldest buffered messages over the cap become `dropped`; how many."""
     ledger.check_message_move(MessageState.BUFFERED, MessageState.DROPPED)
     dropped = conn.execute(
-        "UPDATE messages SET state = 'dropped', error = %s WHERE seq IN ("
-        "SELECT seq FROM messages WHERE channel = %s AND state = 'buffered' "
+        f"UPDATE messages SET state = {_DROPPED}, error = %s WHERE seq IN ("
+        f"SELECT seq FROM messages WHERE channel = %s AND state = {_BUFFERED} "
         "ORDER BY seq DESC OFFSET %s)",
         (f"buffer cap of {cap} messages exceeded", channel, cap),
     ).rowcount
