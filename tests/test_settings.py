@@ -46,3 +46,12 @@ def test_w9_w10_warm_claude_settings_come_from_the_environment() -> None:
     assert not Settings.from_env({"SKYDECK_CLAUDE_WARM": "off"}).claude_warm.active
     with pytest.raises(ConfigError, match="SKYDECK_CLAUDE_WARM must be on or off, not 'maybe'"):
         Settings.from_env({"SKYDECK_CLAUDE_WARM": "maybe"})
+
+
+def test_p7_store_schema_is_an_sql_name_not_more_libpq_options() -> None:
+    """The schema goes into libpq's options as ``-c search_path=...``: a space would
+    add any setting (say, no statement timeout) without a word."""
+    sneaky = Settings.from_env({"SKYDECK_STORE_SCHEMA": "skydeck -c statement_timeout=0"})
+    with pytest.raises(ConfigError, match="--store-schema 'skydeck -c statement_timeout=0'"):
+        sneaky.check()
+    Settings.from_env({"SKYDECK_STORE_SCHEMA": "skydeck_2"}).check()

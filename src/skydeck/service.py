@@ -304,7 +304,10 @@ class Settings:
             raise ConfigError(str(exc)) from None
         try:
             store_config.check(
-                url=self.store_url, host_id=self.host_id, lease_ttl_s=self.lease_ttl_s
+                url=self.store_url,
+                host_id=self.host_id,
+                lease_ttl_s=self.lease_ttl_s,
+                schema=self.store_schema,
             )
         except store_config.StoreConfigError as exc:
             raise ConfigError(str(exc)) from None

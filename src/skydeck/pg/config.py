@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 import socket
 from typing import Any
 from urllib.parse import urlsplit
@@ -112,8 +113,20 @@ def sqlite_path(url: str) -> str:
     return path
 
 
-def check(*, url: str | None, host_id: str | None, lease_ttl_s: float) -> None:
+#: An unquoted PostgreSQL identifier: the schema goes into libpq's ``options``
+#: (``-c search_path=...``), where a space would smuggle in another setting.
+SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}\Z")
+
+
+def check(
+    *, url: str | None, host_id: str | None, lease_ttl_s: float, schema: str = "skydeck"
+) -> None:
     store_kind(url)
+    if not SCHEMA_NAME.match(schema):
+        raise StoreConfigError(
+            f"--store-schema {schema!r} must be a lower-case SQL name: letters, digits and "
+            "'_', at most 63, not starting with a digit"
+        )
     low, high = TTL_RANGE
     if not low <= lease_ttl_s <= high:
         raise StoreConfigError(f"--lease-ttl must be between {low:g} and {high:g} seconds")
