@@ -98,17 +98,6 @@ def _string(field: str) -> Callable[[object], Any]:
     return check
 
 
-def _integer(value: object) -> int | None:
-    """A JSON integer (``5.0`` is 5, as JSON Schema says); None otherwise."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return None
-
-
 def _bounded(field: str, low: int, high: int) -> Callable[[object], Any]:
     def check(value: object) -> Any:
         number = json_integer(value)
