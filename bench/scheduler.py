@@ -36,11 +36,13 @@ class InstantIntake:
         self.fired = 0
 
     async def submit_slot(
-        self, inbound: Inbound, fired: Callable[[Accepted], Job]
-    ) -> tuple[Accepted, Job]:
-        accepted, job = await self.store.fire_slot(
-            inbound, registered=True, buffer_cap=1000, fired=fired
+        self, inbound: Inbound, fired: Callable[[Accepted], Job], fence: Fence | None = None
+    ) -> tuple[Accepted, Job] | None:
+        result = await self.store.fire_slot(
+            inbound, registered=True, buffer_cap=1000, fired=fired, fence=fence
         )
+        assert result is not None  # one scheduler: no slot is taken by another
+        accepted, job = result
         fence = Fence.local(inbound.channel)
         working = await self.store.set_state([accepted.message], MessageState.WORKING, fence)
         await self.store.set_state(working, MessageState.DONE, fence)

@@ -236,7 +236,9 @@ async def test_jobs_and_a_fired_slot(under: Under) -> None:
         return replace(job, last_slot="s1", last_outcome="fired", last_message_id=accepted.id)
 
     inbound = Inbound(channel="a", content="tick", external_id="job:j:s1")
-    accepted, after = await store.fire_slot(inbound, registered=True, buffer_cap=CAP, fired=fired)
+    result = await store.fire_slot(inbound, registered=True, buffer_cap=CAP, fired=fired)
+    assert result is not None
+    accepted, after = result
     assert accepted.state is MessageState.QUEUED and after.last_message_id == accepted.id
     (stored,) = await store.list_jobs()
     assert stored.last_slot == "s1"

@@ -204,6 +204,10 @@ class ThreadRecord:
         return _as_json(self)
 
 
+#: The slot of a job's run-now (outside its schedule): ``run-now:<ISO time>``.
+RUN_NOW_PREFIX = "run-now:"
+
+
 @dataclass(slots=True)
 class Job:
     """A job: post ``content`` to ``channel`` at every slot of the cron ``schedule``,

@@ -274,19 +274,22 @@ class Registry:
         return accepted
 
     async def submit_slot(
-        self, inbound: Inbound, fired: Callable[[Accepted], Job]
-    ) -> tuple[Accepted, Job]:
+        self, inbound: Inbound, fired: Callable[[Accepted], Job], fence: Fence | None = None
+    ) -> tuple[Accepted, Job] | None:
         """A cron slot's message and its job (as ``fired`` makes it) in one write;
-        only then is the message handed on (nothing a rollback took back runs)."""
+        only then is the message handed on (nothing a rollback took back runs).
+        None: another scheduler took the slot (``fence``: the role's, P23)."""
         self._check_accepting()
-        accepted, job = await self.store.fire_slot(
+        result = await self.store.fire_slot(
             inbound,
             registered=self._registered(inbound.channel),
             buffer_cap=self.buffer_cap,
             fired=fired,
+            fence=fence,
         )
-        await self._dispatch(accepted)
-        return accepted, job
+        if result is not None:
+            await self._dispatch(result[0])
+        return result
 
     def _check_accepting(self) -> None:
         if not self.accepting:

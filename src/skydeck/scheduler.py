@@ -21,6 +21,13 @@ Slots come from croniter in the job's IANA timezone. Across DST transitions
 skydeck fires exactly what croniter yields (see docs/design.md, "Cron").
 Wall time comes from a `WallClock`, so tests can run a day of schedule in
 milliseconds under Trio's autojump clock.
+
+On several hosts (multi-host.md P17, P23) only the holder of
+``role:scheduler`` runs `Scheduler.run`, under that role's `Fence`; every
+host keeps the API side (`jobs`, `create`, ...), reading jobs from the store.
+A fire or a skip is decided by one fenced insert of the slot's `job_slots`
+row, so a paused or replaced holder changes nothing (`FencedOut`) and a
+rival finds the slot taken. The clock is the database's (`CorrectedClock`).
 """
 
 from __future__ import annotations
@@ -36,10 +43,10 @@ from zoneinfo import ZoneInfo
 import trio
 from croniter import croniter
 
-from .errors import Conflict, NotFound, SkydeckError, StoreFailure
+from .errors import Conflict, FencedOut, NotFound, SkydeckError, StoreFailure
 from .ledger import OPEN_STATES
-from .model import Accepted, Inbound, Job
-from .store import Store
+from .model import RUN_NOW_PREFIX, Accepted, Inbound, Job
+from .store import Fence, Store
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -54,6 +61,19 @@ class WallClock(Protocol):
 class SystemClock:
     def now(self) -> datetime:
         return datetime.now(UTC)
+
+
+class CorrectedClock:
+    """A host's wall clock moved by ``offset()`` seconds: the database clock
+    minus this host's, measured at each heartbeat (P23), so host skew never
+    moves a slot."""
+
+    def __init__(self, wall: WallClock, offset: Callable[[], float]) -> None:
+        self.wall = wall
+        self.offset = offset
+
+    def now(self) -> datetime:
+        return self.wall.now() + timedelta(seconds=self.offset())
 
 
 class TrioWallClock:
@@ -105,10 +125,10 @@ class Intake(Protocol):
     """Where fired messages go (the registry)."""
 
     async def submit_slot(
-        self, inbound: Inbound, fired: Callable[[Accepted], Job]
-    ) -> tuple[Accepted, Job]:
+        self, inbound: Inbound, fired: Callable[[Accepted], Job], fence: Fence | None = None
+    ) -> tuple[Accepted, Job] | None:
         """Store the message and the job as ``fired`` makes it in one write, then
-        hand the message on."""
+        hand the message on; None: another scheduler took the slot (P23)."""
         ...
 
 
@@ -120,34 +140,71 @@ class Scheduler:
         clock: WallClock | None = None,
         *,
         on_fire: Callable[[str], None] | None = None,
+        shared: bool = False,
     ) -> None:
+        """``shared``: other hosts write these jobs too (P22, P23), so the API's
+        views read them from the store, and `run` is the role holder's alone."""
         self.store = store
         self.intake = intake
         self.clock = clock or SystemClock()
         self.on_fire = on_fire
+        self.shared = shared
+        #: The role's fence while `run` fires (None: the only scheduler, SQLite).
+        self.fence: Fence | None = None
+        self._running = False
+        self._reload = False
         self.wakeups = 0
         self._jobs: dict[str, Job] = {}
         self._heap: list[tuple[datetime, str]] = []
         self._changed = trio.Event()
         self._epoch = store.failures  # `Store.failures` when the jobs were read
 
-    async def _load(self) -> None:
-        """The jobs as stored, each due at its next slot."""
+    async def _load(self, *, save: bool = True) -> None:
+        """The jobs as stored, each due at its next slot (only the firing
+        scheduler saves one it had to give a first ``next_run_at``)."""
         self._jobs = {job.name: job for job in await self.store.list_jobs()}
         self._heap = []
         now = self.clock.now()
         for job in self._jobs.values():
             if job.next_run_at is None and (due := upcoming(job, now)) is not None:
                 job.next_run_at = due
-                await self.store.save_job(job)
+                if save:
+                    await self.store.save_job(job)
             self._push(job)
+
+    async def load(self) -> None:
+        """Read the jobs for the API side, on a host that does not fire them."""
+        await self._load(save=False)
+
+    async def definitions_changed(self) -> None:
+        """P22: a job changed on some host. The firing loop re-reads the jobs
+        between two fires; elsewhere they are read now."""
+        if self._running:
+            self._reload = True
+            self._changed.set()
+        else:
+            await self.load()
 
     # -- the task -----------------------------------------------------------------
 
-    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, fence: Fence | None = None, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Read the jobs, then fire due jobs and sleep until the next one is due
-        or a job changes. The API may use the scheduler once this has started."""
-        await self._load()
+        or a job changes. The API may use the scheduler once this has started.
+
+        With ``fence`` (the ``role:scheduler`` lease, P23) every fire and skip
+        is fenced by it; a stale one raises `FencedOut` out of here."""
+        self.fence = fence
+        self._running = True
+        try:
+            await self._load()
+            await self._loop(task_status)
+        finally:
+            self._running = False
+            self.fence = None
+
+    async def _loop(self, task_status: TaskStatus[None]) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._wake_on_recovery)
             task_status.started()
@@ -168,6 +225,11 @@ class Scheduler:
                     log.warning("job not fired: the store failed", extra={"reason": exc.reason})
                     continue
                 self._changed = trio.Event()
+                if self._reload:  # a job changed on some host (P22): read them again
+                    self._reload = False
+                    with contextlib.suppress(StoreFailure):
+                        await self._load()
+                    continue
                 delay = self._seconds_until_next()
                 with trio.move_on_after(delay):
                     await self._changed.wait()
@@ -198,36 +260,52 @@ class Scheduler:
             slot = max(latest_slot(job, now), due)  # a missed burst fires once, the latest
             try:
                 await self._fire(job, slot, now)
-            except StoreFailure:
+            except (StoreFailure, FencedOut):
                 self._push(job)
                 raise
             except SkydeckError as exc:  # e.g. shutting down: the slot fires at next start
                 log.warning("job not fired", extra={"job": job.name, "reason": exc.message})
                 self._push(job)
                 return
-            if job.run_at is not None:
-                job.enabled = False  # M28: fired once; it stays listed
-            job.next_run_at = upcoming(job, now)
             self._push(job)
-            await self.store.save_job(job)
+
+    @staticmethod
+    def _advance(job: Job, now: datetime) -> None:
+        """The job after its slot fired or was skipped: stored in that same write."""
+        if job.run_at is not None:
+            job.enabled = False  # M28: fired once; it stays listed
+        job.next_run_at = upcoming(job, now)
 
     async def _fire(self, job: Job, slot: datetime, now: datetime) -> None:
+        """Fire the slot, or skip it; either way one write decides it (P23)."""
         job.last_slot = iso(slot)
         previous = (
             await self.store.get_message(job.last_message_id) if job.last_message_id else None
         )
-        if previous is not None and previous.state in OPEN_STATES:
-            job.skipped += 1
-            job.last_outcome = "skipped: previous run still " + previous.state
-            log.warning(
-                "job slot skipped",
-                extra={"job": job.name, "slot": job.last_slot, "previous": previous.state},
-            )
-            self._count("skipped")
+        if previous is None or previous.state not in OPEN_STATES:
+            if await self._post(job, slot=job.last_slot, now=now, fence=self.fence) is None:
+                self._advance(job, now)  # fired by another scheduler: only move on
             return
-        await self._post(job, slot=job.last_slot, now=now)
+        job.skipped += 1
+        job.last_outcome = "skipped: previous run still " + previous.state
+        self._advance(job, now)
+        if not await self.store.skip_slot(job, self.fence):
+            self._taken(job)
+            return
+        log.warning(
+            "job slot skipped",
+            extra={"job": job.name, "slot": job.last_slot, "previous": previous.state},
+        )
+        self._count("skipped")
 
-    async def _post(self, job: Job, *, slot: str, now: datetime) -> Accepted:
+    def _taken(self, job: Job) -> None:
+        """P23: a rival (a paused holder, a takeover) decided this slot first."""
+        log.info("job slot already taken", extra={"job": job.name, "slot": job.last_slot})
+        self._count("taken")
+
+    async def _post(
+        self, job: Job, *, slot: str, now: datetime, fence: Fence | None = None
+    ) -> Accepted | None:
         inbound = Inbound(
             channel=job.channel,
             content=job.content,
@@ -237,14 +315,22 @@ class Scheduler:
         if job.delegation_depth > 0:  # M28: scheduling cannot reset the depth (M16)
             inbound.metadata["delegation_depth"] = job.delegation_depth
 
+        scheduled = not slot.startswith(RUN_NOW_PREFIX)
+
         def fired(accepted: Accepted) -> Job:
             job.last_run_at = iso(now)
             job.last_message_id = accepted.id
             job.last_outcome = f"posted ({accepted.state})"
+            if scheduled:
+                self._advance(job, now)
             return job
 
         # The slot is fired together with its message, or not at all.
-        accepted, _ = await self.intake.submit_slot(inbound, fired)
+        result = await self.intake.submit_slot(inbound, fired, fence)
+        if result is None:
+            self._taken(job)
+            return None
+        accepted, _ = result
         log.info("job fired", extra={"job": job.name, "slot": slot, "message_id": accepted.id})
         self._count("fired")
         return accepted
@@ -308,7 +394,9 @@ class Scheduler:
         if job is None:
             raise NotFound(f"no job named {name!r}", field="name")
         now = self.clock.now()
-        return await self._post(job, slot=f"run-now:{now.isoformat()}", now=now)
+        accepted = await self._post(job, slot=f"{RUN_NOW_PREFIX}{now.isoformat()}", now=now)
+        assert accepted is not None  # a run-now's slot is its own instant: never taken
+        return accepted
 
     def _changed_now(self, job: Job) -> None:
         self._push(job)

@@ -94,7 +94,9 @@ class Store(Protocol):
         registered: bool,
         buffer_cap: int,
         fired: Callable[[Accepted], Job],
-    ) -> tuple[Accepted, Job]: ...
+        fence: Fence | None = None,
+    ) -> tuple[Accepted, Job] | None: ...
+    async def skip_slot(self, job: Job, fence: Fence | None = None) -> bool: ...
 
     # -- inbound ------------------------------------------------------------------
     async def accept_inbound(

@@ -38,6 +38,7 @@ from .. import ledger
 from ..errors import Conflict, CursorError, FencedOut, Stale, StoreUnreachable
 from ..ledger import MessageState, ThreadStatus, sql_state, sql_states
 from ..model import (
+    RUN_NOW_PREFIX,
     Accepted,
     AgentSpec,
     Inbound,
@@ -622,26 +623,55 @@ class PostgresStore:
         registered: bool,
         buffer_cap: int,
         fired: Callable[[Accepted], Job],
-    ) -> tuple[Accepted, Job]:
-        """P23: a cron slot's message (R8 on ``job:<name>:<slot>``), the job as
-        ``fired`` makes it, and its `job_slots` row, in one transaction: a second
-        scheduler (a paused holder, a takeover) gets the same message back as a
-        duplicate and finds the slot taken."""
+        fence: Fence | None = None,
+    ) -> tuple[Accepted, Job] | None:
+        """P23: fire a cron slot, or None when another scheduler took it.
 
-        def fire(conn: Connection, tick: _Tick) -> tuple[Accepted, Job]:
+        The slot is the inbound's external id, ``job:<name>:<slot>`` (R8). One
+        fenced statement inserts its `job_slots` row under ``fence`` (the
+        ``role:scheduler`` lease; None: no role, a run-now); that row's primary
+        key decides between rivals (a paused holder, a takeover). Only the
+        winner, in the same transaction, stores the message and the job's
+        fired fields as ``fired`` makes them. A stale token is `FencedOut`.
+        """
+        name, slot = _slot_of(inbound)
+
+        def fire(conn: Connection, tick: _Tick) -> tuple[Accepted, Job] | bool | None:
+            won = _take_slot(conn, self, name, slot, "fired", fence)
+            if won is not True:
+                return won
             accepted = self._accept(conn, tick, inbound, buffer_cap)
             job = fired(accepted)
             conn.execute(
-                "INSERT INTO job_slots (job, slot, outcome, message_id) "
-                "VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                (job.name, job.last_slot or "", job.last_outcome or "fired", accepted.id),
+                "UPDATE job_slots SET outcome = %s, message_id = %s WHERE job = %s AND slot = %s",
+                (job.last_outcome or "fired", accepted.id, name, slot),
             )
-            conn.execute(
-                "UPDATE jobs SET spec = %s WHERE name = %s", (json.dumps(job.to_json()), job.name)
-            )
+            _store_fired(conn, job, slot)
             return accepted, job
 
-        return await self._write(fire)
+        result = await self._slot_write(fire, fence)
+        return None if result is False else result  # type: ignore[return-value]
+
+    async def skip_slot(self, job: Job, fence: Fence | None = None) -> bool:
+        """P23: record ``job``'s slot (``last_slot``) as skipped, with the job's
+        fields, in one transaction; False when another scheduler took the slot.
+        The same fenced `job_slots` insert as `fire_slot` decides."""
+        slot = job.last_slot or ""
+
+        def skip(conn: Connection, tick: _Tick) -> bool | None:
+            won = _take_slot(conn, self, job.name, slot, job.last_outcome or "skipped", fence)
+            if won is True:
+                _store_fired(conn, job, slot)
+            return won
+
+        return bool(await self._slot_write(skip, fence))
+
+    async def _slot_write(
+        self, fn: Callable[[Connection, _Tick], T | None], fence: Fence | None
+    ) -> T:
+        if fence is None:
+            return await self._write(fn)  # type: ignore[arg-type]
+        return await self._fenced_write(fence, fn)
 
     # -- inbound (P18, P19, P21) ------------------------------------------------------
 
@@ -1294,6 +1324,59 @@ class _Moved:
 
 
 _MOVED = _Moved()
+
+
+def _slot_of(inbound: Inbound) -> tuple[str, str]:
+    """A slot's (job, slot) from its message's external id ``job:<name>:<slot>``
+    (R1 names hold no ``:``; the slot, an ISO time, may)."""
+    prefix, name, slot = (inbound.external_id or "").split(":", 2)
+    assert prefix == "job", inbound.external_id
+    return name, slot
+
+
+# P23: the statement that decides a slot. Its `f` is the role's fence; the
+# primary key (job, slot) decides between two schedulers that both got past it.
+_TAKE_SLOT = f"""WITH {_FENCE},
+s AS (INSERT INTO job_slots (job, slot, outcome)
+      SELECT %(job)s, %(slot)s, %(outcome)s WHERE EXISTS (SELECT 1 FROM f)
+      ON CONFLICT DO NOTHING RETURNING 1)
+SELECT (SELECT count(*) FROM f), (SELECT count(*) FROM s)"""
+_TAKE_SLOT_UNFENCED = """INSERT INTO job_slots (job, slot, outcome)
+VALUES (%(job)s, %(slot)s, %(outcome)s) ON CONFLICT DO NOTHING RETURNING 1, 1"""
+
+
+def _take_slot(
+    conn: Connection, store: PostgresStore, job: str, slot: str, outcome: str, fence: Fence | None
+) -> bool | None:
+    """True: this scheduler has the slot; False: another took it; None: fenced."""
+    params: dict[str, Any] = {"job": job, "slot": slot, "outcome": outcome}
+    if fence is None:
+        row = conn.execute(_TAKE_SLOT_UNFENCED.encode(), params).fetchone()
+        return row is not None
+    row = conn.execute(_TAKE_SLOT.encode(), params | store._fence_params(fence)).fetchone()
+    assert row is not None
+    if not row[0]:
+        return None
+    return bool(row[1])
+
+
+#: What a fire changes in a job's stored spec, merged in, so an edit made
+#: meanwhile on another host (P22) is kept; a scheduled slot (not a run-now,
+#: which any host may make) also moves the schedule's fields on.
+_FIRED_FIELDS = ("last_run_at", "last_outcome", "last_message_id")
+_SCHEDULED_FIELDS = ("last_slot", "skipped", "next_run_at")
+
+
+def _store_fired(conn: Connection, job: Job, slot: str) -> None:
+    fields = {key: getattr(job, key) for key in _FIRED_FIELDS}
+    if not slot.startswith(RUN_NOW_PREFIX):
+        fields |= {key: getattr(job, key) for key in _SCHEDULED_FIELDS}
+        if job.run_at is not None:
+            fields["enabled"] = job.enabled  # M28: a fired one-shot stays listed, disabled
+    conn.execute(
+        "UPDATE jobs SET spec = (spec::jsonb || %s::jsonb)::text WHERE name = %s",
+        (json.dumps(fields), job.name),
+    )
 
 
 def _check_moved(result: T | _Moved, fence: Fence) -> T:

@@ -623,15 +623,23 @@ class SQLiteStore:
         registered: bool,
         buffer_cap: int,
         fired: Callable[[Accepted], Job],
-    ) -> tuple[Accepted, Job]:
+        fence: Fence | None = None,
+    ) -> tuple[Accepted, Job] | None:
         """A job's slot: its message and the job as ``fired`` makes it from the
         accepted message, in one write (the slot is fired with its message, or
-        not at all)."""
+        not at all). One scheduler writes this file, so the slot is never taken
+        by another and ``fence`` (a cluster role's) needs no check."""
         with self._tx() as db:
             accepted = self._accept(db, inbound, registered=registered, buffer_cap=buffer_cap)
             job = fired(accepted)
             self._save_job(db, job)
         return accepted, job
+
+    async def skip_slot(self, job: Job, fence: Fence | None = None) -> bool:
+        """A skipped slot is the job as the scheduler left it (``last_slot``,
+        ``skipped``, ``last_outcome``), saved; see `fire_slot` for ``fence``."""
+        await self.save_job(job)
+        return True
 
     def _accept(
         self, db: sqlite3.Connection, inbound: Inbound, *, registered: bool, buffer_cap: int
