@@ -346,6 +346,7 @@ def create_app(
     async def health() -> Json:
         if not registry.accepting:
             return {"status": "stopping"}, 503
+        await registry.refresh_status()
         agents = []
         for agent in registry.agents():
             status, queued = registry.status(agent.name)
@@ -487,6 +488,7 @@ def create_app(
 
     @app.get("/api/agents")
     async def list_agents() -> Json:
+        await registry.refresh_status()  # P24: channels run on another host
         return {"agents": [agent_json(agent) for agent in registry.agents()]}
 
     @app.post("/api/agents")
@@ -497,6 +499,7 @@ def create_app(
 
     @app.get("/api/agents/<name>")
     async def get_agent(name: str) -> Json:
+        await registry.refresh_status()
         return agent_json(registry.get(name))
 
     @app.patch("/api/agents/<name>")

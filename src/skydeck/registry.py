@@ -22,6 +22,7 @@ That is a restart's R28 replay, done in place, so it is exactly as correct.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -122,6 +123,8 @@ class Registry:
         self.clustered = clustered
         #: Agents whose channel another host runs (``clustered`` only).
         self._remote: dict[str, AgentSpec] = {}
+        #: Their channels' (working, queued) messages as last read (P24).
+        self._remote_counts: dict[str, tuple[int, int]] = {}
         self.deps = deps
         self.events: TurnEvents = deps.events
         self.buffer_cap = buffer_cap
@@ -184,8 +187,25 @@ class Registry:
         raise NotFound(f"no agent named {name!r}", field="name")
 
     def status(self, name: str) -> tuple[AgentStatus, int]:
+        """R5. A channel run on another host (P24) as `refresh_status` last read
+        it from the store: queued N while N messages are queued, else working
+        while one is; so every host shows a busy channel alike."""
         task = self._by_name.get(name)
-        return (AgentStatus.IDLE, 0) if task is None else task.status()
+        if task is not None:
+            return task.status()
+        remote = self._remote.get(name)
+        working, queued = self._remote_counts.get(remote.channel, (0, 0)) if remote else (0, 0)
+        if queued:
+            return AgentStatus.QUEUED, queued
+        return (AgentStatus.WORKING if working else AgentStatus.IDLE), 0
+
+    async def refresh_status(self) -> None:
+        """Read the open messages of channels run elsewhere (P24), for `status`;
+        one query, before a listing of agents. A store that does not answer
+        leaves the last counts (`/health` says the store is unreachable, P6)."""
+        if self._remote:
+            with contextlib.suppress(StoreFailure):
+                self._remote_counts = await self.store.open_counts()
 
     async def create(self, agent: AgentSpec) -> AgentSpec:
         if agent.name in self._by_name or agent.name in self._remote:

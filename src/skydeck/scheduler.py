@@ -188,7 +188,10 @@ class Scheduler:
     # -- the task -----------------------------------------------------------------
 
     async def run(
-        self, *, fence: Fence | None = None, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        *,
+        fence: Fence | None = None,
+        task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Read the jobs, then fire due jobs and sleep until the next one is due
         or a job changes. The API may use the scheduler once this has started.
@@ -346,13 +349,20 @@ class Scheduler:
     # -- the API side -------------------------------------------------------------
 
     async def jobs(self) -> list[Job]:
-        return [await self._view(job) for _, job in sorted(self._jobs.items())]
+        return [await self._view(job) for _, job in sorted((await self._known()).items())]
 
     async def get(self, name: str) -> Job:
-        job = self._jobs.get(name)
+        job = (await self._known()).get(name)
         if job is None:
             raise NotFound(f"no job named {name!r}", field="name")
         return await self._view(job)
+
+    async def _known(self) -> dict[str, Job]:
+        """The jobs as this host should show them: on several hosts the store's,
+        since the role holder fires them there (P23); else those in memory."""
+        if not self.shared:
+            return self._jobs
+        return {job.name: job for job in await self.store.list_jobs()}
 
     async def _view(self, job: Job) -> Job:
         """The job with its last message's current state as the outcome."""
@@ -372,9 +382,10 @@ class Scheduler:
         return job
 
     async def update(self, name: str, changes: dict[str, Any]) -> Job:
-        job = self._jobs.get(name)
+        job = (await self._known()).get(name)
         if job is None:
             raise NotFound(f"no job named {name!r}", field="name")
+        self._jobs[name] = job
         for key, value in changes.items():
             setattr(job, key, value)
         job.next_run_at = upcoming(job, self.clock.now())

@@ -55,7 +55,7 @@ from .pg import config as store_config
 from .procs import ProcessRegistry
 from .registry import DEFAULT_BUFFER_CAP, DEFAULT_MAX_TURNS, build_registry
 from .sandbox import Sandbox, bwrap_path, parse_policy, probe
-from .scheduler import Scheduler, WallClock
+from .scheduler import CorrectedClock, Scheduler, SystemClock, WallClock
 from .store import Store
 from .store.sqlite import SQLiteStore
 from .transports.base import Mirror, Mirrors
@@ -67,6 +67,7 @@ if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
     from .pg.hosting import PgHost
+    from .pg.roles import Roles
 
 log = logging.getLogger(__name__)
 
@@ -446,11 +447,15 @@ class Service:
             self.telegram.receive_with(self.registry) if self.telegram is not None else None
         )
         self.metrics.watch_queues(self.registry.depths)
+        if clock is None and self.pg is not None:  # P23: slots on the database clock
+            ownership = self.pg.store.ownership
+            clock = CorrectedClock(SystemClock(), lambda: ownership.clock_offset_s)
         self.scheduler = Scheduler(
             self.store,
             self.registry,
             clock,
             on_fire=lambda outcome: self.metrics.job_slots.labels(outcome).inc(),
+            shared=self.pg is not None,
         )
         self.sync: VaultSync | None = None
         if self.vault is not None:
@@ -461,6 +466,13 @@ class Service:
                 self.scheduler,
                 poll_s=settings.vault_poll_s,
             )
+        #: P17: on several hosts the scheduler and the vault's tasks run where
+        #: their role is held; None: they run here (SQLite).
+        self.roles: Roles | None = None
+        if self.pg is not None and self.pg.cluster is not None:
+            from .pg import roles
+
+            self.roles = roles.attach(self.pg.cluster, self.scheduler, self.vault, self.sync)
         auth = Auth(settings.token, settings.jwt_secret, self._hub_keys())
         toolbox = Toolbox(
             self.registry, self.store, self.events, self.scheduler, on_call=self.metrics.on_mcp_call
@@ -564,6 +576,16 @@ class Service:
                     await nursery.start(run_registry)
                     await self._ensure_demo()
                 cluster_scope = trio.CancelScope()
+                scheduler_scope = trio.CancelScope()
+                if self.roles is not None:
+                    roles = self.roles
+
+                    async def run_roles(task_status: TaskStatus[None]) -> None:
+                        with scheduler_scope:
+                            await roles.run(task_status=task_status)
+
+                    await self.scheduler.load()  # the API's view; the holder fires (P23)
+                    await nursery.start(run_roles)  # before the first claim
                 if self.pg is not None and self.pg.cluster is not None:
                     cluster = self.pg.cluster
 
@@ -572,13 +594,13 @@ class Service:
                             await cluster.run(task_status=task_status)
 
                     await nursery.start(run_cluster)
-                scheduler_scope = trio.CancelScope()
 
                 async def run_scheduler(task_status: TaskStatus[None]) -> None:
                     with scheduler_scope:
                         await self.scheduler.run(task_status=task_status)
 
-                await nursery.start(run_scheduler)
+                if self.roles is None:
+                    await nursery.start(run_scheduler)
                 telegram_scope = trio.CancelScope()
                 if self.telegram is not None:
                     telegram = self.telegram
@@ -588,7 +610,7 @@ class Service:
                             await telegram.run(task_status=task_status)
 
                     await nursery.start(run_telegram)
-                if self.vault is not None and self.sync is not None:
+                if self.vault is not None and self.sync is not None and self.roles is None:
                     await nursery.start(self.vault.run_outbox)
                     nursery.start_soon(self.sync.run)
                 binds: list[str] = await nursery.start(
@@ -604,6 +626,8 @@ class Service:
                 log.info("skydeck listening", extra={"binds": ",".join(binds)})
                 task_status.started(binds)
                 await self._stopped.wait()
+                if self.pg is not None and self.pg.cluster is not None:
+                    await self.pg.cluster.release_roles()  # P14: another host takes them
                 scheduler_scope.cancel()  # a slot due from now on fires at next start
                 # R29, in order: (stopping: 503s already) -> running turns get the
                 # grace period -> the rest is cancelled (replayed at next start) ->

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -165,6 +165,12 @@ class Cluster:
         self.metrics = metrics
         #: Roles this incarnation holds (P17): role name -> fence.
         self.roles: dict[str, Fence] = {}
+        #: Told the roles after each change (`roles.Roles.held`); False
+        #: `claim_roles`: stopping (P14), so none is taken again.
+        self.on_roles: Callable[[dict[str, Fence]], None] | None = None
+        self.claim_roles = True
+        #: Also told when definitions changed (the scheduler's jobs, P22).
+        self.on_definitions: list[Callable[[], Awaitable[None]]] = []
         self.lost_count = 0
         self.heartbeat_sent_at = time.monotonic()
         self._poke = trio.Event()
@@ -251,8 +257,9 @@ class Cluster:
         self.lost_count += 1
         if self.metrics is not None:
             self.metrics.lost.inc()
-        await self.host.abandon(list(owned), "lease lost")
         self.roles.clear()
+        self._roles_changed()
+        await self.host.abandon(list(owned), "lease lost")
         self.ownership.forget()
         await self._rejoin()
         self.poke()
@@ -362,9 +369,31 @@ class Cluster:
             log.info("channels released to rebalance", extra={"released": len(give)})
 
     async def _claim_roles(self) -> None:
-        for item in await self.ownership.claim(3, roles=True):
+        if not self.claim_roles:
+            return
+        claimed = await self.ownership.claim(3, roles=True)
+        for item in claimed:
             self.roles[item.lease.name] = self.store.fence(item.lease.name, item.lease.token)
             log.info("role taken", extra={"role": item.lease.name, "token": item.lease.token})
+        if claimed:
+            self._roles_changed()
+
+    def _roles_changed(self) -> None:
+        if self.on_roles is not None:
+            self.on_roles(dict(self.roles))
+
+    async def release_roles(self) -> None:
+        """P14's first step: stop the role tasks, claim no role again, and let
+        the others take them (a task's write still in flight holds its lease
+        row, so the release commits after it; see `roles.Roles.held`)."""
+        self.claim_roles = False
+        names = sorted(self.roles)
+        self.roles.clear()
+        self._roles_changed()
+        try:
+            await self.ownership.release(names)
+        except (StoreUnreachable, NotJoined) as exc:
+            log.warning("roles not released; they expire", extra={"reason": str(exc)})
 
     # -- notifications (P12, P19, P22) ------------------------------------------------
 
@@ -413,7 +442,7 @@ class Cluster:
         elif channel == "skydeck_lease":
             self.poke()
         elif channel == "skydeck_defs":
-            await self.host.definitions_changed()
+            await self._definitions_changed()
 
     async def _defs_poll(self) -> None:
         while True:
@@ -424,8 +453,13 @@ class Cluster:
                 continue
             if version != self._defs_version:
                 if self._defs_version >= 0:
-                    await self.host.definitions_changed()
+                    await self._definitions_changed()
                 self._defs_version = version
+
+    async def _definitions_changed(self) -> None:
+        await self.host.definitions_changed()
+        for listener in self.on_definitions:
+            await listener()
 
     def role(self, name: str) -> Fence | None:
         """The fence of a cluster role this incarnation holds (P17), if any."""

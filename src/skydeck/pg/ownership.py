@@ -183,7 +183,8 @@ class PgOwnership:
     ``session`` is the control session (P7): heartbeats, claims and releases
     are short, and must not queue behind a batch of the writer's. ``clock`` is
     `time.monotonic` outside tests of the deadline arithmetic: lease timers
-    never follow a test's fake clock (P10).
+    never follow a test's fake clock (P10). ``wall`` is this host's wall clock,
+    which the heartbeat compares with the database's (`clock_offset_s`, P23).
     """
 
     def __init__(
@@ -195,6 +196,7 @@ class PgOwnership:
         url: str | None = None,
         version: str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.session = session
         self.host_id = host_id
@@ -202,6 +204,7 @@ class PgOwnership:
         self.url = url
         self.version = version
         self.clock = clock
+        self.wall = wall
         self.incarnation: int | None = None
         #: The incarnation this process gave up last (P10): its sessions are ours.
         self._previous: int | None = None
@@ -297,7 +300,7 @@ class PgOwnership:
         """
         params = {"id": self.host_id, "inc": self._inc(), "ttl": self.ttl_s}
         sent = self.clock()
-        wall = time.time()
+        wall = self.wall()
 
         def renew(conn: Connection) -> datetime | None:
             row = conn.execute(_HEARTBEAT, params).fetchone()
@@ -308,7 +311,7 @@ class PgOwnership:
             self._deadline = -math.inf
             return False
         self._granted(sent)
-        self.clock_offset_s = db_now.timestamp() - (wall + time.time()) / 2
+        self.clock_offset_s = db_now.timestamp() - (wall + self.wall()) / 2
         return True
 
     def forget(self) -> None:

@@ -984,6 +984,16 @@ class SQLiteStore:
             prev=str(first) if older else None,
         )
 
+    async def open_counts(self) -> dict[str, tuple[int, int]]:
+        """Channel -> (working, queued) messages: R5 as the store sees it (the
+        registry asks only on several hosts, P24; here for the one Protocol)."""
+        rows = self._db.execute(
+            "SELECT channel, SUM(state = ?), SUM(state = ?) FROM messages "
+            f"WHERE state IN {_RUNNABLE} GROUP BY channel",
+            (MessageState.WORKING.value, MessageState.QUEUED.value),
+        ).fetchall()
+        return {channel: (int(working), int(queued)) for channel, working, queued in rows}
+
     async def count_buffered(self) -> int:
         (count,) = self._db.execute(
             f"SELECT COUNT(*) FROM messages WHERE state IN {_BUFFERED}"
