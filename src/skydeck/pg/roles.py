@@ -108,7 +108,7 @@ class Roles:
         try:
             with run.scope:
                 await task(run.fence)
-        except FencedOut:
+        except* FencedOut:  # from inside the task's own nursery, as a group
             # Another host holds the role now; this one learns at its next
             # heartbeat (P10). Until the fence changes the task stays stopped.
             log.warning("role fenced", extra={"role": name, "token": run.fence.token})
