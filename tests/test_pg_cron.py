@@ -11,11 +11,13 @@ is jumped over while a fire waits for its commit.
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
@@ -27,6 +29,9 @@ from skydeck.pg import roles
 from skydeck.scheduler import CorrectedClock, Scheduler, TrioWallClock, iso, next_slot
 from skydeck.store import Fence
 from skydeck.store.postgres import PostgresStore, build_postgres, open_postgres
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
 
 #: Long enough that no heartbeat is needed while the test runs (real seconds).
 TTL = 3600.0
@@ -50,7 +55,7 @@ def gated_clock(monkeypatch: pytest.MonkeyPatch) -> trio.testing.MockClock:
     so its instance's `_autojump`, which the run loop calls, is wrapped.)"""
     clock = trio.testing.MockClock(autojump_threshold=0.0005)
     gate = DbGate()
-    jump = clock._autojump
+    jump = clock._autojump  # type: ignore[attr-defined]
 
     def autojump() -> None:
         if not gate.busy:
@@ -102,7 +107,7 @@ class Host:
         self.roles.held(held)
         return held.get(roles.SCHEDULER)
 
-    async def serve(self, task_status: trio.TaskStatus[None]) -> None:
+    async def serve(self, task_status: TaskStatus[None]) -> None:
         with self.scope:
             await self.roles.run(task_status=task_status)
 
@@ -149,7 +154,7 @@ async def cluster(pg_url: str) -> AsyncIterator[Callable[[int, list[float]], Any
                 skew = skews[i]
                 # A host's wall clock is `skew` s off; its heartbeat measures -skew (P23).
                 clock = CorrectedClock(
-                    TrioWallClock(EPOCH + timedelta(seconds=skew)), lambda s=skew: -s
+                    TrioWallClock(EPOCH + timedelta(seconds=skew)), partial(operator.neg, skew)
                 )
                 intake = Intake(name, store, pg_url, fires)
                 scheduler = Scheduler(store, intake, clock, shared=True)
