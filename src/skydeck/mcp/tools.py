@@ -559,6 +559,7 @@ class Toolbox:
 
     async def _list_agents(self, call: Invocation, args: dict[str, Any]) -> dict[str, Any]:
         own = call.channel
+        await self.registry.refresh_status()  # P24: channels run on another host
         agents = []
         for agent in self.registry.agents():
             status, queued = self.registry.status(agent.name)
