@@ -24,6 +24,7 @@ import pytest
 import trio
 import trio.testing
 
+from skydeck.errors import StoreUnreachable
 from skydeck.model import Accepted, Inbound, Job
 from skydeck.pg import roles
 from skydeck.scheduler import CorrectedClock, Scheduler, TrioWallClock, iso, next_slot
@@ -312,3 +313,38 @@ async def test_p23_the_scheduler_clock_is_the_database_clock(pg_url: str) -> Non
         assert abs((clock.now() - db_now).total_seconds()) < 1
     finally:
         store.close()
+
+
+async def test_p17_role_tasks_follow_the_roles_held(autojump_clock: trio.abc.Clock) -> None:
+    """`Roles.held`: a role gained starts its task under the role's fence, one
+    lost (or held under a new token) is cancelled; a task the store failed
+    starts again while the role is held."""
+    calls: list[tuple[int, str]] = []
+
+    async def task(fence: Fence) -> None:
+        calls.append((fence.token, "start"))
+        if len(calls) == 1:
+            raise StoreUnreachable("connection refused")
+        try:
+            await trio.sleep_forever()
+        finally:
+            calls.append((fence.token, "stop"))
+
+    runner = roles.Roles({roles.SCHEDULER: task})
+    first, second = Fence(roles.SCHEDULER, 5, "h1", 1), Fence(roles.SCHEDULER, 9, "h1", 2)
+    async with trio.open_nursery() as nursery:
+        runner.held({roles.SCHEDULER: first})  # before it runs: started when it does
+        await nursery.start(runner.run)
+        await trio.sleep(roles.RETRY_S + 0.5)
+        assert calls == [(5, "start"), (5, "start")]
+        runner.held({roles.SCHEDULER: first, roles.VAULT_SYNC: first})  # no task: nothing
+        await trio.sleep(1)
+        runner.held({roles.SCHEDULER: second})  # lost and taken again: a new task
+        await trio.sleep(1)
+        runner.held({})
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    # Nothing waits for a cancelled task, so the new one may start first.
+    assert calls[:2] == [(5, "start"), (5, "start")]
+    assert sorted(calls[2:4]) == [(5, "stop"), (9, "start")]
+    assert calls[4:] == [(9, "stop")]

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ..errors import FencedOut
+from ..errors import FencedOut, StoreFailure
 from ..store import Fence
 from .ownership import ROLE_PREFIX
 
@@ -46,6 +46,8 @@ VAULT_OUTBOX = f"{ROLE_PREFIX}vault-outbox"
 
 #: How often the outbox's holder looks for items other hosts added.
 OUTBOX_POLL_S = 5.0
+#: A role task that failed with the store starts again after this.
+RETRY_S = 1.0
 
 RoleTask = Callable[[Fence], Awaitable[None]]
 
@@ -76,10 +78,6 @@ class Roles:
             finally:
                 self._nursery = None
 
-    def running(self) -> dict[str, Fence]:
-        """Role -> the fence its task was started under."""
-        return {name: run.fence for name, run in self._running.items()}
-
     def held(self, roles: Mapping[str, Fence]) -> None:
         """The roles this host holds now: a task whose role is gone (or held
         under another token) is cancelled; a role gained starts its task.
@@ -104,14 +102,29 @@ class Roles:
             self._nursery.start_soon(self._run, name, task, run, name=f"role {name}")
 
     async def _run(self, name: str, task: RoleTask, run: _Running) -> None:
+        """The task, again after a store failure (a role can be taken just as the
+        store flaps, e.g. at a rejoin), until it ends, is fenced or cancelled."""
         log.info("role task started", extra={"role": name, "token": run.fence.token})
-        try:
-            with run.scope:
-                await task(run.fence)
-        except* FencedOut:  # from inside the task's own nursery, as a group
-            # Another host holds the role now; this one learns at its next
-            # heartbeat (P10). Until the fence changes the task stays stopped.
-            log.warning("role fenced", extra={"role": name, "token": run.fence.token})
+        with run.scope:
+            while True:
+                fenced, failure = False, ""
+                try:
+                    await task(run.fence)
+                    return
+                except* FencedOut:  # from inside the task's own nursery, as a group
+                    fenced = True
+                except* StoreFailure as failed:
+                    failure = str(failed.exceptions[0])
+                if fenced:
+                    # Another host holds the role now; this one learns at its next
+                    # heartbeat (P10). Until the fence changes the task stays stopped.
+                    log.warning("role fenced", extra={"role": name, "token": run.fence.token})
+                    return
+                log.warning(
+                    "role task failed: the store failed; retrying",
+                    extra={"role": name, "reason": failure},
+                )
+                await trio.sleep(RETRY_S)
 
 
 def attach(
