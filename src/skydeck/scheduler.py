@@ -182,8 +182,11 @@ class Scheduler:
         if self._running:
             self._reload = True
             self._changed.set()
-        else:
+            return
+        try:
             await self.load()
+        except StoreFailure as exc:  # read again at the next change
+            log.warning("jobs not read again: the store failed", extra={"reason": exc.reason})
 
     # -- the task -----------------------------------------------------------------
 
@@ -394,14 +397,15 @@ class Scheduler:
         return await self._view(job)
 
     async def remove(self, name: str) -> None:
-        if self._jobs.pop(name, None) is None:
+        known = name in await self._known()
+        if self._jobs.pop(name, None) is None and not known:
             raise NotFound(f"no job named {name!r}", field="name")
         await self.store.delete_job(name)
         self._changed.set()
 
     async def run_now(self, name: str) -> Accepted:
         """Fire at once, outside the schedule (counts as the job's previous run)."""
-        job = self._jobs.get(name)
+        job = (await self._known()).get(name)
         if job is None:
             raise NotFound(f"no job named {name!r}", field="name")
         now = self.clock.now()
