@@ -4,6 +4,7 @@ P22, P23) and P24 (a channel run elsewhere shows the same status on every host).
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -16,7 +17,7 @@ import trio
 from daemon_process import DaemonProcess
 from skydeck.model import Job
 from skydeck.scheduler import iso
-from test_pg_hosts import create_echo_agents, host, query
+from test_pg_hosts import create_echo_agents, host, owners, query
 
 pytestmark = pytest.mark.slow
 
@@ -186,3 +187,32 @@ async def test_p24_a_busy_channel_shows_the_same_status_on_both_hosts(
             assert (await client.post(post, json={"content": text})).status_code == 200
         await both(("queued", 2))
     assert first.stop() == 0 and second.stop() == 0
+
+
+async def test_p14_a_stopping_host_releases_its_roles_before_its_grace_period(
+    tmp_path: Path, pg_url: str, stop_all: list[DaemonProcess]
+) -> None:
+    """SIGTERM on the role holder while its turn runs: the roles move to the
+    other host at once, not when the grace period ends and the host leaves."""
+    first = host(tmp_path, pg_url, "h1", "--grace", "15")
+    stop_all.append(first)
+    await wait_until(lambda: role_holder(pg_url) == "h1", 10)
+    spec = {
+        "name": "busy",
+        "channel": "busy",
+        "backend": "command",
+        "command": ["sh", "-c", "sleep 20; cat"],
+    }
+    async with httpx.AsyncClient(base_url=first.url, timeout=10) as client:
+        assert (await client.post("/api/agents", json=spec)).status_code == 201
+        await wait_until(lambda: owners(pg_url) == {"busy": "h1"}, 10)
+        second = host(tmp_path, pg_url, "h2")
+        stop_all.append(second)
+        posted = await client.post("/api/channels/busy/messages", json={"content": "x"})
+        assert posted.status_code == 200
+        await wait_until(lambda: query(pg_url, "SELECT 1 FROM threads"), 10)
+    first.proc.send_signal(signal.SIGTERM)
+    took = await wait_until(lambda: role_holder(pg_url) == "h2", 5)
+    assert first.proc.poll() is None, "the roles moved while h1 still ran its turn"
+    print(f"P14: role:scheduler held by h2 {took:.2f} s after SIGTERM to h1")
+    assert took < 2.0
