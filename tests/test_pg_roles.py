@@ -13,10 +13,14 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
 
 from daemon_process import DaemonProcess
+from fake_vault import TOKEN, FakeVault
 from skydeck.model import Job
 from skydeck.scheduler import iso
+from skydeck.service import Service, Settings
 from test_pg_hosts import create_echo_agents, host, owners, query
 
 pytestmark = pytest.mark.slow
@@ -216,3 +220,46 @@ async def test_p14_a_stopping_host_releases_its_roles_before_its_grace_period(
     assert first.proc.poll() is None, "the roles moved while h1 still ran its turn"
     print(f"P14: role:scheduler held by h2 {took:.2f} s after SIGTERM to h1")
     assert took < 2.0
+
+
+async def test_p17_only_the_role_holders_poll_the_vault_and_a_stop_hands_it_on(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Two hosts with one vault: only the `role:vault-sync` holder polls its
+    definitions; when that host stops (P14), the other one takes the poll over."""
+    vault = FakeVault()
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    async with trio.open_nursery() as nursery:
+        (vault_url,) = await nursery.start(serve, vault.app(), config)
+        services = {}
+        for name in ("h1", "h2"):
+            settings = Settings(
+                port=0,
+                data_dir=tmp_path / name,
+                demo=False,
+                vault_url=vault_url,
+                vault_token=TOKEN,
+                vault_poll_s=0.1,
+                store_url=pg_url,
+                host_id=name,
+                lease_ttl_s=3,
+                scan_interval_s=0.5,
+                grace_s=0,
+            )
+            services[name] = Service(settings)
+            await nursery.start(services[name].run)
+        holders = {str(owner) for (owner,) in query(pg_url, "SELECT owner FROM leases")}
+        (holder,) = holders - {"None"}  # one host took all three roles
+        other = "h2" if holder == "h1" else "h1"
+        syncs = {}
+        for name, service in services.items():
+            assert service.sync is not None
+            syncs[name] = service.sync
+        await wait_until(lambda: syncs[holder].syncs >= 5, 10)
+        assert syncs[other].syncs == 0
+        services[holder].stop()
+        await wait_until(lambda: syncs[other].syncs >= 3, 10)
+        services[other].stop()
+        nursery.cancel_scope.cancel()
