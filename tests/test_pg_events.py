@@ -5,6 +5,7 @@ store (watch rows, spill clean-up), and the pure parts of `skydeck.pg.relay`."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from pathlib import Path
@@ -218,6 +219,20 @@ async def test_pt13_a_subscriber_on_one_host_sees_the_owners_events(
             events = await live.until_done(first)
             assert [e["kind"] for e in events] == ["queued", "init", "text", "done"]
             assert events[-1]["reply"] == await stored_reply(first) == "echo: hello"
+            # Posted to the owner itself: the same, `queued` said once.
+            local = await post("watched", "local", to=daemons[owner].url)
+            events = await live.until_done(local)
+            assert [e["kind"] for e in events] == ["queued", "init", "text", "done"]
+            # Post (to the viewer's host) -> `done` on the viewer's stream.
+            lags = []
+            for n in range(20):
+                started = time.monotonic()
+                await live.until_done(await post("watched", f"lag {n}"))
+                lags.append(time.monotonic() - started)
+            lags.sort()
+            p50, top = lags[10] * 1000, lags[-1] * 1000
+            print(f"PT13 post -> relayed done: p50 {p50:.1f} ms, max {top:.1f} ms")
+            assert lags[10] < 0.5
             # 20,000 bytes arrive whole, through event_spill.
             big = "x" * BIG
             second = await post("watched", big)
@@ -258,7 +273,7 @@ async def test_pt13_a_subscriber_on_one_host_sees_the_owners_events(
     ours = [n for n in notified if n.get("e", {}).get("message_id") in ("stale", "fresh")]
     relayed = [n for n in notified if n not in ours]
     assert len(ours) == 2
-    assert len(relayed) == 2 * 4  # two turns of four events, each notified once
+    assert len(relayed) == 23 * 4  # 23 turns of four events, each notified once
     assert len([note for note in relayed if "s" in note]) == 2
     for daemon in daemons.values():
         assert daemon.stop() == 0

@@ -424,7 +424,7 @@ class ClusterEvents(TurnEvents):
         if event is None:
             log.warning("relayed event lost", extra={"channel": relayed.channel})
             return
-        TurnEvents.publish(self, relayed.channel, event)
+        super().publish(relayed.channel, event)  # the local hub only: never relayed again
 
     async def _spilled(self, spill_id: int) -> dict[str, Any] | None:
         def read(conn: Connection) -> str | None:
