@@ -5,6 +5,7 @@ store (watch rows, spill clean-up), and the pure parts of `skydeck.pg.relay`."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
@@ -128,20 +129,25 @@ async def test_watch_rows_follow_local_subscribers_and_old_spills_are_removed(
     spill = "INSERT INTO event_spill (body, created_at) VALUES ('{}', now() - %s) RETURNING id"
     query(pg_url, spill, timedelta(seconds=6))
     query(pg_url, spill, timedelta(0))
+    watches = "SELECT channel, host, extract(epoch FROM expires_at)::float8 FROM watchers"
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(events.run)
-            with events.subscribe("c1"), events.subscribe("c1"):
-                await events.ready("c1")  # committed: the row is there now
-                rows = query(
-                    pg_url,
-                    "SELECT channel, host, extract(epoch FROM expires_at - now())::float8 "
-                    "FROM watchers",
-                )
-                assert [row[:2] for row in rows] == [("c1", "h1")]
-                assert 14 < float(str(rows[0][2])) <= 15
-                # Renewed every `renew_s`; the spill older than `spill_keep_s` is gone.
-                assert query(pg_url, "SELECT count(*) FROM event_spill") == [(1,)]
+            with events.subscribe("c1"):
+                with events.subscribe("c1"):
+                    await events.ready("c1")  # committed: the row is there now
+                    ((channel, host_id, expires),) = query(pg_url, watches)
+                    ((now,),) = query(pg_url, "SELECT extract(epoch FROM now())::float8")
+                    assert (channel, host_id) == ("c1", "h1")
+                    assert 14 < float(str(expires)) - float(str(now)) <= 15
+                    await trio.sleep(0.3)
+                    ((_, _, renewed),) = query(pg_url, watches)  # every `renew_s`
+                    assert float(str(renewed)) > float(str(expires))
+                    # The spill older than `spill_keep_s` is gone, the other one kept.
+                    assert query(pg_url, "SELECT count(*) FROM event_spill") == [(1,)]
+                await trio.sleep(0.3)
+                assert [row[:2] for row in query(pg_url, watches)] == [("c1", "h1")]
+            # The last local subscriber left: the row goes.
             await wait_for(lambda: query(pg_url, "SELECT count(*) FROM watchers") == [(0,)])
             nursery.cancel_scope.cancel()
     finally:
@@ -149,6 +155,12 @@ async def test_watch_rows_follow_local_subscribers_and_old_spills_are_removed(
 
 
 # -- PT13: two daemons --------------------------------------------------------------
+
+
+def relay_counts(metrics: str) -> dict[str, int]:
+    """`skydeck_relay_events_total` by outcome, the zeros left out."""
+    found = re.findall(r'^skydeck_relay_events_total\{outcome="(\w+)"\} (\S+)$', metrics, re.M)
+    return {outcome: int(float(value)) for outcome, value in found if float(value)}
 
 
 class Viewer:
@@ -266,6 +278,10 @@ async def test_pt13_a_subscriber_on_one_host_sees_the_owners_events(
                 await post("quiet", "unseen", to=daemon.url)
             await wait_for(lambda: query(pg_url, done_quiet) == [(2,)])
             await trio.sleep(0.3)  # one relay tick and more
+            counts = {
+                h: relay_counts((await client.get(f"{d.url}/metrics")).text)
+                for h, d in daemons.items()
+            }
         notified = [json.loads(n.payload) for n in spy.notifies(timeout=0.5)]
     finally:
         spy.close()
@@ -275,5 +291,7 @@ async def test_pt13_a_subscriber_on_one_host_sees_the_owners_events(
     assert len(ours) == 2
     assert len(relayed) == 23 * 4  # 23 turns of four events, each notified once
     assert len([note for note in relayed if "s" in note]) == 2
+    assert counts[owner] == {"sent": 23 * 4, "spilled": 2}
+    assert counts[viewer_id] == {"stale": 1}
     for daemon in daemons.values():
         assert daemon.stop() == 0

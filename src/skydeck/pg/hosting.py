@@ -59,7 +59,7 @@ class PgHost:
             on_dropped=on_dropped,
             on_fenced=metrics.fenced.inc,
         )
-        return cls(settings, store, metrics, ClusterEvents(store))
+        return cls(settings, store, metrics, ClusterEvents(store, registry=registry))
 
     def attach(self, registry: Registry, metrics_registry: CollectorRegistry) -> Cluster:
         """The cluster loops, driving ``registry`` (a `ChannelHost`)."""

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
+from prometheus_client import CollectorRegistry, Counter
 
 from ..errors import StoreUnreachable
 from ..events import DEFAULT_SUBSCRIBER_BUFFER, TurnEvents
@@ -204,6 +205,7 @@ class ClusterEvents(TurnEvents):
         renew_s: float = WATCH_RENEW_S,
         watch_ttl_s: float = WATCH_TTL_S,
         spill_keep_s: float = SPILL_KEEP_S,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         super().__init__(subscriber_buffer)
         self.store = store
@@ -218,9 +220,17 @@ class ClusterEvents(TurnEvents):
         #: Channels whose watch row this host committed.
         self.confirmed: set[str] = set()
         self.filter = TokenFilter()
-        #: Events relayed so far, spilled, dropped (store refused the batch, or too many
-        #: buffered) and stale (a lower token) on receipt: for logs and tests.
-        self.sent = self.spilled = self.dropped = self.stale = 0
+        #: The notification serial (unique within a batch, see `plan`).
+        self.serial = 0
+        self.counts = Counter(
+            "skydeck_relay_events",
+            "Turn events relayed between hosts (P25), by outcome: sent and spilled (of the "
+            "sent) by this owner, dropped (not sent: store refused, too many buffered, past "
+            "the lease deadline; or not queued here on receipt), stale (received under a "
+            "lower token)",
+            ["outcome"],
+            registry=registry,
+        )
         self._pending: list[Outgoing] = []
         self._dirty = trio.Event()
         self._poke = trio.Event()
@@ -242,7 +252,7 @@ class ClusterEvents(TurnEvents):
         if fence is None:
             return
         if len(self._pending) >= MAX_PENDING:
-            self.dropped += 1
+            self.counts.labels("dropped").inc()
             return
         self._pending.append(Outgoing(channel, fence.token, event))
         self._dirty.set()
@@ -292,7 +302,7 @@ class ClusterEvents(TurnEvents):
             try:
                 self._inbox_send.send_nowait(payload)
             except trio.WouldBlock:
-                self.dropped += 1
+                self.counts.labels("dropped").inc()
 
     # -- the loops --------------------------------------------------------------------
 
@@ -314,9 +324,11 @@ class ClusterEvents(TurnEvents):
     async def _send(self, batch: Sequence[Outgoing]) -> None:
         """One transaction on the control session: the spills, then every notification."""
         if not self.store.ownership.alive():
-            self.dropped += len(batch)  # P10: past the deadline this host is no source
+            # P10: past the deadline this host is no channel's source.
+            self.counts.labels("dropped").inc(len(batch))
             return
-        notices = plan(batch, self.sent)
+        notices = plan(batch, self.serial)
+        self.serial += len(notices)
 
         def send(conn: Connection) -> None:
             for notice in notices:
@@ -333,13 +345,13 @@ class ClusterEvents(TurnEvents):
         try:
             await self.store.ownership.session.run(send)
         except StoreUnreachable as exc:
-            self.dropped += len(batch)
+            self.counts.labels("dropped").inc(len(batch))
             log.warning(
                 "turn events not relayed", extra={"events": len(batch), "reason": exc.reason}
             )
             return
-        self.sent += len(batch)
-        self.spilled += sum(isinstance(notice, Spill) for notice in notices)
+        self.counts.labels("sent").inc(len(batch))
+        self.counts.labels("spilled").inc(sum(isinstance(notice, Spill) for notice in notices))
 
     async def _watches(self) -> None:
         while True:
@@ -413,7 +425,7 @@ class ClusterEvents(TurnEvents):
         if relayed.channel in owned:
             return  # this host is the channel's source; its hub has the event already
         if not self.filter.admit(relayed.channel, relayed.token):
-            self.stale += 1
+            self.counts.labels("stale").inc()
             return
         if not self.subscriber_count(relayed.channel):
             return
