@@ -179,16 +179,16 @@ class Cluster:
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Claim a first round, then keep heartbeating, scanning and listening."""
-        await self._scan()
         async with trio.open_nursery() as nursery:
+            if self.relay is not None:  # P25: watched channels known before the first claim
+                await nursery.start(self.relay.run, name="cluster-relay")
+            await self._scan()
             nursery.start_soon(self._heartbeats, name="cluster-heartbeat")
             nursery.start_soon(self._scans, name="cluster-scan")
             nursery.start_soon(self._defs_poll, name="cluster-defs")
             nursery.start_soon(self._rebalances, name="cluster-rebalance")
             if self.listen:
                 nursery.start_soon(self._listen, name="cluster-listen")
-            if self.relay is not None:
-                nursery.start_soon(self.relay.run, name="cluster-relay")
             task_status.started()
             await trio.sleep_forever()
 

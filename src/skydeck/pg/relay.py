@@ -307,6 +307,9 @@ class ClusterEvents(TurnEvents):
     # -- the loops --------------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Started once the watched channels were read (or the store did not answer),
+        so a host's first claims already relay their replayed turns."""
+        await self._watch_once()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._flushes, name="relay-flush")
             nursery.start_soon(self._watches, name="relay-watch")
@@ -355,15 +358,18 @@ class ClusterEvents(TurnEvents):
 
     async def _watches(self) -> None:
         while True:
-            self._poke = trio.Event()
-            try:
-                await self._sync()
-            except StoreUnreachable as exc:
-                log.warning("watches not renewed", extra={"reason": exc.reason})
-            synced, self._synced = self._synced, trio.Event()
-            synced.set()
             with trio.move_on_after(self.renew_s):
                 await self._poke.wait()
+            await self._watch_once()
+
+    async def _watch_once(self) -> None:
+        self._poke = trio.Event()
+        try:
+            await self._sync()
+        except StoreUnreachable as exc:
+            log.warning("watches not renewed", extra={"reason": exc.reason})
+        synced, self._synced = self._synced, trio.Event()
+        synced.set()
 
     async def _sync(self) -> None:
         """One transaction: this host's watch rows as its subscriptions are, the
