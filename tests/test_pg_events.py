@@ -16,6 +16,7 @@ import httpx
 import psycopg
 import pytest
 import trio
+from prometheus_client import CollectorRegistry, generate_latest
 
 from daemon_process import DaemonProcess
 from skydeck.model import EventKind, TurnEvent
@@ -32,6 +33,7 @@ from skydeck.pg.relay import (
     parse,
     plan,
 )
+from skydeck.store import Fence
 from skydeck.store.postgres import open_postgres
 from test_pg_hosts import create_echo_agents, host, query, stop_all, wait_for_owners
 
@@ -152,6 +154,48 @@ async def test_watch_rows_follow_local_subscribers_and_old_spills_are_removed(
             nursery.cancel_scope.cancel()
     finally:
         store.close()
+
+
+async def test_an_owner_relays_only_watched_channels_and_nothing_past_its_deadline(
+    pg_url: str,
+) -> None:
+    owner_store = await open_postgres(pg_url, host_id="h1", ttl_s=3, readers=1)
+    viewer_store = await open_postgres(pg_url, host_id="h2", ttl_s=3, readers=1)
+    metrics = CollectorRegistry()
+    owner = ClusterEvents(owner_store, renew_s=0.05, flush_s=0.01, registry=metrics)
+    owner.attach(lambda: {"w": Fence("w", 3), "u": Fence("u", 4)})
+    viewer = ClusterEvents(viewer_store, renew_s=0.05)
+    spy = psycopg.connect(pg_url, autocommit=True)
+    spy.execute(f"LISTEN {EVENTS}")
+
+    async def heard() -> list[dict[str, Any]]:  # on a thread: the relay runs meanwhile
+        notes = await trio.to_thread.run_sync(lambda: list(spy.notifies(timeout=0.3)))
+        return [json.loads(n.payload) for n in notes]
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(owner.run)
+            await nursery.start(viewer.run)
+            with viewer.subscribe("w"):
+                await viewer.ready("w")
+                await wait_for(lambda: "w" in owner.watched)  # from the table (no listener here)
+                for channel in ("u", "w", "elsewhere"):
+                    owner.publish(channel, text(f"{channel}-1", "hi"))
+                assert [(n["c"], n["t"], n["e"]["message_id"]) for n in await heard()] == [
+                    ("w", 3, "w-1")
+                ]
+                owner_store.ownership.forget()  # P10: past the deadline, no source of anything
+                owner.publish("w", text("w-2", "late"))
+                assert await heard() == []
+                assert relay_counts(generate_latest(metrics).decode()) == {
+                    "sent": 1,
+                    "dropped": 1,
+                }
+            nursery.cancel_scope.cancel()
+    finally:
+        spy.close()
+        owner_store.close()
+        viewer_store.close()
 
 
 # -- PT13: two daemons --------------------------------------------------------------
