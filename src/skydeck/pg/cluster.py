@@ -272,10 +272,16 @@ class Cluster:
         self.poke()
 
     async def _rejoin(self) -> None:
+        """Join as a new incarnation, then name the sessions after it. A join that
+        committed is not made again when only the renaming failed (a session the
+        outage broke): the scan may already claim under that incarnation, and a
+        second join would void those leases behind the tasks running them (its
+        own sessions would also make it `HostInUse` until the row expired)."""
         delay = REJOIN_BACKOFF_S[0]
         while True:
             try:
-                await self.ownership.join()
+                if self.ownership.incarnation is None:
+                    await self.ownership.join()
                 await self._rename_sessions()
                 self.store._healthy()
                 return
