@@ -168,12 +168,13 @@ async def test_p24_a_busy_channel_shows_the_same_status_on_both_hosts(
         urls = (first.url, second.url)
 
         async def statuses() -> list[tuple[str, int]]:
-            """(status, queued) in `GET /api/agents` and `/health` of each host."""
+            """(status, queued) in `GET /api/agents` and `/health` of each host
+            (none yet where the new agent has not arrived, P22)."""
             out = []
             for url in urls:
-                (agent,) = (await client.get(f"{url}/api/agents")).json()["agents"]
-                (seen,) = (await client.get(f"{url}/health")).json()["agents"]
-                out += [(agent["status"], agent["queued"]), (seen["status"], seen["queued"])]
+                listed = (await client.get(f"{url}/api/agents")).json()["agents"]
+                health = (await client.get(f"{url}/health")).json()["agents"]
+                out += [(a["status"], a["queued"]) for a in (*listed, *health)]
             return out
 
         async def both(expected: tuple[str, int]) -> None:
@@ -182,7 +183,7 @@ async def test_p24_a_busy_channel_shows_the_same_status_on_both_hosts(
                     await trio.sleep(0.1)
             assert seen == [expected] * 4
 
-        assert await statuses() == [("idle", 0)] * 4
+        await both(("idle", 0))
         post = f"{second.url}/api/channels/busy/messages"
         assert (await client.post(post, json={"content": "one"})).status_code == 200
         await both(("working", 0))
