@@ -29,7 +29,7 @@ async def test_post_then_read_the_reply_over_real_http(daemon: Daemon) -> None:
     assert health.pop("sandbox")["default"] == "workspace", "bwrap works here (make test)"
     assert health == {
         "status": "ok",
-        "store": "ok",
+        "store": {"kind": "sqlite"},  # P26
         "agents": [
             {"name": "demo", "channel": "demo", "backend": "echo", "status": "idle", "queued": 0}
         ],

@@ -230,7 +230,7 @@ class Cluster:
                 await self._lose("the heartbeat found the host row expired")
                 continue
             self.heartbeat_sent_at = sent
-            self.store._healthy()
+            self.store.reached()
             self._count_heartbeat("ok")
 
     def _count_heartbeat(self, outcome: str) -> None:
@@ -263,7 +263,7 @@ class Cluster:
             try:
                 await self.ownership.join()
                 await self._rename_sessions()
-                self.store._healthy()
+                self.store.reached()
                 return
             except (StoreUnreachable, HostInUse) as exc:
                 log.warning("rejoin failed; retrying", extra={"reason": str(exc)})

@@ -193,11 +193,17 @@ class Session:
             self._conninfo, application_name=application_name
         )
         if self.connected:
-            await self.run(
-                lambda conn: conn.execute(
-                    "SELECT set_config('application_name', %s, false)", (application_name,)
+            try:
+                await self.run(
+                    lambda conn: conn.execute(
+                        "SELECT set_config('application_name', %s, false)", (application_name,)
+                    )
                 )
-            )
+            except StoreUnreachable:
+                # The connection was gone (idle through a server restart): the next
+                # one is opened with the new name. A rejoin must not fail on it, or
+                # its retry finds its own new incarnation in use.
+                log.debug("renaming a lost session: the next connection carries the name")
 
     async def connect(self) -> None:
         """Open the session now (a `run` would do it too), so start-up fails early."""

@@ -108,26 +108,37 @@ class PgHost:
         return None
 
     async def health(self) -> dict[str, Any]:
-        """P26: what `/health` adds for this host."""
+        """P26 (and P6): what `/health` adds for this host.
+
+        While the store is unreachable nothing is read from it (a read would only
+        wait for its timeout): ``hosts_alive`` is unknown, and ``owners`` names
+        this host for what it still runs and no one for the rest.
+        """
         ownership = self.store.ownership
         cluster = self.cluster
+        owned = cluster.host.owned() if cluster is not None else {}
         store: dict[str, Any] = {"kind": "postgres", "url": redact(self.settings.store_url or "")}
-        if self.store.error is not None:
-            store |= {"state": "unreachable", "since": self.store.failing_since}
-        hosts_alive = None
-        with contextlib.suppress(StoreUnreachable):
-            hosts_alive = sum(1 for host in await ownership.hosts() if host.alive)
+        hosts_alive: int | None = None
+        owners: dict[str, str | None] = dict.fromkeys(owned, ownership.host_id)
+        if self.store.unreachable_since is None:
+            with contextlib.suppress(StoreUnreachable):
+                hosts_alive = sum(1 for host in await ownership.hosts() if host.alive)
+                owners = await self.store.channel_owners()
+        since = self.store.unreachable_since  # a failed read above counts too
+        if since is not None:
+            store |= {"state": "unreachable", "since": since}
         return {
             "store": store,
             "host": {
                 "id": ownership.host_id,
                 "incarnation": ownership.incarnation,
-                "owned": len(cluster.host.owned()) if cluster is not None else 0,
+                "owned": len(owned),
                 "roles": sorted(cluster.roles) if cluster is not None else [],
                 "lease_ttl_s": ownership.ttl_s,
                 "heartbeat_age_s": round(cluster.heartbeat_age_s(), 3) if cluster else None,
                 "hosts_alive": hosts_alive,
             },
+            "owners": owners,
         }
 
     async def view(self) -> dict[str, Any]:

@@ -63,6 +63,8 @@ class Page:
 class Store(Protocol):
     """The system of record: agents, jobs, messages, thread records, sessions."""
 
+    #: `/health` `store.kind` (P26): "sqlite" or "postgres".
+    kind: str
     #: Store failures so far (lost write groups); never goes down.
     failures: int
     #: Why the store is failing, until a commit succeeds again; None when healthy.

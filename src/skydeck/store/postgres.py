@@ -197,8 +197,11 @@ class PostgresStore:
         self.failures = 0
         #: Why the store is failing, until a batch commits again; None when healthy.
         self.error: str | None = None
-        #: When it started failing (ISO, for /health), None when healthy.
-        self.failing_since: str | None = None
+        #: P6: when a heartbeat or a store call first failed (ISO), until the next
+        #: good heartbeat (`reached`); None while the store answers. `/health` is
+        #: 503 `unavailable` meanwhile, even after a batch got through: only the
+        #: heartbeat says this host still holds its leases.
+        self.unreachable_since: str | None = None
         self._readers = list(readers)
         self._free = trio.Semaphore(len(self._readers))
         self._pending: list[_Pending[Any]] = []
@@ -258,9 +261,25 @@ class PostgresStore:
         async with self._free:
             session = self._readers.pop()
             try:
-                return await session.run(fn)
+                return await self._read_on(session, fn)
+            except StoreUnreachable as exc:
+                self._unreachable(exc.reason)  # a read loses nothing: no `failures`
+                raise
             finally:
                 self._readers.append(session)
+
+    @staticmethod
+    async def _read_on(session: Session, fn: Callable[[Connection], T]) -> T:
+        """A session idle since before a server restart fails its first call; a
+        read is safe to repeat, so it gets one more try on a fresh connection
+        (else the first reads after an outage would fail, one per reader)."""
+        stale = session.connected
+        try:
+            return await session.run(fn)
+        except StoreUnreachable:
+            if not stale:
+                raise
+        return await session.run(fn)
 
     async def _solo(self, fn: Callable[[Connection], T]) -> T:
         """A transaction of its own on a reader session (definitions, P18/P22)."""
@@ -341,17 +360,26 @@ class PostgresStore:
     def _failed(self, reason: str) -> None:
         if self.error is None:
             log.error("store failure: writes not confirmed", extra={"reason": reason})
-            self.failing_since = utc_now()
+        self._unreachable(reason)
         self.error = reason
         self.failures += 1
         self._notify()
+
+    def _unreachable(self, reason: str) -> None:
+        if self.unreachable_since is None:
+            log.warning("store unreachable", extra={"reason": reason})
+            self.unreachable_since = utc_now()
 
     def _healthy(self) -> None:
         if self.error is not None:
             log.warning("store recovered", extra={"failures": self.failures})
             self.error = None
-            self.failing_since = None
             self._notify()
+
+    def reached(self) -> None:
+        """A good heartbeat (or a rejoin): the store answers and the leases hold (P6)."""
+        self._healthy()
+        self.unreachable_since = None
 
     def _notify(self) -> None:
         self._health_changed.set()
@@ -391,6 +419,20 @@ class PostgresStore:
             ).fetchone()
             assert row is not None
             return int(row[0]), int(row[1])
+
+        return await self._read(read)
+
+    async def channel_owners(self) -> dict[str, str | None]:
+        """Channel with an agent -> the live host holding its lease, or None (P26)."""
+
+        def read(conn: Connection) -> dict[str, str | None]:
+            rows = conn.execute(
+                "SELECT c.name, h.host_id FROM channels c "
+                "LEFT JOIN leases l ON l.name = c.name "
+                "LEFT JOIN hosts h ON (h.host_id, h.incarnation) = (l.owner, l.incarnation) "
+                "AND h.expires_at > now() WHERE c.agent IS NOT NULL"
+            ).fetchall()
+            return {str(name): owner for name, owner in rows}
 
         return await self._read(read)
 
