@@ -32,13 +32,16 @@ class Recorder:
     fences: dict[str, Fence] = field(default_factory=dict)
     woken: list[str] = field(default_factory=list)
     abandoned: list[str] = field(default_factory=list)
+    #: Channel -> the dead owner each adoption named (P15), None for a fresh claim.
+    interrupted: dict[str, str | None] = field(default_factory=dict)
     defs: int = 0
 
     def owned(self) -> dict[str, Fence]:
         return dict(self.fences)
 
-    async def adopt(self, channel: str, fence: Fence) -> None:
+    async def adopt(self, channel: str, fence: Fence, interrupted_by: str | None = None) -> None:
         self.fences[channel] = fence
+        self.interrupted[channel] = interrupted_by
 
     async def wake(self, channel: str) -> None:
         self.woken.append(channel)
@@ -128,6 +131,7 @@ async def test_two_hosts_split_channels_and_one_owner_each(start: Start, pg_url:
     await agents(c1.store, 10)
     await wait_for(lambda: len(r1.fences) + len(r2.fences) == 10)
     assert not set(r1.fences) & set(r2.fences)
+    assert set(r1.interrupted.values()) | set(r2.interrupted.values()) == {None}  # fresh
     # Each took at most share + slack (5 + 1).
     assert max(len(r1.fences), len(r2.fences)) <= 6
     with psycopg.connect(pg_url) as conn:
@@ -210,3 +214,4 @@ async def test_a_host_whose_sessions_vanish_is_failed_over_in_two_scans(
     started = time.monotonic()
     await wait_for(lambda: len(r2.fences) == 2, timeout=TTL + 2)
     assert time.monotonic() - started < TTL  # P16: before the row would have expired
+    assert r2.interrupted == {"a0": "h1", "a1": "h1"}  # P15: the dead owner is named

@@ -972,8 +972,9 @@ def operations() -> dict[tuple[str, str], Schema]:
             "responses": {
                 "200": response(
                     "`event: turn` frames whose `data` is a JSON event with `kind` (queued, init, "
-                    "text, tool, notify, done, error) and `message_id`; a comment keep-alive "
-                    "every 15 s",
+                    "text, tool, notify, done, error) and `message_id`; an `error` with "
+                    "`retrying: true` closes a dead host's partial reply before the message "
+                    "runs again (P15); a comment keep-alive every 15 s",
                     {"type": "string"},
                     "text/event-stream",
                 )

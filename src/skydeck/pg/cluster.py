@@ -57,8 +57,10 @@ class ChannelHost(Protocol):
         """Channel -> the fence its running task holds."""
         ...
 
-    async def adopt(self, channel: str, fence: Fence) -> None:
-        """Run the channel's task under ``fence``, replaying its open messages (P15)."""
+    async def adopt(self, channel: str, fence: Fence, interrupted_by: str | None = None) -> None:
+        """Run the channel's task under ``fence``, replaying its open messages (P15);
+        ``interrupted_by``: the dead owner, whose `working` messages are announced
+        as retried."""
         ...
 
     async def wake(self, channel: str) -> None:
@@ -314,6 +316,7 @@ class Cluster:
         for item in claimed:
             if self.metrics is not None:
                 self.metrics.claims.labels(item.reason).inc()
+        dead_owner = {item.lease.name: item.previous_owner for item in claimed}
         # Every lease the store says is ours runs here: the new ones, and any whose
         # adoption a store failure cut short last time.
         running = self.host.owned()
@@ -321,7 +324,11 @@ class Cluster:
             if lease.name.startswith(ROLE_PREFIX) or lease.name in running:
                 continue
             try:
-                await self.host.adopt(lease.name, self.store.fence(lease.name, lease.token))
+                await self.host.adopt(
+                    lease.name,
+                    self.store.fence(lease.name, lease.token),
+                    dead_owner.get(lease.name),
+                )
             except FencedOut:
                 log.warning("claimed channel lost at once", extra={"channel": lease.name})
             if lease.name not in self.host.owned():  # its agent is gone: let the lease go
