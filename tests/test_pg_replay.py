@@ -160,7 +160,8 @@ async def test_pt5_a_killed_owner_s_turn_is_closed_at_the_claim_announced_and_re
 # pattern does not match itself, as a wrapper's command line may carry this script).
 KILL_MY_DAEMON = (
     'p=$PPID; while [ "$p" -gt 1 ]; do '
-    "if tr '\\0' ' ' < /proc/$p/cmdline | grep -q -- '--host-i[d]'; then kill -9 \"$p\"; exit 0; fi; "
+    "if tr '\\0' ' ' < /proc/$p/cmdline | grep -q -- '--host-i[d]'; "
+    'then kill -9 "$p"; exit 0; fi; '
     "p=$(awk '{print $4}' /proc/$p/stat); done"
 )
 
