@@ -104,6 +104,18 @@ class ClusterMetrics:
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> ClusterMetrics:
+        metrics = cls._counters(registry)
+        # P27: every labelled series shows from the first scrape, at 0.
+        for reason in ("unowned", "orphan", "released", "rebalance"):
+            metrics.claims.labels(reason)
+        for reason in ("rebalance", "shutdown", "removed"):
+            metrics.releases.labels(reason)
+        for outcome in ("ok", "lost", "error"):
+            metrics.heartbeats.labels(outcome)
+        return metrics
+
+    @classmethod
+    def _counters(cls, registry: CollectorRegistry) -> ClusterMetrics:
         return cls(
             claims=Counter(
                 "skydeck_lease_claims",
@@ -168,6 +180,8 @@ class Cluster:
         #: Roles this incarnation holds (P17): role name -> fence.
         self.roles: dict[str, Fence] = {}
         self.lost_count = 0
+        #: Live hosts as the last scan counted them (P27 `skydeck_cluster_hosts`).
+        self.hosts_alive = 1
         self.heartbeat_sent_at = time.monotonic()
         self._poke = trio.Event()
         self._defs_version = -1
@@ -304,6 +318,7 @@ class Cluster:
     async def _claim_channels(self) -> None:
         owned = len(self.host.owned())
         channels, hosts = await self.store.cluster_size()
+        self.hosts_alive = hosts
         fair, slack = share(channels, hosts)
         cap = self.max_channels if self.max_channels > 0 else math.inf
         room = int(min(fair + slack, cap) - owned)

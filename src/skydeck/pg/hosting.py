@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Gauge
 from .. import __version__
 from ..errors import StoreUnreachable
 from ..store.postgres import PostgresStore, build_postgres
+from . import metrics as pg_metrics
 from .cluster import CHANNELS, Cluster, ClusterMetrics
 from .config import default_host_id
 from .driver import Listener, Timeouts, conninfo, redact
@@ -88,6 +89,7 @@ class PgHost:
             registry=metrics_registry,
         )
         owned.set_function(lambda: len(registry.owned()))
+        pg_metrics.watch(metrics_registry, self.store, self.cluster)
         return self.cluster
 
     async def open(self) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
@@ -193,6 +194,10 @@ class PostgresStore:
         self.ownership = ownership
         self.on_dropped = on_dropped
         self.on_fenced = on_fenced
+        #: P27: seconds each batch took (`skydeck_store_batch_seconds`), and each
+        #: message's wait from its commit to its first turn start (database clock).
+        self.on_batch: Callable[[float], None] | None = None
+        self.on_wait: Callable[[float], None] | None = None
         #: Store failures so far: a batch lost or unconfirmed (never goes down).
         self.failures = 0
         #: Why the store is failing, until a batch commits again; None when healthy.
@@ -279,6 +284,7 @@ class PostgresStore:
         except StoreUnreachable:
             if not stale:
                 raise
+        session.retries["connection"] = session.retries.get("connection", 0) + 1
         return await session.run(fn)
 
     async def _solo(self, fn: Callable[[Connection], T]) -> T:
@@ -323,8 +329,11 @@ class PostgresStore:
             _send_notifications(conn, tick)
             return results
 
+        began = time.monotonic()
         try:
             outcomes = await self.writer.run(run)
+            if self.on_batch is not None:
+                self.on_batch(time.monotonic() - began)
         except StoreUnreachable as exc:
             self._failed(exc.reason)
             for item in batch:
@@ -403,6 +412,10 @@ class PostgresStore:
         """Close every session (on the way out: nothing is waiting on them)."""
         for session in (self.writer, *self._readers, self.ownership.session):
             session.close_now()
+
+    def sessions(self) -> tuple[Session, ...]:
+        """Every session this host holds but the listener's (P7)."""
+        return (self.writer, *self._readers, self.ownership.session)
 
     async def rename_sessions(self, application_name: str) -> None:
         """P3: after a rejoin, every session carries the new incarnation's name."""
@@ -885,18 +898,25 @@ class PostgresStore:
             RETURNING {_ts("started_at")}
         )
         SELECT (SELECT * FROM t), (SELECT count(*) FROM m) + (SELECT count(*) FROM s),
-            (SELECT count(*) FROM f)
+            (SELECT count(*) FROM f),
+            (SELECT array_agg(extract(epoch FROM clock_timestamp() - created_at)::float8)
+             FROM messages WHERE id = ANY(%(ids)s) AND attempts = 0)
         """
+        waits: list[float] = []
 
         def start(conn: Connection, tick: _Tick) -> str | _Moved | None:
             row = conn.execute(statement.encode(), params).fetchone()
             assert row is not None
             if row[0] is None:
                 return _MOVED if row[2] else None
+            waits[:] = row[3] or []
             return str(row[0])
 
         started_at: str | _Moved = await self._fenced_write(fence, start)
         _check_moved(started_at, fence)
+        if self.on_wait is not None:
+            for wait in waits:  # P27: commit -> first start, both on the database clock
+                self.on_wait(wait)
         return started
 
     async def end_turn(
