@@ -228,6 +228,11 @@ class Listener:
         #: Connections made after the first: notifications were lost meanwhile (P12).
         self.reconnects = -1
 
+    @property
+    def conninfo(self) -> str:
+        """What the next connection is made with (its P7 settings included)."""
+        return self._conninfo
+
     def rename(self, application_name: str) -> None:
         """The application_name of the next connection (a new incarnation, P3)."""
         self._conninfo = psycopg.conninfo.make_conninfo(

@@ -238,7 +238,10 @@ class PostgresStore:
             delay = min(delay * 2, 2.0)
         incarnation = await self.ownership.join()
         await self.rename_sessions(application_name(self.host, incarnation))
-        await self.writer.connect()
+        # P7: every session now, not at its first use: start-up fails early, and the
+        # host holds the 7 sessions `max_connections` is sized for from the start.
+        for session in (self.writer, *self._readers):
+            await session.connect()
         return migrated
 
     def _migrate(self, allowed: bool) -> schema.Migrated:
