@@ -25,10 +25,13 @@ from prometheus_client import CollectorRegistry
 
 from daemon_process import SKYDECK, DaemonProcess, clean_env
 from pg import PgCluster
+from skydeck.errors import StoreUnreachable
+from skydeck.model import AgentSpec
 from skydeck.pg.driver import redact
 from skydeck.pg.hosting import PgHost
 from skydeck.service import Settings
 from skydeck.store import Fence
+from skydeck.store.postgres import open_postgres
 
 pytestmark = pytest.mark.slow
 
@@ -210,3 +213,34 @@ async def test_p7_each_session_sets_the_rule_s_timeouts(pg_url: str, tmp_path: P
     assert seen.pop("listener")[:3] == expected.pop("listener")[:3]
     assert seen == expected
     assert len(seen) == 6  # and the listener: 7
+
+
+async def test_p6_sessions_cut_while_idle_cost_a_read_nothing_and_a_write_its_answer(
+    pg_url: str,
+) -> None:
+    """A server restart (or a pooler, or an admin) cuts idle sessions: the next read
+    runs again on a fresh connection (counted `connection`, no outage on /health);
+    a definitions write is never repeated, since its commit may have landed."""
+    store = await open_postgres(pg_url, host_id="h1", ttl_s=4.0, readers=1)
+    try:
+        assert await store.list_agents() == []
+
+        def cut() -> None:
+            query(
+                pg_url,
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name LIKE 'skydeck/h1/%%'",
+            )
+
+        cut()
+        assert [await store.list_agents(), await store.list_agents()] == [[], []]
+        assert sum(s.retries.get("connection", 0) for s in store.sessions()) == 1
+        assert store.unreachable_since is None
+        cut()
+        agent = AgentSpec(name="a", channel="a", backend="echo")
+        with pytest.raises(StoreUnreachable):
+            await store.create_agent(agent, Fence("a"))
+        assert store.unreachable_since is not None  # /health: 503 until a good heartbeat
+        await store.create_agent(agent, Fence("a"))  # the next one, on a fresh session
+    finally:
+        store.close()

@@ -265,30 +265,27 @@ class PostgresStore:
             raise pending.error
         return pending.result  # type: ignore[no-any-return]
 
-    async def _read(self, fn: Callable[[Connection], T]) -> T:
+    async def _read(self, fn: Callable[[Connection], T], *, repeatable: bool = True) -> T:
+        """``fn`` on a reader session. ``repeatable`` (a read): a session idle since
+        before a server restart fails its first call, so a read gets one more try
+        on a fresh connection (else the first reads after an outage would fail,
+        one per reader). A write's outcome is unknown then: never repeated."""
         async with self._free:
             session = self._readers.pop()
             try:
-                return await self._read_on(session, fn)
+                stale = repeatable and session.connected
+                try:
+                    return await session.run(fn)
+                except StoreUnreachable:
+                    if not stale:
+                        raise
+                session.retries["connection"] = session.retries.get("connection", 0) + 1
+                return await session.run(fn)
             except StoreUnreachable as exc:
                 self._unreachable(exc.reason)  # a read loses nothing: no `failures`
                 raise
             finally:
                 self._readers.append(session)
-
-    @staticmethod
-    async def _read_on(session: Session, fn: Callable[[Connection], T]) -> T:
-        """A session idle since before a server restart fails its first call; a
-        read is safe to repeat, so it gets one more try on a fresh connection
-        (else the first reads after an outage would fail, one per reader)."""
-        stale = session.connected
-        try:
-            return await session.run(fn)
-        except StoreUnreachable:
-            if not stale:
-                raise
-        session.retries["connection"] = session.retries.get("connection", 0) + 1
-        return await session.run(fn)
 
     async def _solo(self, fn: Callable[[Connection], T]) -> T:
         """A transaction of its own on a reader session (definitions, P18/P22)."""
@@ -297,7 +294,7 @@ class PostgresStore:
             with conn.transaction():
                 return fn(conn)
 
-        return await self._read(run)
+        return await self._read(run, repeatable=False)
 
     async def run_flusher(self) -> None:
         """Commit every tick's writes as one batch, forever (P18)."""
