@@ -12,6 +12,7 @@ each named ``skydeck/<host>/<incarnation>``, each with the rule's timeouts.
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -244,3 +245,42 @@ async def test_p6_sessions_cut_while_idle_cost_a_read_nothing_and_a_write_its_an
         await store.create_agent(agent, Fence("a"))  # the next one, on a fresh session
     finally:
         store.close()
+
+
+async def test_p7_a_paused_client_s_row_locks_are_freed_by_the_idle_timeout(
+    pg_url: str,
+) -> None:
+    """P7's reason for `idle_in_transaction_session_timeout`: a host paused inside a
+    batch (here its worker thread sleeps with a row locked) loses the session, and
+    its locks, after min(5 s, TTL/2), not when it resumes."""
+    store = await open_postgres(pg_url, host_id="h1", ttl_s=4.0, readers=1)
+    paused = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+
+    def locked_then_paused(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+        conn.execute("SELECT 1 FROM hosts WHERE host_id = 'h1' FOR UPDATE")
+        trio.from_thread.run_sync(paused.set, trio_token=token)
+        time.sleep(2 + 1.5)  # the pause: past the 2 s timeout, nothing sent meanwhile
+
+    freed_after: list[float] = []
+
+    def lock() -> None:
+        started = time.monotonic()
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute("SET lock_timeout = '4s'")
+            conn.execute("SELECT 1 FROM skydeck.hosts WHERE host_id = 'h1' FOR UPDATE")
+        freed_after.append(time.monotonic() - started)
+
+    async def rival() -> None:
+        await paused.wait()
+        await trio.to_thread.run_sync(lock)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(rival)
+            with pytest.raises(StoreUnreachable):  # the server ended the session
+                await store.writer.run(locked_then_paused)
+    finally:
+        store.close()
+    assert 1.5 < freed_after[0] < 2 + 1, freed_after
+    print(f"P7: row lock freed {freed_after[0]:.2f} s into the pause")
