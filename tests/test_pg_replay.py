@@ -9,7 +9,7 @@ import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import psycopg
@@ -17,6 +17,9 @@ import pytest
 import trio
 
 from daemon_process import SKYDECK, DaemonProcess, clean_env
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
 
 pytestmark = pytest.mark.slow
 
@@ -188,16 +191,42 @@ async def test_pt5_a_daemon_killing_message_runs_three_times_then_fails_unrun(
         "sandbox": "off",  # the command must see its daemon's process
         "command": ["sh", "-c", KILL_MY_DAEMON],
     }
-    async with httpx.AsyncClient(timeout=10) as client:
-        base = stop_all[0].url
-        created = await client.post(f"{base}/api/agents", json=spec)
-        assert created.status_code == 201, created.text
-        await owner_of(pg_url, "bomb")
-        posted = await client.post(f"{base}/api/channels/bomb/messages", json={"content": "x"})
-        assert posted.status_code == 200
-    with trio.fail_after(30):
-        while query(pg_url, "SELECT state FROM messages WHERE direction = 'in'") != [("failed",)]:
-            await trio.sleep(0.1)
+    seen: dict[str, list[dict[str, Any]]] = {d.data_dir.name: [] for d in stop_all}
+
+    async def viewer(daemon: DaemonProcess, task_status: TaskStatus[None]) -> None:
+        url = f"{daemon.url}/api/channels/bomb/turn-events"
+        try:
+            async with (
+                httpx.AsyncClient(timeout=httpx.Timeout(30, read=None)) as client,
+                client.stream("GET", url) as response,
+            ):
+                async for line in response.aiter_lines():
+                    if line.startswith(": subscribed"):
+                        task_status.started()
+                    elif line.startswith("data: "):
+                        seen[daemon.data_dir.name].append(json.loads(line[len("data: ") :]))
+        except httpx.TransportError:
+            return  # its daemon was killed
+
+    async with trio.open_nursery() as viewers:
+        async with httpx.AsyncClient(timeout=10) as client:
+            base = stop_all[0].url
+            created = await client.post(f"{base}/api/agents", json=spec)
+            assert created.status_code == 201, created.text
+            await owner_of(pg_url, "bomb")
+            for daemon in stop_all:
+                await viewers.start(viewer, daemon)
+            posted = await client.post(f"{base}/api/channels/bomb/messages", json={"content": "x"})
+            assert posted.status_code == 200
+        with trio.fail_after(30):
+            while query(pg_url, "SELECT state FROM messages WHERE direction = 'in'") != [
+                ("failed",)
+            ]:
+                await trio.sleep(0.1)
+            survivor = next(d.data_dir.name for d in stop_all if d.proc.poll() is None)
+            while not any(e["kind"] == "error" for e in seen[survivor]):
+                await trio.sleep(0.05)
+        viewers.cancel_scope.cancel()
     ((attempts, error),) = query(
         pg_url, "SELECT attempts, error FROM messages WHERE direction = 'in'"
     )
@@ -210,3 +239,13 @@ async def test_pt5_a_daemon_killing_message_runs_three_times_then_fails_unrun(
     for _, status, output in runs:  # each ended by the next claim (P15)
         assert status == "error" and str(output).startswith("interrupted: host ")
     assert last == [(alive[0], "error", "interrupted 3 times by daemon restarts")]
+    # The fourth claimer announced no rerun: it failed the message (its own event), and
+    # any retrying event it relayed came from the hosts that did run it again.
+    third = runs[2][0]
+    errors = [e for e in seen[survivor] if e["kind"] == "error"]
+    assert errors[-1] == {
+        "kind": "error",
+        "message_id": posted.json()["id"],
+        "error": "interrupted 3 times by daemon restarts",
+    }
+    assert not any(f"host {third} stopped" in e["error"] for e in errors), errors

@@ -491,7 +491,10 @@ class Registry:
 
         async def claim(fence: Fence) -> list[Message]:
             messages = await self.store.claim_open(channel, fence)
-            replayed.extend(m for m in messages if m.state is MessageState.WORKING)
+            # One at MAX_ATTEMPTS is failed unrun (R28): it is not "running again".
+            replayed.extend(
+                m for m in messages if m.state is MessageState.WORKING and m.attempts < MAX_ATTEMPTS
+            )
             return messages
 
         await self._register(agent, claim, fence=fence)
