@@ -394,6 +394,15 @@ class PostgresStore:
 
         return await self._read(read)
 
+    async def notify(self, channel: str, payload: str) -> None:
+        """``pg_notify(channel, payload)`` in the commit of this tick's batch (§0:
+        one notifying commit per tick; identical ones are sent once)."""
+
+        def write(conn: Connection, tick: _Tick) -> None:
+            tick.notify.add((channel, payload))
+
+        await self._write(write)
+
     def _fence_params(self, fence: Fence) -> dict[str, Any]:
         return {
             "fch": fence.channel,
