@@ -16,7 +16,7 @@ this version: both raise `NotImplementedError` rather than pretend.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from ..model import TurnEvent
 from ..store import Fence, Signal, SignalKind
@@ -61,7 +61,7 @@ class PgNotifier:
     async def wake(self, channel: str) -> None:
         await self.store.notify(WAKE_CHANNEL, channel)
 
-    async def listen(self) -> AsyncIterator[Signal]:
+    async def listen(self) -> AsyncGenerator[Signal, None]:
         ownership = self.store.ownership
         if ownership.incarnation is not None:
             self.listener.rename(application_name(ownership.host_id, ownership.incarnation))

@@ -25,7 +25,7 @@ and a write that fails must leave them as they were.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Protocol
 
@@ -340,7 +340,7 @@ class Notifier(Protocol):
         """Tell the channel's owner to read its open messages (joins the next batch)."""
         ...
 
-    def listen(self) -> AsyncIterator[Signal]:
+    def listen(self) -> AsyncGenerator[Signal, None]:
         """The signals, in the order they were committed, until cancelled."""
         ...
 

@@ -16,7 +16,7 @@ stay 0 instead of rising, and there are never other hosts to expire.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 import trio
 
@@ -56,7 +56,7 @@ class LocalNotifier:
             self._waking.add(channel)
             self._send.send_nowait(Signal("wake", channel))
 
-    async def listen(self) -> AsyncIterator[Signal]:
+    async def listen(self) -> AsyncGenerator[Signal, None]:
         yield Signal("lease")  # as a (re)connected listener does: scan first
         async for signal in self._receive:
             if signal.kind == "wake":
