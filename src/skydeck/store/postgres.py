@@ -806,7 +806,9 @@ class PostgresStore:
         self, messages: Sequence[Message], thread: ThreadRecord, fence: Fence
     ) -> list[Message]:
         """The start record and the messages `working` (one more attempt), in one
-        fenced statement; the stored ``started_at`` is the database's clock."""
+        fenced statement; the stored ``started_at`` is the database's clock, set
+        when the record is first written (a single-threaded conversation's
+        record keeps it across turns, R17, as the SQLite store does)."""
         started = ledger.started(messages, thread.id)
         params = {
             **self._fence_params(fence),
@@ -847,7 +849,7 @@ class PostgresStore:
             ON CONFLICT (id) DO UPDATE SET channel = excluded.channel,
                 status = excluded.status, input = excluded.input, output = excluded.output,
                 session = excluded.session, turn_count = excluded.turn_count,
-                usage = excluded.usage, started_at = excluded.started_at, ended_at = NULL,
+                usage = excluded.usage, ended_at = NULL,
                 message_id = excluded.message_id, host = excluded.host, fence = excluded.fence
             RETURNING {_ts("started_at")}
         )
