@@ -26,8 +26,14 @@ class Daemon:
     client: httpx.AsyncClient
 
     def count_rows(self, table: str = "messages") -> int:
-        import sqlite3
+        url = self.service.settings.store_url
+        if url is not None and url.startswith("postgres"):
+            import psycopg
 
+            with psycopg.connect(url) as conn:
+                row = conn.execute(f"SELECT count(*) FROM skydeck.{table}").fetchone()
+                assert row is not None
+                return int(row[0])
         with sqlite3.connect(self.service.db_path) as db:
             return int(db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
 
@@ -52,15 +58,34 @@ def hermetic_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
-@pytest.fixture
-async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
+@contextlib.asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[Daemon]:
     """A real skydeck service on a loopback port, in this test's Trio run."""
-    service = Service(Settings(port=0, data_dir=tmp_path / "data"))
+    service = Service(settings)
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(service.run)
         async with httpx.AsyncClient(base_url=binds[0], timeout=30) as client:
             yield Daemon(service, binds[0], client)
         service.stop()
+
+
+@pytest.fixture
+async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
+    """A real skydeck service on a loopback port, on the embedded store."""
+    async with serving(Settings(port=0, data_dir=tmp_path / "data")) as daemon:
+        yield daemon
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def daemon_on_both(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Daemon]:
+    """`daemon` on each store (multi-host.md §8): on PostgreSQL the only host,
+    ``h1``, of the test's own database."""
+    settings = Settings(port=0, data_dir=tmp_path / "data")
+    if request.param == "postgres":
+        settings.store_url = request.getfixturevalue("pg_url")
+        settings.host_id = "h1"
+    async with serving(settings) as daemon:
+        yield daemon
 
 
 @pytest.fixture(scope="session")
