@@ -12,6 +12,13 @@ Every message is submitted through `Registry.submit` (accept, store, notify) and
 counted when its turn has ended (thread record, reply and state written).
 Finally it registers 10,000 idle channels and reports the RSS each one costs.
 
+With ``--floor`` it also runs the SQL a turn writes (accept, start, end: the
+engine's statements), with no Python around it: executemany, 1,000 turns per
+transaction, the best any group commit could do; once on the engine's schema and
+once with the messages table stripped of its secondary indexes (dedup R8, the
+per-channel transcript, the open-message replay R28). Those rates are the ceiling
+any turn loop on these records can reach, whatever the daemon's own code costs.
+
     python bench/queue_throughput.py            # full run (about a minute)
     python bench/queue_throughput.py --quick    # smaller shapes, for a smoke test
 """
@@ -21,10 +28,13 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import re
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from importlib.metadata import version
 from pathlib import Path
@@ -38,7 +48,7 @@ from skydeck.ledger import MessageState
 from skydeck.model import AgentSpec, Inbound, ToolAccess, TurnResult, TurnSession
 from skydeck.registry import build_registry
 from skydeck.store import Store
-from skydeck.store.sqlite import SQLiteStore
+from skydeck.store.sqlite import _SCHEMA, SQLiteStore
 
 SHAPES = [(1, 100_000), (1_000, 100), (10_000, 10)]
 QUICK_SHAPES = [(1, 5_000), (100, 50), (1_000, 5)]
@@ -151,6 +161,76 @@ def idle_rss_in_fresh_process(channels: int) -> float:
     return float(out.stdout.strip())  # the child prints one number
 
 
+_INSERT_MESSAGE = (
+    "INSERT INTO messages (id, channel, direction, content, state, created_at, "
+    "metadata, external_id, in_reply_to, thread_id) VALUES (?,?,?,?,?,?,?,?,?,?)"
+)
+_UPSERT_THREAD = (
+    "INSERT INTO threads (id, channel, agent, mode, status, input, output, session, "
+    "turn_count, usage, started_at, ended_at, message_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) "
+    "ON CONFLICT (id) DO UPDATE SET status = excluded.status, output = excluded.output, "
+    "turn_count = excluded.turn_count, ended_at = excluded.ended_at"
+)
+_AT = "2026-12-01T00:00:00.000000Z"
+
+
+def _stripped(schema: str) -> str:
+    """The engine's schema without the messages table's secondary indexes (the
+    message id stays unique: the API and every update find a message by it)."""
+    return re.sub(r"CREATE (UNIQUE )?INDEX IF NOT EXISTS messages_[^;]*;", "", schema)
+
+
+def store_floor(path: str, schema: str, channels: int, turns: int) -> float:
+    """Turns/s of a turn's SQL alone (see the module docstring), 1,000 per transaction."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.executescript(schema)
+    ids = [str(uuid.uuid4()) for _ in range(turns)]
+    start = time.perf_counter()
+    for first in range(0, turns, 1_000):
+        batch = [(ids[i], f"ch{i % channels}") for i in range(first, min(first + 1_000, turns))]
+        db.execute("BEGIN")  # accept
+        db.executemany(
+            _INSERT_MESSAGE,
+            [(m, ch, "in", "m", "queued", _AT, "{}", None, None, None) for m, ch in batch],
+        )
+        db.execute("COMMIT")
+        db.execute("BEGIN")  # start: the message working, the start record
+        db.executemany(
+            "UPDATE messages SET state = ?, attempts = ?, thread_id = ? WHERE id = ?",
+            [("working", 1, "t" + m, m) for m, _ in batch],
+        )
+        db.executemany(
+            _UPSERT_THREAD,
+            [
+                ("t" + m, ch, ch, "multi", "running", "m", "", None, 0, None, _AT, None, m)
+                for m, ch in batch
+            ],
+        )
+        db.execute("COMMIT")
+        db.execute("BEGIN")  # end: the record ended, the reply, the message done
+        db.executemany(
+            _UPSERT_THREAD,
+            [
+                ("t" + m, ch, ch, "multi", "ok", "m", "m", None, 1, None, _AT, _AT, m)
+                for m, ch in batch
+            ],
+        )
+        db.executemany(
+            _INSERT_MESSAGE,
+            [("r" + m, ch, "out", "m", "done", _AT, "{}", None, m, "t" + m) for m, ch in batch],
+        )
+        db.executemany(
+            "UPDATE messages SET state = ?, error = ?, reply_id = ? WHERE id = ?",
+            [("done", None, "r" + m, m) for m, _ in batch],
+        )
+        db.execute("COMMIT")
+    elapsed = time.perf_counter() - start
+    db.close()
+    return turns / elapsed
+
+
 def measure(label: str, run: Callable[..., Awaitable[float]], *args: object) -> float:
     rate: float = trio.run(run, *args)
     print(f"  {label:<8} {rate:>10,.0f} turns/s", flush=True)
@@ -160,6 +240,7 @@ def measure(label: str, run: Callable[..., Awaitable[float]], *args: object) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--floor", action="store_true", help="also the SQL-only ceiling")
     parser.add_argument("--idle-rss", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.idle_rss:
@@ -178,6 +259,19 @@ def main() -> None:
             durable = measure("durable", registry_run, SQLiteStore(path), channels, per_channel)
             rows.append((channels, per_channel, raw, memory, durable))
         idle = idle_rss_in_fresh_process(1_000 if args.quick else 10_000)
+        floors: list[tuple[str, str, float, float]] = []
+        if args.floor:
+            raw = next(r for c, p, r, _, _ in rows if (c, p) == shapes[1])
+            for label, schema in (
+                ("engine schema", _SCHEMA),
+                ("no message indexes", _stripped(_SCHEMA)),
+            ):
+                for kind, file in (
+                    ("in-memory", ":memory:"),
+                    ("durable", str(Path(tmp) / f"floor{len(floors)}.db")),
+                ):
+                    rate = store_floor(file, schema, shapes[1][0], 100_000)
+                    floors.append((label, kind, rate, rate / raw))
     print()
     print(
         "| channels x messages | raw Trio turns/s | in-memory turns/s (ratio) "
@@ -190,6 +284,12 @@ def main() -> None:
             f"| {durable:,.0f} ({durable / raw:.3f}x) |"
         )
     print(f"\nRSS per idle registered channel: {idle / 1024:.1f} KiB")
+    if floors:
+        print(f"\nSQL alone, 100,000 turns, {shapes[1][0]:,} channels (ratio to that shape's raw):")
+        print("| schema | store | turns/s | ratio | µs/turn |")
+        print("|---|---|---:|---:|---:|")
+        for label, kind, rate, ratio in floors:
+            print(f"| {label} | {kind} | {rate:,.0f} | {ratio:.3f}x | {1e6 / rate:.1f} |")
 
 
 if __name__ == "__main__":

@@ -441,6 +441,7 @@ def create_app(
 
         async def stream() -> AsyncIterator[bytes]:
             with registry.events.subscribe(channel) as receive:
+                await registry.events.ready(channel)
                 yield b": subscribed\n\n"
                 while True:
                     with trio.move_on_after(KEEPALIVE_S) as idle:

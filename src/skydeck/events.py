@@ -63,6 +63,11 @@ class TurnEvents:
             self._drop(channel, send)
             receive.close()
 
+    async def ready(self, channel: str) -> None:
+        """Return once a subscription to ``channel`` sees every later event: at once
+        here; a cluster host first commits its watch of the channel (pg/relay.py, P25)."""
+        await trio.lowlevel.checkpoint()
+
     def close_all(self) -> None:
         """End every stream (shutdown): live views see the end, not a hang."""
         for channel, subscribers in list(self._subscribers.items()):

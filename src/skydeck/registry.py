@@ -309,14 +309,17 @@ class Registry:
                 task.send.send_nowait(accepted.message)
                 if task.agent.queue_mode == "interrupt" and task.turn is not None:
                     await task.turn.cancel(INTERRUPTED_REASON)  # R9: the newest message wins
-            try:
-                self.events.publish(
-                    task.agent.channel, TurnEvent(kind=EventKind.QUEUED, message_id=accepted.id)
-                )
-            except Exception:  # R25: a viewer's failure is never the sender's
-                log.exception("queued event failed", extra={"channel": task.agent.channel})
+                self._queued(task.agent.channel, accepted.id)
         if self.on_accepted is not None:
             self.on_accepted(accepted)
+
+    def _queued(self, channel: str, message_id: str) -> None:
+        """The `queued` event. On a cluster the owner says it as its task learns of
+        the message (`wake`), wherever it was posted (P25)."""
+        try:
+            self.events.publish(channel, TurnEvent(kind=EventKind.QUEUED, message_id=message_id))
+        except Exception:  # R25: a viewer's failure is never the sender's
+            log.exception("queued event failed", extra={"channel": channel})
 
     def stop_accepting(self) -> None:
         """R29's first step: from now on every post is a 503 and stores nothing."""
@@ -504,6 +507,7 @@ class Registry:
                 fresh = [m for m in messages if m.id not in task.known]
                 for message in fresh:
                     task.send.send_nowait(message)
+                    self._queued(channel, message.id)
                 # Only open messages can come back in a later read: the rest is forgotten.
                 task.known = {m.id for m in messages}
                 if fresh and task.agent.queue_mode == "interrupt" and task.turn is not None:

@@ -374,7 +374,8 @@ class Service:
             self.store: Store = self.pg.store
         else:
             self.store = SQLiteStore(self.db_path, on_dropped=self.metrics.dropped.inc)
-        self.events = TurnEvents()
+        # P25: on a cluster the hub also relays turn events between hosts.
+        self.events: TurnEvents = self.pg.events if self.pg is not None else TurnEvents()
         workspaces = settings.data_dir / "workspaces"
         self.claude_bin = find_claude()
         self.processes = ProcessRegistry(self.store)

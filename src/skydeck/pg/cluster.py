@@ -13,6 +13,8 @@
   wakes its task (it reads open messages by state); for another channel, and
   on `skydeck_lease`, it pokes the scan; `skydeck_defs` re-reads definitions.
   On every (re)connect it scans, since notifications sent meanwhile are gone.
+  `skydeck_events` and `skydeck_watch` go to the event relay (P25,
+  `pg/relay.py`), in arrival order.
 
 Whatever the registry does with a channel goes through `ChannelHost`, so
 this module decides *when*, and the registry alone runs turns.
@@ -35,13 +37,14 @@ from ..store import Fence
 from ..store.postgres import PostgresStore
 from .driver import Listener
 from .ownership import ROLE_PREFIX, Claimed, HostInUse, NotJoined, application_name
+from .relay import EVENTS, WATCH, ClusterEvents
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
 log = logging.getLogger(__name__)
 
-CHANNELS = ("skydeck_wake", "skydeck_lease", "skydeck_defs")
+CHANNELS = ("skydeck_wake", "skydeck_lease", "skydeck_defs", EVENTS, WATCH)
 #: P13: how often an over-share host gives idle channels back, and at most how many.
 REBALANCE_S = 30.0
 REBALANCE_BATCH = 10
@@ -151,6 +154,7 @@ class Cluster:
         rebalance_s: float = REBALANCE_S,
         workspaces_shared: bool = False,
         metrics: ClusterMetrics | None = None,
+        relay: ClusterEvents | None = None,
     ) -> None:
         self.store = store
         self.ownership = store.ownership
@@ -163,6 +167,7 @@ class Cluster:
         self.rebalance_s = rebalance_s
         self.workspaces_shared = workspaces_shared
         self.metrics = metrics
+        self.relay = relay
         #: Roles this incarnation holds (P17): role name -> fence.
         self.roles: dict[str, Fence] = {}
         self.lost_count = 0
@@ -174,8 +179,10 @@ class Cluster:
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Claim a first round, then keep heartbeating, scanning and listening."""
-        await self._scan()
         async with trio.open_nursery() as nursery:
+            if self.relay is not None:  # P25: watched channels known before the first claim
+                await nursery.start(self.relay.run, name="cluster-relay")
+            await self._scan()
             nursery.start_soon(self._heartbeats, name="cluster-heartbeat")
             nursery.start_soon(self._scans, name="cluster-scan")
             nursery.start_soon(self._defs_poll, name="cluster-defs")
@@ -381,13 +388,20 @@ class Cluster:
                     self.metrics.reconnects.inc()
                 delay = REJOIN_BACKOFF_S[0]
                 self.poke()  # whatever was notified while nobody listened is gone
+                if self.relay is not None:
+                    self.relay.poke()
                 async with trio.open_nursery() as handlers:
                     while True:
                         try:
-                            batch = set(await self.listener.receive())
+                            notes = await self.listener.receive()
                         except StoreUnreachable as exc:
                             log.warning("listener lost; reconnecting", extra={"reason": exc.reason})
                             break
+                        batch = {(c, p) for c, p in notes if c not in (EVENTS, WATCH)}
+                        if self.relay is not None:  # in order: a turn's events keep theirs
+                            for channel, payload in notes:
+                                if channel in (EVENTS, WATCH):
+                                    self.relay.received(channel, payload)
                         # A wake-up reads the store: each runs on its own, so one
                         # channel's read never delays another's (the registry
                         # coalesces a channel's wake-ups).

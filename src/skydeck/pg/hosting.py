@@ -1,7 +1,8 @@
 """What `service.Service` needs to be one host of a PostgreSQL cluster, in one place.
 
 The service stays the composition root; this module builds the parts it adds
-for ``--store postgres://...`` (the store, the cluster loops, their metrics)
+for ``--store postgres://...`` (the store, the cluster loops, their metrics,
+the event hub that relays turn events between hosts, P25)
 and says what the host adds to `/health` (P26), `/metrics` (P27) and
 `/api/cluster` (P28), so `service.py` only calls in at its few seams.
 """
@@ -22,6 +23,7 @@ from .cluster import CHANNELS, Cluster, ClusterMetrics
 from .config import default_host_id
 from .driver import Listener, Timeouts, conninfo, redact
 from .ownership import HostInUse
+from .relay import ClusterEvents
 from .schema import SchemaError
 
 if TYPE_CHECKING:
@@ -34,11 +36,12 @@ NO_LISTEN_ENV = "SKYDECK_TEST_NO_LISTEN"
 
 @dataclass(slots=True)
 class PgHost:
-    """The store, and (once the registry exists) the cluster loops of this host."""
+    """The store, the event hub, and (once the registry exists) the cluster loops."""
 
     settings: Settings
     store: PostgresStore
     metrics: ClusterMetrics
+    events: ClusterEvents
     cluster: Cluster | None = None
 
     @classmethod
@@ -56,11 +59,12 @@ class PgHost:
             on_dropped=on_dropped,
             on_fenced=metrics.fenced.inc,
         )
-        return cls(settings, store, metrics)
+        return cls(settings, store, metrics, ClusterEvents(store, registry=registry))
 
     def attach(self, registry: Registry, metrics_registry: CollectorRegistry) -> Cluster:
         """The cluster loops, driving ``registry`` (a `ChannelHost`)."""
         s = self.settings
+        self.events.attach(registry.owned)
         assert s.store_url is not None
         listener = Listener(
             conninfo(
@@ -81,6 +85,7 @@ class PgHost:
             listen=os.environ.get(NO_LISTEN_ENV) != "1",
             workspaces_shared=s.workspaces_shared,
             metrics=self.metrics,
+            relay=self.events,
         )
         owned = Gauge(
             "skydeck_owned_channels",
