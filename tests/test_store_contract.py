@@ -350,13 +350,7 @@ async def test_notifier_wake_and_lease_signals(under: Under) -> None:
         assert await next_signal(signals) == Signal("wake", "b")
 
 
-async def test_notifier_relays_events_of_watched_channels_only(
-    under: Under, request: pytest.FixtureRequest
-) -> None:
-    if under.kind == "postgres":
-        # PgNotifier.watch/relay raise NotImplementedError: P25 is built in branch
-        # pg-events; strict, so this fails once it lands and the mark must go.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="P25 (pg-events)"))
+async def test_notifier_relays_events_of_watched_channels_only(under: Under) -> None:
     notifier = under.notifier
     fence = await agent(under, "a")
     event = TurnEvent(kind=EventKind.TEXT, message_id="m1", data={"text": "hi"})
@@ -367,6 +361,9 @@ async def test_notifier_relays_events_of_watched_channels_only(
         assert await next_signal(signals) == Signal("watch", "a")
         await notifier.relay("a", event, fence)
         assert await next_signal(signals) == Signal("event", "a", event, fence.token)
+        big = TurnEvent(kind=EventKind.TEXT, message_id="m1", data={"text": "x" * 20_000})
+        await notifier.relay("a", big, fence)  # whole, past NOTIFY's 8,000 bytes (spilled)
+        assert await next_signal(signals) == Signal("event", "a", big, fence.token)
         await notifier.relay("b", event, Fence.local("b"))  # unwatched (P25)
         await notifier.wake("z")
         assert await next_signal(signals) == Signal("wake", "z")
