@@ -23,6 +23,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psycopg
 import trio
 
 from skydeck.backends.base import Backend, Emit
@@ -234,6 +235,20 @@ async def post(registry: Registry, channel: str, content: str, **metadata: objec
     return (
         await registry.submit(Inbound(channel=channel, content=content, metadata=dict(metadata)))
     ).id
+
+
+def crashed_three_times(store: Store, message_id: str) -> None:
+    """Three starts of the message that never ended (three daemon crashes, R28),
+    written past the store's operations, as a crash leaves the row."""
+    statement = "UPDATE messages SET state = 'working', attempts = 3 WHERE id = %s"
+    if isinstance(store, PostgresStore):
+        with psycopg.connect(store.url, autocommit=True) as conn:
+            conn.execute(f"SET search_path = {store.schema_name}".encode())
+            conn.execute(statement.encode(), (message_id,))
+        return
+    assert isinstance(store, SQLiteStore)
+    with store._tx() as db:
+        db.execute(statement.replace("%s", "?"), (message_id,))
 
 
 @dataclass

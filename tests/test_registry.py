@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 import trio
 
-from helpers import OpenStore, ScriptBackend, agent, make_store, post, running_registry, settle
+from helpers import OpenStore, ScriptBackend, agent, post, running_registry, settle
 from skydeck.errors import Conflict, NotFound
 from skydeck.model import Inbound
 
 
 async def test_r6_fifo_per_channel_and_no_overlap_under_concurrent_posts(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
-    # SQLite only (the subset of multi-host.md §8 kept within the suite's budget):
-    # 500 posts to 40 channels take 21 s on PostgreSQL; PT1 and PT3 (C2, C3)
-    # check R6 there, across hosts.
-    store = make_store(tmp_path)
+    store = await open_store()
     backend = ScriptBackend()
     channels = [f"ch{i}" for i in range(40)]
     sent: dict[str, list[str]] = {ch: [] for ch in channels}

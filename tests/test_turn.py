@@ -12,6 +12,7 @@ from helpers import (
     OpenStore,
     ScriptBackend,
     agent,
+    crashed_three_times,
     make_store,
     post,
     reply_of,
@@ -282,15 +283,14 @@ async def test_r23_no_callback_at_depth_8_and_callbacks_never_ping_pong(
 
 
 async def test_r28_message_interrupted_three_times_fails_without_running(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
-    store = make_store(tmp_path)
+    store = await open_store()
     backend = ScriptBackend()
     accepted = await store.accept_inbound(
         Inbound(channel="a", content="crashy"), registered=True, buffer_cap=10
     )
-    with store._tx() as db:  # three starts that never ended: three daemon crashes
-        db.execute("UPDATE messages SET state='working', attempts=3 WHERE id=?", (accepted.id,))
+    crashed_three_times(store, accepted.id)
     async with running_registry(store, backend, agents=[agent("a")]):
         (message,) = await settle(store, [accepted.id])
     assert backend.calls == []
@@ -301,10 +301,10 @@ async def test_r28_message_interrupted_three_times_fails_without_running(
 
 
 async def test_r28_r9_an_exhausted_message_fails_alone_in_a_collect_batch(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
     """The messages a collect agent gathers behind an exhausted one still run."""
-    store = make_store(tmp_path)
+    store = await open_store()
     backend = ScriptBackend()
     crashy, *rest = [
         await store.accept_inbound(
@@ -312,8 +312,7 @@ async def test_r28_r9_an_exhausted_message_fails_alone_in_a_collect_batch(
         )
         for text in ("crashy", "two", "three")
     ]
-    with store._tx() as db:
-        db.execute("UPDATE messages SET state='working', attempts=3 WHERE id=?", (crashy.id,))
+    crashed_three_times(store, crashy.id)
     async with running_registry(store, backend, agents=[agent("c", queue_mode="collect")]):
         failed, two, three = await settle(store, [crashy.id, *(a.id for a in rest)])
     assert (failed.state, failed.error) == ("failed", "interrupted 3 times by daemon restarts")
