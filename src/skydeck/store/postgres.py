@@ -449,6 +449,15 @@ class PostgresStore:
 
         return await self._read(read)
 
+    async def notify(self, channel: str, payload: str) -> None:
+        """``pg_notify(channel, payload)`` in the commit of this tick's batch (§0:
+        one notifying commit per tick; identical ones are sent once)."""
+
+        def write(conn: Connection, tick: _Tick) -> None:
+            tick.notify.add((channel, payload))
+
+        await self._write(write)
+
     def _fence_params(self, fence: Fence) -> dict[str, Any]:
         return {
             "fch": fence.channel,
@@ -852,7 +861,9 @@ class PostgresStore:
         self, messages: Sequence[Message], thread: ThreadRecord, fence: Fence
     ) -> list[Message]:
         """The start record and the messages `working` (one more attempt), in one
-        fenced statement; the stored ``started_at`` is the database's clock."""
+        fenced statement; the stored ``started_at`` is the database's clock, set
+        when the record is first written (a single-threaded conversation's
+        record keeps it across turns, R17, as the SQLite store does)."""
         started = ledger.started(messages, thread.id)
         params = {
             **self._fence_params(fence),
@@ -893,7 +904,7 @@ class PostgresStore:
             ON CONFLICT (id) DO UPDATE SET channel = excluded.channel,
                 status = excluded.status, input = excluded.input, output = excluded.output,
                 session = excluded.session, turn_count = excluded.turn_count,
-                usage = excluded.usage, started_at = excluded.started_at, ended_at = NULL,
+                usage = excluded.usage, ended_at = NULL,
                 message_id = excluded.message_id, host = excluded.host, fence = excluded.fence
             RETURNING {_ts("started_at")}
         )
