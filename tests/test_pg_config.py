@@ -163,7 +163,8 @@ async def test_p7_a_host_holds_seven_named_sessions(
             sessions = query(
                 pg_url,
                 "SELECT application_name, count(*) FROM pg_stat_activity "
-                "WHERE application_name LIKE 'skydeck/%%' GROUP BY application_name",
+                "WHERE application_name LIKE 'skydeck/%%' AND datname = current_database() "
+                "GROUP BY application_name",
             )
             if sessions == [(name, 7)]:  # writer, control, listener, 4 readers
                 break
