@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from skydeck.model import AgentSpec, Inbound
-from skydeck.pg.cluster import CHANNELS, Cluster, share
+from skydeck.pg.cluster import CHANNELS, Cluster, keep, share
 from skydeck.pg.driver import Listener, Timeouts, conninfo
 from skydeck.store import Fence
 from skydeck.store.postgres import PostgresStore, open_postgres
@@ -123,6 +123,14 @@ def test_share_rule() -> None:
     assert share(10, 3) == (4, 1)
     assert share(100, 3) == (34, 4)
     assert share(0, 2) == (0, 1)
+
+
+def test_p13_a_host_keeps_share_plus_slack_unless_another_is_short() -> None:
+    fair, slack = share(36, 4)  # 9, 1
+    assert keep(fair, slack, [12, 12, 12, 0]) == 9  # a joiner: release down to share
+    assert keep(fair, slack, [10, 10, 10, 6]) == 9  # P13's own rule would stop here
+    assert keep(fair, slack, [10, 9, 9, 8]) == 10  # everyone within share - slack: hysteresis
+    assert keep(fair, slack, []) == 10
 
 
 async def test_two_hosts_split_channels_and_one_owner_each(start: Start, pg_url: str) -> None:

@@ -20,7 +20,7 @@ from .. import __version__
 from ..errors import StoreUnreachable
 from ..store.postgres import PostgresStore, build_postgres
 from . import metrics as pg_metrics
-from .cluster import CHANNELS, Cluster, ClusterMetrics
+from .cluster import CHANNELS, REBALANCE_S, Cluster, ClusterMetrics
 from .config import default_host_id
 from .driver import Listener, Timeouts, conninfo, redact
 from .ownership import HostInUse
@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 
 #: Test hook (P12): no LISTEN, so every wake-up comes from the scan.
 NO_LISTEN_ENV = "SKYDECK_TEST_NO_LISTEN"
+#: Test hook (P13): seconds between rebalancing rounds (default `cluster.REBALANCE_S`),
+#: so a test sees a joiner get its share without waiting half a minute.
+REBALANCE_ENV = "SKYDECK_TEST_REBALANCE_S"
 
 
 @dataclass(slots=True)
@@ -84,6 +87,7 @@ class PgHost:
             max_channels=s.max_channels,
             fast_failover=s.fast_failover,
             listen=os.environ.get(NO_LISTEN_ENV) != "1",
+            rebalance_s=float(os.environ.get(REBALANCE_ENV, REBALANCE_S)),
             workspaces_shared=s.workspaces_shared,
             metrics=self.metrics,
             relay=self.events,
