@@ -14,14 +14,16 @@ turn does right where it posts the message:
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psycopg
 import trio
 
 from skydeck.backends.base import Backend, Emit
@@ -36,10 +38,21 @@ from skydeck.model import (
     TurnResult,
     TurnSession,
 )
+from skydeck.pg.cluster import CHANNELS, Cluster
+from skydeck.pg.driver import Listener, Timeouts, conninfo
+from skydeck.pg.ownership import application_name
 from skydeck.registry import Registry, build_registry
 from skydeck.store import Store
+from skydeck.store.postgres import PostgresStore
 from skydeck.store.sqlite import SQLiteStore
 from skydeck.transports.base import Mirror
+
+#: Opens the test's store: the same file or database each time (a "restart");
+#: the `open_store` fixture (conftest.py) runs a test on SQLite and on PostgreSQL.
+OpenStore = Callable[[], Awaitable[Store]]
+#: How often the only host of a PostgreSQL store scans (virtual seconds): wake-ups
+#: claim its new channels, and a simulated day of scans would cost real seconds.
+ONE_HOST_SCAN_S = 3600.0
 
 
 @dataclass
@@ -165,19 +178,52 @@ async def running_registry(
     backends: dict[str, Backend] | None = None,
 ) -> AsyncIterator[Registry]:
     """A registry serving in its own nursery for the block, then cancelled."""
+    shared = isinstance(store, PostgresStore)
     registry = build_registry(
         store,
         {"echo": backend or ScriptBackend(), **(backends or {})},
         mirror=mirror,
         buffer_cap=buffer_cap,
         max_turns=max_turns,
+        clustered=shared,
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(registry.serve)
+        if shared:
+            await nursery.start(one_host(store, registry).run)
+        agents = list(agents)
         for agent in agents:
             await registry.create(agent)
+        if shared:  # the cluster claims them as the service's does; wait for that
+            await owning(registry, [agent.channel for agent in agents])
         yield registry
         nursery.cancel_scope.cancel()
+
+
+def one_host(store: Store, registry: Registry) -> Cluster:
+    """The cluster loops of the only host on a PostgreSQL store, as `PgHost`
+    builds them (claims, LISTEN wake-ups), driving ``registry``."""
+    assert isinstance(store, PostgresStore)
+    ownership = store.ownership
+    assert ownership.incarnation is not None
+    listener = Listener(
+        conninfo(
+            store.url,
+            application_name=application_name(ownership.host_id, ownership.incarnation),
+            schema=store.schema_name,
+            timeouts=Timeouts.for_ttl(ownership.ttl_s),
+        ),
+        CHANNELS,
+    )
+    return Cluster(store, listener, registry, scan_interval_s=ONE_HOST_SCAN_S, rebalance_s=math.inf)
+
+
+async def owning(registry: Registry, channels: Iterable[str], timeout: float = 600) -> None:
+    """Wait until this host runs every one of ``channels`` (a claim and an adoption)."""
+    wanted = set(channels)
+    with trio.fail_after(timeout):
+        while not wanted <= set(registry.owned()):
+            await trio.sleep(0.01)
 
 
 def agent(name: str, channel: str | None = None, **kwargs: object) -> AgentSpec:
@@ -191,14 +237,50 @@ async def post(registry: Registry, channel: str, content: str, **metadata: objec
     ).id
 
 
+def crashed_three_times(store: Store, message_id: str) -> None:
+    """Three starts of the message that never ended (three daemon crashes, R28),
+    written past the store's operations, as a crash leaves the row."""
+    statement = "UPDATE messages SET state = 'working', attempts = 3 WHERE id = %s"
+    if isinstance(store, PostgresStore):
+        with psycopg.connect(store.url, autocommit=True) as conn:
+            conn.execute(f"SET search_path = {store.schema_name}".encode())
+            conn.execute(statement.encode(), (message_id,))
+        return
+    assert isinstance(store, SQLiteStore)
+    with store._tx() as db:
+        db.execute(statement.replace("%s", "?"), (message_id,))
+
+
+@dataclass
+class ThreadHops:
+    """Worker-thread calls finished so far in this test (conftest.py counts them
+    on PostgreSQL, where every store operation is one)."""
+
+    finished: int = 0
+
+
+THREAD_HOPS = ThreadHops()
+
+
 async def settle(store: Store, ids: Iterable[str], timeout: float = 600) -> list[Message]:
-    """Wait until every message is terminal (virtual time under the autojump clock)."""
+    """Wait until every message is terminal (virtual time under the autojump clock).
+
+    On PostgreSQL a read is a thread hop, and polling every 10 virtual ms through
+    a simulated minute would be 6,000 of them: the messages are read again only
+    once some other store call has finished (nothing else can change them)."""
     wanted = list(ids)
+    shared = isinstance(store, PostgresStore)
+    unchanged_at: int | None = None
     with trio.fail_after(timeout):
         while True:
-            messages = [await store.get_message(i) for i in wanted]
-            if all(m is not None and m.state in TERMINAL_STATES for m in messages):
-                return [m for m in messages if m is not None]
+            if unchanged_at is None or THREAD_HOPS.finished != unchanged_at:
+                before = THREAD_HOPS.finished
+                messages = [await store.get_message(i) for i in wanted]
+                if all(m is not None and m.state in TERMINAL_STATES for m in messages):
+                    return [m for m in messages if m is not None]
+                # Only our own reads finished meanwhile: whatever finishes next is news.
+                alone = THREAD_HOPS.finished - before == len(wanted)
+                unchanged_at = THREAD_HOPS.finished if shared and alone else None
             await trio.sleep(0.01)
 
 

@@ -13,6 +13,12 @@ from conftest import Daemon
 from skydeck.turn import failure_reply_text
 
 
+@pytest.fixture
+def daemon(daemon_on_both: Daemon) -> Daemon:
+    """multi-host.md §8: every test here runs on both stores."""
+    return daemon_on_both
+
+
 async def wait_done(client: httpx.AsyncClient, message_id: str) -> dict[str, Any]:
     with trio.fail_after(20):
         while True:
@@ -25,13 +31,26 @@ async def wait_done(client: httpx.AsyncClient, message_id: str) -> dict[str, Any
 async def test_post_then_read_the_reply_over_real_http(daemon: Daemon) -> None:
     client = daemon.client
     health = (await client.get("/health")).json()
+    owner: dict[str, str] = {}
+    if daemon.service.pg is None:
+        assert health.pop("store") == {"kind": "sqlite"}  # P26
+    else:  # P26: the host's own part, and each agent's owner
+        assert health.pop("store")["kind"] == "postgres"
+        assert health.pop("host")["id"] == "h1"
+        owner = {"owner": "h1"}
     assert health.pop("claude_warm")["processes"] == [], "no warm claude process yet"
     assert health.pop("sandbox")["default"] == "workspace", "bwrap works here (make test)"
     assert health == {
         "status": "ok",
-        "store": "ok",
         "agents": [
-            {"name": "demo", "channel": "demo", "backend": "echo", "status": "idle", "queued": 0}
+            {
+                "name": "demo",
+                "channel": "demo",
+                "backend": "echo",
+                "status": "idle",
+                "queued": 0,
+                **owner,
+            }
         ],
         "buffered": 0,
     }

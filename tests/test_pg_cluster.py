@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from skydeck.model import AgentSpec, Inbound
-from skydeck.pg.cluster import CHANNELS, Cluster, share
+from skydeck.pg.cluster import CHANNELS, Cluster, keep, share
 from skydeck.pg.driver import Listener, Timeouts, conninfo
 from skydeck.store import Fence
 from skydeck.store.postgres import PostgresStore, open_postgres
@@ -32,13 +32,16 @@ class Recorder:
     fences: dict[str, Fence] = field(default_factory=dict)
     woken: list[str] = field(default_factory=list)
     abandoned: list[str] = field(default_factory=list)
+    #: Channel -> the dead owner each adoption named (P15), None for a fresh claim.
+    interrupted: dict[str, str | None] = field(default_factory=dict)
     defs: int = 0
 
     def owned(self) -> dict[str, Fence]:
         return dict(self.fences)
 
-    async def adopt(self, channel: str, fence: Fence) -> None:
+    async def adopt(self, channel: str, fence: Fence, interrupted_by: str | None = None) -> None:
         self.fences[channel] = fence
+        self.interrupted[channel] = interrupted_by
 
     async def wake(self, channel: str) -> None:
         self.woken.append(channel)
@@ -122,12 +125,21 @@ def test_share_rule() -> None:
     assert share(0, 2) == (0, 1)
 
 
+def test_p13_a_host_keeps_share_plus_slack_unless_another_is_short() -> None:
+    fair, slack = share(36, 4)  # 9, 1
+    assert keep(fair, slack, [12, 12, 12, 0]) == 9  # a joiner: release down to share
+    assert keep(fair, slack, [10, 10, 10, 6]) == 9  # P13's own rule would stop here
+    assert keep(fair, slack, [10, 9, 9, 8]) == 10  # everyone within share - slack: hysteresis
+    assert keep(fair, slack, []) == 10
+
+
 async def test_two_hosts_split_channels_and_one_owner_each(start: Start, pg_url: str) -> None:
     h1, h2 = await start("h1"), await start("h2")
     c1, r1, c2, r2 = h1.cluster, h1.recorder, h2.cluster, h2.recorder
     await agents(c1.store, 10)
     await wait_for(lambda: len(r1.fences) + len(r2.fences) == 10)
     assert not set(r1.fences) & set(r2.fences)
+    assert set(r1.interrupted.values()) | set(r2.interrupted.values()) == {None}  # fresh
     # Each took at most share + slack (5 + 1).
     assert max(len(r1.fences), len(r2.fences)) <= 6
     with psycopg.connect(pg_url) as conn:
@@ -210,3 +222,4 @@ async def test_a_host_whose_sessions_vanish_is_failed_over_in_two_scans(
     started = time.monotonic()
     await wait_for(lambda: len(r2.fences) == 2, timeout=TTL + 2)
     assert time.monotonic() - started < TTL  # P16: before the row would have expired
+    assert r2.interrupted == {"a0": "h1", "a1": "h1"}  # P15: the dead owner is named

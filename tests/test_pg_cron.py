@@ -24,6 +24,7 @@ import pytest
 import trio
 import trio.testing
 
+from conftest import hold_autojump_while_threads_run
 from skydeck.errors import StoreUnreachable
 from skydeck.model import Accepted, Inbound, Job
 from skydeck.pg import roles
@@ -42,37 +43,12 @@ DAY = 86_400.0
 NOON = 12 * 3600.0  # 12:00:30, between two minute slots
 
 
-@dataclass
-class DbGate:
-    """Database calls in flight, on Trio worker threads."""
-
-    busy: int = 0
-
-
 @pytest.fixture
 def gated_clock(monkeypatch: pytest.MonkeyPatch) -> trio.testing.MockClock:
     """Trio's autojump clock, except while a database call runs on a thread:
-    a jump then would skip whatever falls due meanwhile. (MockClock is final,
-    so its instance's `_autojump`, which the run loop calls, is wrapped.)"""
-    clock = trio.testing.MockClock(autojump_threshold=0.0005)
-    gate = DbGate()
-    jump = clock._autojump  # type: ignore[attr-defined]
-
-    def autojump() -> None:
-        if not gate.busy:
-            jump()
-
-    monkeypatch.setattr(clock, "_autojump", autojump)
-    run_sync = trio.to_thread.run_sync
-
-    async def counted(*args: Any, **kwargs: Any) -> Any:
-        gate.busy += 1
-        try:
-            return await run_sync(*args, **kwargs)
-        finally:
-            gate.busy -= 1
-
-    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    a jump then would skip whatever falls due meanwhile."""
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    hold_autojump_while_threads_run(clock, monkeypatch)
     return clock
 
 

@@ -8,6 +8,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -17,6 +18,7 @@ import trio
 
 from daemon_process import SKYDECK, DaemonProcess, clean_env
 from pg import PgCluster
+from skydeck.pg.driver import redact
 
 pytestmark = pytest.mark.slow
 
@@ -109,7 +111,7 @@ async def test_pt1_two_hosts_one_owner_each_posts_to_the_non_owner(
         health = (await client.get(f"{h2.url}/health")).json()  # P26
         assert health["store"]["kind"] == "postgres"
         assert health["host"]["id"] == "h2" and health["host"]["hosts_alive"] == 2
-        assert {a["name"] for a in health["agents"]} == set(names)
+        assert {a["name"]: a["owner"] for a in health["agents"]} == found
 
         async def post(channel: str, n: int) -> None:
             other = urls["h2" if found[channel] == "h1" else "h1"]  # always the non-owner
@@ -364,10 +366,31 @@ async def test_pt7_store_outage_no_false_200_and_rejoin_without_restart(
             await trio.sleep(1.0)
             await trio.to_thread.run_sync(cluster.stop)
             down["since"] = time.monotonic()
+            stopped_at = datetime.now(UTC)
             async with httpx.AsyncClient(timeout=5) as client:
-                with trio.fail_after(float(TTL) / 4 + 1 + 1):  # + a poll's slack
-                    while (await client.get(f"{daemons[0].url}/health")).status_code != 503:
-                        await trio.sleep(0.1)
+                with trio.fail_after(float(TTL) / 4 + 1):
+                    while (
+                        health := await client.get(f"{daemons[0].url}/health")
+                    ).status_code != 503:
+                        await trio.sleep(0.05)
+            body = health.json()
+            store = body["store"]  # P6: the P26 object, with state and since
+            since = datetime.fromisoformat(store.pop("since"))
+            assert stopped_at - timedelta(seconds=0.5) <= since <= datetime.now(UTC)
+            assert store == {"kind": "postgres", "url": redact(url), "state": "unreachable"}
+            assert body["status"] == "unavailable" and body["buffered"] is None
+            assert body["host"]["id"] == "h1" and body["host"]["hosts_alive"] is None
+            assert set(body["host"]) == {
+                "id",
+                "incarnation",
+                "owned",
+                "roles",
+                "lease_ttl_s",
+                "heartbeat_age_s",
+                "hosts_alive",
+            }
+            assert {a["name"] for a in body["agents"]} == set(names)
+            assert all(a["owner"] in ("h1", None) for a in body["agents"])
             await trio.sleep(5.0 - (time.monotonic() - down["since"]))
             down["until"] = time.monotonic()  # from here on a 200 is right again
             await trio.to_thread.run_sync(cluster.start)

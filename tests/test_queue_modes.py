@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import trio
 
-from helpers import ScriptBackend, agent, make_store, post, reply_of, running_registry, settle
+from helpers import (
+    OpenStore,
+    ScriptBackend,
+    agent,
+    post,
+    reply_of,
+    running_registry,
+    settle,
+)
 
 
 async def test_r9_collect_joins_queued_messages_into_one_turn(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
-    store = make_store(tmp_path)
+    store = await open_store()
     backend = ScriptBackend()
     async with running_registry(
         store, backend, agents=[agent("c", queue_mode="collect")]
@@ -31,9 +37,9 @@ async def test_r9_collect_joins_queued_messages_into_one_turn(
 
 
 async def test_r9_interrupt_cancels_the_running_turn_for_the_newest(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
-    store = make_store(tmp_path)
+    store = await open_store()
     backend = ScriptBackend()
     async with running_registry(
         store, backend, agents=[agent("i", queue_mode="interrupt")]
@@ -61,9 +67,9 @@ async def test_r9_interrupt_cancels_the_running_turn_for_the_newest(
 
 
 async def test_r9_followup_is_the_default_and_runs_every_message(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
-    store = make_store(tmp_path)
+    store = await open_store()
     backend = ScriptBackend()
     async with running_registry(store, backend, agents=[agent("f")]) as registry:
         ids = [await post(registry, "f", f"sleep:1 m{i}") for i in range(4)]
@@ -73,9 +79,9 @@ async def test_r9_followup_is_the_default_and_runs_every_message(
 
 @pytest.mark.parametrize("limit", [1, 2, 3])
 async def test_r10_global_limit_caps_concurrent_turns(
-    tmp_path: Path, autojump_clock: trio.abc.Clock, limit: int
+    open_store: OpenStore, autojump_clock: trio.abc.Clock, limit: int
 ) -> None:
-    store = make_store(tmp_path)
+    store = await open_store()
     backend = ScriptBackend()
     channels = [f"ch{i}" for i in range(6)]
     async with running_registry(

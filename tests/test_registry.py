@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 import trio
 
-from helpers import ScriptBackend, agent, make_store, post, running_registry, settle
+from helpers import OpenStore, ScriptBackend, agent, post, running_registry, settle
 from skydeck.errors import Conflict, NotFound
 from skydeck.model import Inbound
 
 
 async def test_r6_fifo_per_channel_and_no_overlap_under_concurrent_posts(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
-    store = make_store(tmp_path)
+    store = await open_store()
     backend = ScriptBackend()
     channels = [f"ch{i}" for i in range(40)]
     sent: dict[str, list[str]] = {ch: [] for ch in channels}
@@ -48,9 +47,9 @@ async def test_r6_fifo_per_channel_and_no_overlap_under_concurrent_posts(
 
 
 async def test_r7_buffered_then_replayed_in_order_on_register(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
-    store = make_store(tmp_path)
+    store = await open_store()
     backend = ScriptBackend()
     async with running_registry(store, backend) as registry:
         acks = [await registry.submit(Inbound(channel="later", content=f"m{i}")) for i in range(5)]
@@ -63,8 +62,8 @@ async def test_r7_buffered_then_replayed_in_order_on_register(
     assert [m.state for m in messages] == ["done"] * 5
 
 
-async def test_r7_cap_evicts_oldest_as_dropped_and_keeps_them_listed(tmp_path: Path) -> None:
-    store = make_store(tmp_path)
+async def test_r7_cap_evicts_oldest_as_dropped_and_keeps_them_listed(open_store: OpenStore) -> None:
+    store = await open_store()
     async with running_registry(store, buffer_cap=3) as registry:
         ids = [await post(registry, "nobody", f"m{i}") for i in range(5)]
     states = [(await store.get_message(i)).state for i in ids]  # type: ignore[union-attr]
@@ -75,9 +74,9 @@ async def test_r7_cap_evicts_oldest_as_dropped_and_keeps_them_listed(tmp_path: P
 
 
 async def test_r8_duplicate_external_id_acknowledged_once(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
-    store = make_store(tmp_path)
+    store = await open_store()
     backend = ScriptBackend()
     async with running_registry(store, backend, agents=[agent("a")]) as registry:
         first = await registry.submit(Inbound(channel="a", content="hi", external_id="note-1"))
@@ -88,15 +87,15 @@ async def test_r8_duplicate_external_id_acknowledged_once(
     assert len(backend.calls) == 1
     store.close()
     # across a restart: a new store on the same file still knows the id
-    reopened = make_store(tmp_path)
+    reopened = await open_store()
     async with running_registry(reopened, backend, agents=[]) as registry:
         third = await registry.submit(Inbound(channel="a", content="hi", external_id="note-1"))
     assert (third.state, third.id) == ("duplicate", first.id)
     assert len(backend.calls) == 1
 
 
-async def test_r2_one_agent_per_channel_and_unique_names(tmp_path: Path) -> None:
-    store = make_store(tmp_path)
+async def test_r2_one_agent_per_channel_and_unique_names(open_store: OpenStore) -> None:
+    store = await open_store()
     async with running_registry(store, agents=[agent("a", "shared")]) as registry:
         with pytest.raises(Conflict) as taken:
             await registry.create(agent("b", "shared"))
@@ -109,9 +108,9 @@ async def test_r2_one_agent_per_channel_and_unique_names(tmp_path: Path) -> None
 
 
 async def test_r5_status_idle_working_queued(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
-    store = make_store(tmp_path)
+    store = await open_store()
     async with running_registry(store, agents=[agent("a")]) as registry:
         assert registry.status("a") == ("idle", 0)
         await post(registry, "a", "sleep:10 one")
@@ -124,9 +123,9 @@ async def test_r5_status_idle_working_queued(
 
 
 async def test_r10_waiting_for_a_global_slot_reports_queued(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
-    store = make_store(tmp_path)
+    store = await open_store()
     async with running_registry(store, agents=[agent("a"), agent("b")], max_turns=1) as registry:
         await post(registry, "a", "sleep:10 busy")
         await trio.sleep(1)
@@ -138,9 +137,9 @@ async def test_r10_waiting_for_a_global_slot_reports_queued(
 
 
 async def test_r26_deregister_cancels_turn_and_rebuffers_queue(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
-    store = make_store(tmp_path)
+    store = await open_store()
     backend = ScriptBackend()
     async with running_registry(store, backend, agents=[agent("a")]) as registry:
         running = await post(registry, "a", "hang")
@@ -161,9 +160,9 @@ async def test_r26_deregister_cancels_turn_and_rebuffers_queue(
 
 
 async def test_r3_moving_an_agent_replays_the_new_channels_buffer(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
-    store = make_store(tmp_path)
+    store = await open_store()
     backend = ScriptBackend()
     async with running_registry(store, backend, agents=[agent("a", "old")]) as registry:
         waiting = await post(registry, "new", "for new")
@@ -178,9 +177,9 @@ async def test_r3_moving_an_agent_replays_the_new_channels_buffer(
 
 
 async def test_r25_crashing_event_subscriber_never_kills_the_channel(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
-    store = make_store(tmp_path)
+    store = await open_store()
     async with running_registry(store, agents=[agent("a")]) as registry:
 
         def boom(channel: str, event: object) -> None:

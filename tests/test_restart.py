@@ -1,14 +1,17 @@
 """R28 with a real daemon process: SIGKILL mid-load, restart on the same data
-dir, and every acknowledged message still ends exactly once, in order."""
+dir (or, on PostgreSQL, the same database and host id), and every acknowledged
+message still ends exactly once, in order."""
 
 from __future__ import annotations
 
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 
 from daemon_process import DaemonProcess
 
@@ -17,14 +20,37 @@ CHANNELS = ("alpha", "beta", "gamma")
 PER_CHANNEL = 30
 
 
-def rows(db_path: Path, sql: str) -> list[tuple[object, ...]]:
-    with sqlite3.connect(db_path) as db:
-        return db.execute(sql).fetchall()
+Rows = Callable[[str], list[tuple[object, ...]]]
 
 
-def test_r28_kill_9_mid_load_then_restart_replays_in_order(tmp_path: Path) -> None:
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_of(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[list[str], Rows]:
+    """multi-host.md §8: the daemon's flags for each store, and a query on it."""
+    if request.param == "sqlite":
+
+        def sqlite_rows(sql: str) -> list[tuple[object, ...]]:
+            with sqlite3.connect(tmp_path / "data" / "skydeck.db") as db:
+                return db.execute(sql).fetchall()
+
+        return [], sqlite_rows
+    import psycopg
+
+    url: str = request.getfixturevalue("pg_url")
+
+    def pg_rows(sql: str) -> list[tuple[object, ...]]:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("SET search_path = skydeck")
+            return conn.execute(sql.encode()).fetchall()
+
+    return ["--store", url, "--host-id", "h1"], pg_rows
+
+
+def test_r28_kill_9_mid_load_then_restart_replays_in_order(
+    tmp_path: Path, store_of: tuple[list[str], Rows]
+) -> None:
+    flags, rows = store_of
     data = tmp_path / "data"
-    first = DaemonProcess(data, "--no-demo")
+    first = DaemonProcess(data, "--no-demo", *flags)
     acked: dict[str, list[str]] = {ch: [] for ch in CHANNELS}
     with httpx.Client(base_url=first.url, timeout=10) as client:
         for ch in CHANNELS:
@@ -48,21 +74,18 @@ def test_r28_kill_9_mid_load_then_restart_replays_in_order(tmp_path: Path) -> No
             time.sleep(0.02)
     first.kill()
 
-    db = data / "skydeck.db"
-    interrupted = {r[0] for r in rows(db, "SELECT id FROM messages WHERE state = 'working'")}
-    ((open_before,),) = rows(
-        db, "SELECT COUNT(*) FROM messages WHERE state IN ('queued','working')"
-    )
+    interrupted = {r[0] for r in rows("SELECT id FROM messages WHERE state = 'working'")}
+    ((open_before,),) = rows("SELECT COUNT(*) FROM messages WHERE state IN ('queued','working')")
     assert isinstance(open_before, int) and open_before > 0, (
         "the kill must land while work is still open"
     )
 
-    second = DaemonProcess(data, "--no-demo")
+    second = DaemonProcess(data, "--no-demo", *flags)
     try:
         with httpx.Client(base_url=second.url, timeout=10) as client:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
-                states = rows(db, "SELECT state FROM messages WHERE direction = 'in'")
+                states = rows("SELECT state FROM messages WHERE direction = 'in'")
                 if all(s[0] in ("done", "failed", "cancelled", "dropped") for s in states):
                     break
                 time.sleep(0.1)

@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import trio
 
-from helpers import ScriptBackend, agent, make_store, running_registry
+from helpers import OpenStore, ScriptBackend, agent, running_registry
 from skydeck.model import Job, Message
 from skydeck.registry import Registry
 from skydeck.scheduler import Scheduler, TrioWallClock
@@ -48,9 +47,9 @@ async def job_messages(store: Store, channel: str) -> list[Message]:
 
 
 async def test_every_minute_for_a_day_fires_1440_times_without_busy_ticking(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
-    store = make_store(tmp_path)
+    store = await open_store()
     async with (
         running_registry(store, agents=[agent("tick")]) as registry,
         scheduler_on(store, registry) as scheduler,
@@ -69,9 +68,9 @@ async def test_every_minute_for_a_day_fires_1440_times_without_busy_ticking(
 
 
 async def test_restart_mid_day_fires_the_latest_missed_slot_once_and_never_doubles(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
-    store = make_store(tmp_path)
+    store = await open_store()
     async with running_registry(store, agents=[agent("tick")]) as registry:
         async with scheduler_on(store, registry) as first:
             await first.create(
@@ -97,9 +96,9 @@ async def test_restart_mid_day_fires_the_latest_missed_slot_once_and_never_doubl
 
 
 async def test_overlapping_run_skips_the_slot(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
-    store = make_store(tmp_path)
+    store = await open_store()
     async with (
         running_registry(store, agents=[agent("slow")]) as registry,
         scheduler_on(store, registry) as scheduler,
@@ -116,12 +115,12 @@ async def test_overlapping_run_skips_the_slot(
 
 
 async def test_dst_days_in_new_york_follow_croniter(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
     """Spring forward: 02:30 does not exist on 2026-03-08; croniter moves it to 03:00
     (no day is skipped). Fall back: 01:30 happens twice on 2026-11-01 (EDT, then EST)
     and croniter yields both, an hour apart; skydeck fires exactly what croniter yields."""
-    store = make_store(tmp_path)
+    store = await open_store()
     async with running_registry(store, agents=[agent("ny")]) as registry:
         spring = starting_at(datetime(2026, 3, 7, 12, 0, tzinfo=UTC))
         async with scheduler_on(store, registry, spring) as scheduler:
@@ -162,9 +161,9 @@ async def test_dst_days_in_new_york_follow_croniter(
 
 
 async def test_editing_the_schedule_moves_next_run_at_at_once(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
-    store = make_store(tmp_path)
+    store = await open_store()
     async with (
         running_registry(store, agents=[agent("e")]) as registry,
         scheduler_on(store, registry) as scheduler,
@@ -183,8 +182,10 @@ async def test_editing_the_schedule_moves_next_run_at_at_once(
     assert len(await job_messages(store, "e")) == 1, "a disabled job does not fire"
 
 
-async def test_deleting_a_job_stops_it(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
-    store = make_store(tmp_path)
+async def test_deleting_a_job_stops_it(
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
+) -> None:
+    store = await open_store()
     async with (
         running_registry(store, agents=[agent("d")]) as registry,
         scheduler_on(store, registry) as scheduler,
@@ -198,9 +199,9 @@ async def test_deleting_a_job_stops_it(tmp_path: Path, autojump_clock: trio.abc.
 
 
 async def test_r7_a_job_for_a_channel_without_agent_buffers(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
-    store = make_store(tmp_path)
+    store = await open_store()
     backend = ScriptBackend()
     async with (
         running_registry(store, backend) as registry,
@@ -219,9 +220,9 @@ async def test_r7_a_job_for_a_channel_without_agent_buffers(
 
 
 async def test_run_now_posts_at_once_and_counts_as_the_previous_run(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
-    store = make_store(tmp_path)
+    store = await open_store()
     async with (
         running_registry(store, agents=[agent("r")]) as registry,
         scheduler_on(store, registry) as scheduler,

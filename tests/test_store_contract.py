@@ -1,10 +1,13 @@
 """PT14: one contract, two stores (multi-host.md §7). Every test here runs on the
 embedded SQLite store and on the PostgreSQL one with the same assertions: what
-the daemon may rely on from any `Store`, whichever engine keeps it."""
+the daemon may rely on from any `Store`, `Ownership` and `Notifier`, whichever
+engine keeps it (SQLite's ownership and signals are `store.local`'s)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -15,13 +18,17 @@ from skydeck.ledger import MessageState, ThreadStatus
 from skydeck.model import (
     Accepted,
     AgentSpec,
+    EventKind,
     Inbound,
     Job,
     ProcessRecord,
     ThreadRecord,
+    TurnEvent,
     new_id,
 )
-from skydeck.store import Fence, Store
+from skydeck.pg.notifier import PgNotifier
+from skydeck.store import Fence, Notifier, NotJoined, Ownership, Signal, Store
+from skydeck.store.local import LocalNotifier, LocalOwnership
 from skydeck.store.postgres import PostgresStore, open_postgres
 from skydeck.store.sqlite import SQLiteStore
 
@@ -30,9 +37,13 @@ CAP = 100
 
 @dataclass
 class Under:
-    """A store under test, and how a channel's owner gets its fence there."""
+    """A store under test, its host's ownership and signals, and how a
+    channel's owner gets its fence there."""
 
+    kind: str
     store: Store
+    ownership: Ownership
+    notifier: Notifier
     fence_for: Callable[[str], Awaitable[Fence]]
 
 
@@ -40,11 +51,14 @@ class Under:
 async def under(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Under]:
     if request.param == "sqlite":
         sqlite = SQLiteStore(tmp_path / "skydeck.db")
+        notifier = LocalNotifier()
+        ownership = LocalOwnership(sqlite, notifier=notifier)
+        await ownership.join()
 
         async def local(channel: str) -> Fence:
             return Fence.local(channel)
 
-        yield Under(sqlite, local)
+        yield Under("sqlite", sqlite, ownership, notifier, local)
         sqlite.close()
         return
     url = request.getfixturevalue("pg_url")
@@ -57,7 +71,7 @@ async def under(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(pg.run_flusher)
-        yield Under(pg, claimed)
+        yield Under("postgres", pg, pg.ownership, PgNotifier.for_store(pg), claimed)
         nursery.cancel_scope.cancel()
     pg.close()
 
@@ -261,3 +275,111 @@ async def test_outbox_and_processes(under: Under) -> None:
     await store.add_process(proc)
     await store.clear_processes()
     assert await store.list_processes() == []
+
+
+# -- Ownership ---------------------------------------------------------------------------
+
+
+async def test_ownership_join_heartbeat_leave_and_hosts(under: Under) -> None:
+    ownership = under.ownership
+    joined = ownership.incarnation
+    assert joined is not None
+    assert await ownership.heartbeat()
+    assert ownership.deadline() > time.monotonic()
+    (me,) = await ownership.hosts()
+    assert (me.id, me.incarnation, me.alive, me.owned) == (ownership.host_id, joined, True, 0)
+    assert await ownership.expire_dead() == []  # nobody else, and this host is alive
+    await ownership.leave()
+    assert ownership.incarnation is None
+    assert ownership.deadline() < time.monotonic()  # P10: no write as owner any more
+    (gone,) = await ownership.hosts()
+    assert not gone.alive
+    with pytest.raises(NotJoined):
+        await ownership.claim(1)
+    with pytest.raises(NotJoined):
+        await ownership.heartbeat()
+    again = await ownership.join()
+    assert again >= joined and ownership.incarnation == again
+    (back,) = await ownership.hosts()
+    assert (back.alive, back.incarnation) == (True, again)
+
+
+async def test_ownership_claims_only_vacant_channels_with_agents(under: Under) -> None:
+    ownership = under.ownership
+    for name in ("a", "b"):
+        spec = AgentSpec(name=name, channel=name, backend="echo")
+        await under.store.create_agent(spec, Fence.local(name))
+    assert await ownership.claim(0) == []
+    assert await ownership.claim(10, ["nobody"]) == []  # no agent, no lease (P12)
+    (first,) = await ownership.claim(10, ["a"])
+    assert (first.lease.name, first.reason, first.previous_owner) == ("a", "unowned", None)
+    assert await ownership.claim(10, ["a"]) == []  # a live owner's channel is never taken
+    (other,) = await ownership.claim(10)
+    assert other.lease.name == "b"
+    assert [host.owned for host in await ownership.hosts()] == [2]
+    assert await ownership.release(["a"]) == 1
+    assert await ownership.release(["a"]) == 0
+    assert [host.owned for host in await ownership.hosts()] == [1]
+    (again,) = await ownership.claim(10, ["a"])
+    assert (again.reason, again.previous_owner) == ("released", None)
+    assert again.lease.token >= first.lease.token  # tokens never go back (P9)
+    await ownership.leave()  # every lease goes with the incarnation (P14)
+    await ownership.join()
+    claimed = await ownership.claim(10)
+    assert sorted((c.lease.name, c.reason) for c in claimed) == [
+        ("a", "released"),
+        ("b", "released"),
+    ]
+
+
+# -- Notifier -----------------------------------------------------------------------------
+
+
+async def next_signal(signals: AsyncIterator[Signal]) -> Signal:
+    with trio.fail_after(5):
+        return await anext(signals)
+
+
+async def test_notifier_wake_and_lease_signals(under: Under) -> None:
+    notifier = under.notifier
+    async with aclosing(notifier.listen()) as signals:
+        assert await next_signal(signals) == Signal("lease")  # listening starts with a scan
+        await notifier.wake("a")
+        assert await next_signal(signals) == Signal("wake", "a")
+        await under.ownership.release(["a"])  # held or not, the others are told (P9)
+        assert await next_signal(signals) == Signal("lease", under.ownership.host_id)
+        await notifier.wake("b")
+        assert await next_signal(signals) == Signal("wake", "b")
+
+
+async def test_notifier_relays_events_of_watched_channels_only(under: Under) -> None:
+    notifier = under.notifier
+    fence = await agent(under, "a")
+    event = TurnEvent(kind=EventKind.TEXT, message_id="m1", data={"text": "hi"})
+    async with aclosing(notifier.listen()) as signals:
+        assert await next_signal(signals) == Signal("lease")
+        await notifier.relay("a", event, fence)  # nobody watches yet: nothing goes out
+        await notifier.watch("a")
+        assert await next_signal(signals) == Signal("watch", "a")
+        await notifier.relay("a", event, fence)
+        assert await next_signal(signals) == Signal("event", "a", event, fence.token)
+        big = TurnEvent(kind=EventKind.TEXT, message_id="m1", data={"text": "x" * 20_000})
+        await notifier.relay("a", big, fence)  # whole, past NOTIFY's 8,000 bytes (spilled)
+        assert await next_signal(signals) == Signal("event", "a", big, fence.token)
+        await notifier.relay("b", event, Fence.local("b"))  # unwatched (P25)
+        await notifier.wake("z")
+        assert await next_signal(signals) == Signal("wake", "z")
+
+
+async def test_pg_a_definition_change_is_a_defs_signal(pg_url: str) -> None:
+    """Where definitions are shared, a change reaches the other hosts' listeners
+    (P22); on one host the registry makes every change itself, so SQLite has none."""
+    pg = await open_postgres(pg_url, host_id="h1", ttl_s=10, readers=1)
+    try:
+        async with aclosing(PgNotifier.for_store(pg).listen()) as signals:
+            assert await next_signal(signals) == Signal("lease")
+            job = Job(name="j", channel="a", schedule="* * * * *", content="x")
+            await pg.save_job(job)
+            assert await next_signal(signals) == Signal("defs", "job:j")
+    finally:
+        pg.close()

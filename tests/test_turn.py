@@ -9,8 +9,10 @@ import trio
 
 from helpers import (
     FlakyMirror,
+    OpenStore,
     ScriptBackend,
     agent,
+    crashed_three_times,
     make_store,
     post,
     reply_of,
@@ -35,9 +37,9 @@ def test_r16_failure_reply_text_exact_and_cut_at_240() -> None:
 
 
 async def test_r16_failed_turn_records_replies_and_emits_error(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
-    store = make_store(tmp_path)
+    store = await open_store()
     async with running_registry(store, agents=[agent("a")]) as registry:
         with registry.events.subscribe("a") as events:
             (failed,) = await settle(store, [await post(registry, "a", "fail:the model said no")])
@@ -56,9 +58,9 @@ async def test_r16_failed_turn_records_replies_and_emits_error(
 
 
 async def test_r15_backend_that_raises_is_a_failed_turn_not_a_dead_channel(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
-    store = make_store(tmp_path)
+    store = await open_store()
     async with running_registry(store, agents=[agent("a")]) as registry:
         bad, good = await post(registry, "a", "raise:kaput"), await post(registry, "a", "after")
         first, second = await settle(store, [bad, good])
@@ -67,9 +69,9 @@ async def test_r15_backend_that_raises_is_a_failed_turn_not_a_dead_channel(
 
 
 async def test_r14_hung_turn_times_out_and_the_channel_moves_on(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
-    store = make_store(tmp_path)
+    store = await open_store()
     async with running_registry(store, agents=[agent("a", timeout_s=30)]) as registry:
         start = trio.current_time()
         hung, next_one = await settle(
@@ -81,9 +83,9 @@ async def test_r14_hung_turn_times_out_and_the_channel_moves_on(
 
 
 async def test_r11_r17_r18_sessions_resume_only_what_was_echoed(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
-    store = make_store(tmp_path)
+    store = await open_store()
     backend = ScriptBackend()
     async with running_registry(store, backend, agents=[agent("a")]) as registry:
         await settle(store, [await post(registry, "a", "one")])
@@ -103,9 +105,9 @@ async def test_r11_r17_r18_sessions_resume_only_what_was_echoed(
 
 
 async def test_r18_a_turn_that_echoes_no_session_keeps_the_previous_one(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
-    store = make_store(tmp_path)
+    store = await open_store()
     backend = ScriptBackend()
     async with running_registry(store, backend, agents=[agent("a")]) as registry:
         await settle(store, [await post(registry, "a", "nosession first")])
@@ -117,9 +119,9 @@ async def test_r18_a_turn_that_echoes_no_session_keeps_the_previous_one(
 
 
 async def test_r4_r11_multi_threaded_never_resumes(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
-    store = make_store(tmp_path)
+    store = await open_store()
     backend = ScriptBackend()
     async with running_registry(
         store, backend, agents=[agent("m", mode="multi-threaded")]
@@ -133,9 +135,9 @@ async def test_r4_r11_multi_threaded_never_resumes(
 
 
 async def test_r12_thread_record_is_working_while_the_turn_runs(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
-    store = make_store(tmp_path)
+    store = await open_store()
     async with running_registry(store, agents=[agent("a")]) as registry:
         message_id = await post(registry, "a", "sleep:5 hi")
         await trio.sleep(1)
@@ -148,9 +150,9 @@ async def test_r12_thread_record_is_working_while_the_turn_runs(
 
 
 async def test_r19_empty_reply_posts_nothing(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
-    store = make_store(tmp_path)
+    store = await open_store()
     async with running_registry(store, agents=[agent("a")]) as registry:
         (message,) = await settle(store, [await post(registry, "a", "empty")])
     assert (message.state, message.reply_id) == ("done", None)
@@ -158,9 +160,9 @@ async def test_r19_empty_reply_posts_nothing(
 
 
 async def test_r20_transient_errors_retried_with_linear_backoff(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
-    store = make_store(tmp_path)
+    store = await open_store()
     sink = FlakyMirror(failures=[503, None])
     async with running_registry(store, mirror=sink, agents=[agent("a")]) as registry:
         (message,) = await settle(store, [await post(registry, "a", "hi")])
@@ -172,9 +174,9 @@ async def test_r20_transient_errors_retried_with_linear_backoff(
 
 
 async def test_r20_permanent_4xx_is_not_retried(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
-    store = make_store(tmp_path)
+    store = await open_store()
     sink = FlakyMirror(failures=[400])
     async with running_registry(store, mirror=sink, agents=[agent("a")]) as registry:
         (message,) = await settle(store, [await post(registry, "a", "hi")])
@@ -183,9 +185,9 @@ async def test_r20_permanent_4xx_is_not_retried(
 
 
 async def test_r21_undelivered_reply_rewrites_the_same_record_and_calls_back_error(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
-    store = make_store(tmp_path)
+    store = await open_store()
     sink = FlakyMirror(failures=[500, 502, 503], channels={"a"})
     async with running_registry(store, mirror=sink, agents=[agent("a")]) as registry:
         with registry.events.subscribe("a") as events:
@@ -215,8 +217,10 @@ async def test_r21_undelivered_reply_rewrites_the_same_record_and_calls_back_err
     assert sink.threads[-1] == ("end", "error")
 
 
-async def test_r22_callback_metadata_exact(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
-    store = make_store(tmp_path)
+async def test_r22_callback_metadata_exact(
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
+) -> None:
+    store = await open_store()
     backend = ScriptBackend()
     async with running_registry(store, backend, agents=[agent("worker")]) as registry:
         inbound = Inbound(
@@ -254,9 +258,9 @@ async def test_r22_callback_metadata_exact(tmp_path: Path, autojump_clock: trio.
 
 
 async def test_r23_no_callback_at_depth_8_and_callbacks_never_ping_pong(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
-    store = make_store(tmp_path)
+    store = await open_store()
     backend = ScriptBackend()
     async with running_registry(store, backend, agents=[agent("a"), agent("b")]) as registry:
         deep = Inbound(
@@ -279,15 +283,14 @@ async def test_r23_no_callback_at_depth_8_and_callbacks_never_ping_pong(
 
 
 async def test_r28_message_interrupted_three_times_fails_without_running(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
-    store = make_store(tmp_path)
+    store = await open_store()
     backend = ScriptBackend()
     accepted = await store.accept_inbound(
         Inbound(channel="a", content="crashy"), registered=True, buffer_cap=10
     )
-    with store._tx() as db:  # three starts that never ended: three daemon crashes
-        db.execute("UPDATE messages SET state='working', attempts=3 WHERE id=?", (accepted.id,))
+    crashed_three_times(store, accepted.id)
     async with running_registry(store, backend, agents=[agent("a")]):
         (message,) = await settle(store, [accepted.id])
     assert backend.calls == []
@@ -298,10 +301,10 @@ async def test_r28_message_interrupted_three_times_fails_without_running(
 
 
 async def test_r28_r9_an_exhausted_message_fails_alone_in_a_collect_batch(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
     """The messages a collect agent gathers behind an exhausted one still run."""
-    store = make_store(tmp_path)
+    store = await open_store()
     backend = ScriptBackend()
     crashy, *rest = [
         await store.accept_inbound(
@@ -309,8 +312,7 @@ async def test_r28_r9_an_exhausted_message_fails_alone_in_a_collect_batch(
         )
         for text in ("crashy", "two", "three")
     ]
-    with store._tx() as db:
-        db.execute("UPDATE messages SET state='working', attempts=3 WHERE id=?", (crashy.id,))
+    crashed_three_times(store, crashy.id)
     async with running_registry(store, backend, agents=[agent("c", queue_mode="collect")]):
         failed, two, three = await settle(store, [crashy.id, *(a.id for a in rest)])
     assert (failed.state, failed.error) == ("failed", "interrupted 3 times by daemon restarts")
@@ -319,9 +321,9 @@ async def test_r28_r9_an_exhausted_message_fails_alone_in_a_collect_batch(
 
 
 async def test_r24_every_turn_ends_with_exactly_one_done_or_error(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
-    store = make_store(tmp_path)
+    store = await open_store()
     prompts = ["ok", "fail:x", "raise:y", "empty", "hang", "sleep:1 z"]
     async with running_registry(store, agents=[agent("a", timeout_s=5)]) as registry:
         with registry.events.subscribe("a", buffer=-1) as events:
@@ -345,10 +347,10 @@ def _drain(events: trio.MemoryReceiveChannel[TurnEvent]) -> list[TurnEvent]:
 
 
 async def test_r4_r17_single_threaded_conversation_is_one_upserted_record(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
     """Issue 12 §1: one record per single-threaded conversation, one per multi-threaded turn."""
-    store = make_store(tmp_path)
+    store = await open_store()
     agents = [agent("s"), agent("m", mode="multi-threaded")]
     async with running_registry(store, agents=agents) as registry:
         ids = []
@@ -380,9 +382,9 @@ async def test_r4_r17_single_threaded_conversation_is_one_upserted_record(
 
 
 async def test_r27_reset_keeps_the_record_and_clears_its_session(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
-    store = make_store(tmp_path)
+    store = await open_store()
     async with running_registry(store, agents=[agent("s")]) as registry:
         await settle(store, [await post(registry, "s", "one")])
         (before,) = await store.list_threads("s")
@@ -430,11 +432,11 @@ async def test_schema_4_migrates_a_version_3_store_and_keeps_old_records(tmp_pat
 
 
 async def test_r26_a_turn_stopped_during_mirror_delivery_is_settled_not_rerun(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
     """Cut between its end record and the mirror's retries: the message ends
     (`done`) and the outbox gets the stored reply; nothing is left to run twice."""
-    store = make_store(tmp_path)
+    store = await open_store()
     mirror = FlakyMirror(failures=[None, None])  # lands on the 3rd attempt, 0.75 s in
     async with running_registry(store, mirror=mirror, agents=[agent("a")]) as registry:
         message_id = await post(registry, "a", "hello")
@@ -452,11 +454,11 @@ class SlowSessionMirror(FlakyMirror):
 
 
 async def test_r9_a_turn_stopped_before_it_started_is_cancelled_not_stranded(
-    tmp_path: Path, autojump_clock: trio.abc.Clock
+    open_store: OpenStore, autojump_clock: trio.abc.Clock
 ) -> None:
     """Interrupted while it waited on the mirror's session read (R9): the first
     message is `cancelled` in the store, not left `queued` and forgotten."""
-    store = make_store(tmp_path)
+    store = await open_store()
     mirror = SlowSessionMirror(failures=[])
     spec = agent("i", queue_mode="interrupt")
     async with running_registry(store, mirror=mirror, agents=[spec]) as registry:

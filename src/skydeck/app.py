@@ -346,27 +346,45 @@ def create_app(
     async def health() -> Json:
         if not registry.accepting:
             return {"status": "stopping"}, 503
-        await registry.refresh_status()
+        extra = await health_extra() if health_extra is not None else {}
+        # P26: the store object (the PostgreSQL host gives its own, with the URL).
+        store_json: dict[str, Any] = extra.pop("store", None) or {"kind": store.kind}
+        owners: dict[str, str | None] | None = extra.pop("owners", None)
+        if store_json.get("state") != "unreachable":
+            await registry.refresh_status()  # P24: channels run on another host
         agents = []
         for agent in registry.agents():
             status, queued = registry.status(agent.name)
-            agents.append(
-                {
-                    "name": agent.name,
-                    "channel": agent.channel,
-                    "backend": agent.backend,
-                    "status": status,
-                    "queued": queued,
-                }
-            )
-        extra = await health_extra() if health_extra is not None else {}
-        body = {"agents": agents, "buffered": await store.count_buffered(), **extra}
+            entry: dict[str, Any] = {
+                "name": agent.name,
+                "channel": agent.channel,
+                "backend": agent.backend,
+                "status": status,
+                "queued": queued,
+            }
+            if owners is not None:
+                entry["owner"] = owners.get(agent.channel)
+            agents.append(entry)
+        buffered: int | None = None
+        if store_json.get("state") != "unreachable":
+            try:
+                buffered = await store.count_buffered()
+            except StoreUnreachable:  # the first failed call: the host now says since when
+                assert health_extra is not None
+                store_json = (await health_extra())["store"]
+        if store_json.get("state") == "unreachable":
+            # P6: from the first failed heartbeat or store call to the next good
+            # heartbeat; nothing is read from the store meanwhile.
+            body = {"agents": agents, "buffered": None, **extra}
+            return {"status": "unavailable", "store": store_json, **body}, 503
+        body = {"agents": agents, "buffered": buffered, **extra}
         if store.error is not None:
             # Writes are failing (a full disk): nothing new can be acknowledged until
             # a commit succeeds again, which the daemon notices by itself.
             reason = StoreFailure(store.error).message
-            return {"status": "error", "store": "error", "error": reason, **body}, 503
-        return {"status": "ok", "store": "ok", **body}
+            failing = {**store_json, "state": "error"}
+            return {"status": "error", "store": failing, "error": reason, **body}, 503
+        return {"status": "ok", "store": store_json, **body}
 
     @app.get("/metrics")
     async def prometheus() -> Response:

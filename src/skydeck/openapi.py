@@ -671,8 +671,33 @@ def operations() -> dict[tuple[str, str], Schema]:
             "backend": {"type": "string", "enum": list(BACKENDS)},
             "status": schema_of(AgentStatus),
             "queued": {"type": "integer", "minimum": 0},
+            "owner": nullable({"type": "string"}),
+        },
+        optional=("owner",),
+        description="owner (P26): the host holding the channel's lease, on PostgreSQL only",
+    )
+    health_store = _object(
+        {
+            "kind": {"type": "string", "enum": ["sqlite", "postgres"]},
+            "url": {"type": "string"},
+            "state": {"type": "string", "enum": ["error", "unreachable"]},
+            "since": {"type": "string"},
+        },
+        optional=("url", "state", "since"),
+        description="P26/P6: the store; state only while it fails (url and since: PostgreSQL)",
+    )
+    health_host = _object(
+        {
+            "id": {"type": "string"},
+            "incarnation": nullable({"type": "integer"}),
+            "owned": {"type": "integer", "minimum": 0},
+            "roles": {"type": "array", "items": {"type": "string"}},
+            "lease_ttl_s": {"type": "number"},
+            "heartbeat_age_s": nullable({"type": "number"}),
+            "hosts_alive": nullable({"type": "integer", "minimum": 0}),
         },
         optional=(),
+        description="P26: this host of a PostgreSQL cluster",
     )
     vault = _object(
         {
@@ -721,6 +746,8 @@ def operations() -> dict[tuple[str, str], Schema]:
         description="S5: the start-up probe, and the mode of agents without their own",
     )
     health_body = {
+        "store": health_store,
+        "host": health_host,
         "agents": {"type": "array", "items": health_agent},
         "buffered": count,
         "claude_warm": warm,
@@ -778,22 +805,30 @@ def operations() -> dict[tuple[str, str], Schema]:
                 "200": response(
                     "serving",
                     _object(
-                        {"status": {"const": "ok"}, "store": {"const": "ok"}, **health_body},
-                        optional=("claude_warm", "sandbox", "vault"),
+                        {"status": {"const": "ok"}, **health_body},
+                        optional=("claude_warm", "sandbox", "vault", "host"),
                     ),
                 ),
                 "503": response(
-                    "shutting down, or the store cannot commit (a full disk): nothing new is "
-                    "acknowledged until a commit succeeds again, which the daemon notices itself",
+                    "shutting down; the store cannot commit (a full disk): nothing new is "
+                    "acknowledged until a commit succeeds again, which the daemon notices itself; "
+                    "or a PostgreSQL store is unreachable (P6), until the next good heartbeat",
                     {
                         "oneOf": [
                             _object({"status": {"const": "stopping"}}, ("status",)),
                             _object(
                                 {
                                     "status": {"const": "error"},
-                                    "store": {"const": "error"},
                                     "error": {"type": "string", "minLength": 1},
                                     **health_body,
+                                },
+                                optional=("claude_warm", "sandbox", "vault", "host"),
+                            ),
+                            _object(
+                                {
+                                    "status": {"const": "unavailable"},
+                                    **health_body,
+                                    "buffered": {"type": "null"},
                                 },
                                 optional=("claude_warm", "sandbox", "vault"),
                             ),
@@ -937,8 +972,9 @@ def operations() -> dict[tuple[str, str], Schema]:
             "responses": {
                 "200": response(
                     "`event: turn` frames whose `data` is a JSON event with `kind` (queued, init, "
-                    "text, tool, notify, done, error) and `message_id`; a comment keep-alive "
-                    "every 15 s",
+                    "text, tool, notify, done, error) and `message_id`; an `error` with "
+                    "`retrying: true` closes a dead host's partial reply before the message "
+                    "runs again (P15); a comment keep-alive every 15 s",
                     {"type": "string"},
                     "text/event-stream",
                 )

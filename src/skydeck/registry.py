@@ -495,9 +495,14 @@ class Registry:
         """Channel -> the fence its task holds: what this host runs."""
         return {channel: task.fence for channel, task in self._by_channel.items()}
 
-    async def adopt(self, channel: str, fence: Fence) -> None:
+    async def adopt(self, channel: str, fence: Fence, interrupted_by: str | None = None) -> None:
         """This host just claimed ``channel``: run its task under ``fence``,
-        replaying its open messages in seq order (R28, P15)."""
+        replaying its open messages in seq order (R28, P15).
+
+        ``interrupted_by``: the host that died owning it. Each `working` message
+        it left is announced before it reruns (`error`, ``retrying: true``), so a
+        viewer closes the partial reply and keeps waiting for the rerun's end.
+        """
         agent = next((a for a in self._remote.values() if a.channel == channel), None)
         if agent is None:  # created on another host a moment ago
             stored = await self.store.list_agents()
@@ -505,7 +510,29 @@ class Registry:
         if agent is None or channel in self._by_channel:
             return
         self._remote.pop(agent.name, None)
-        await self._register(agent, fence=fence)
+        replayed: list[Message] = []
+
+        async def claim(fence: Fence) -> list[Message]:
+            messages = await self.store.claim_open(channel, fence)
+            # One at MAX_ATTEMPTS is failed unrun (R28): it is not "running again".
+            replayed.extend(
+                m for m in messages if m.state is MessageState.WORKING and m.attempts < MAX_ATTEMPTS
+            )
+            return messages
+
+        await self._register(agent, claim, fence=fence)
+        # No checkpoint since the task was started: these come before its first event.
+        if interrupted_by is not None:
+            for message in replayed:
+                self._publish_retrying(channel, message, interrupted_by)
+
+    def _publish_retrying(self, channel: str, message: Message, host: str) -> None:
+        error = f"interrupted: host {host} stopped; running it again"
+        event = TurnEvent(EventKind.ERROR, message.id, {"error": error, "retrying": True})
+        try:
+            self.events.publish(channel, event)
+        except Exception:  # R25: a viewer's failure is never the turn's
+            log.exception("retrying event failed", extra={"channel": channel})
 
     async def wake(self, channel: str) -> None:
         """P19: a message for this channel was stored elsewhere. Its open messages

@@ -60,8 +60,10 @@ class ChannelHost(Protocol):
         """Channel -> the fence its running task holds."""
         ...
 
-    async def adopt(self, channel: str, fence: Fence) -> None:
-        """Run the channel's task under ``fence``, replaying its open messages (P15)."""
+    async def adopt(self, channel: str, fence: Fence, interrupted_by: str | None = None) -> None:
+        """Run the channel's task under ``fence``, replaying its open messages (P15);
+        ``interrupted_by``: the dead owner, whose `working` messages are announced
+        as retried."""
         ...
 
     async def wake(self, channel: str) -> None:
@@ -92,6 +94,19 @@ def share(channels: int, hosts: int) -> tuple[int, int]:
     return fair, max(1, math.ceil(fair / 10))
 
 
+def keep(fair: int, slack: int, owned: Sequence[int]) -> int:
+    """P13: how many channels a rebalancing host keeps, given what each live host owns.
+
+    share + slack, as P13 says, while every host is within share - slack; but once
+    one holds fewer (a joiner), share itself. Releasing only down to share + slack
+    leaves a joiner short (36 channels on 4 hosts: 10, 10, 10 and 6, against a
+    share of 9 +- 1), so the spec's "converge to within share +- slack" needs it.
+    """
+    if owned and min(owned) < fair - slack:
+        return fair
+    return fair + slack
+
+
 @dataclass(slots=True)
 class ClusterMetrics:
     """P27's counters of ownership (the rest read the cluster at scrape time)."""
@@ -105,6 +120,18 @@ class ClusterMetrics:
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> ClusterMetrics:
+        metrics = cls._counters(registry)
+        # P27: every labelled series shows from the first scrape, at 0.
+        for reason in ("unowned", "orphan", "released", "rebalance"):
+            metrics.claims.labels(reason)
+        for reason in ("rebalance", "shutdown", "removed"):
+            metrics.releases.labels(reason)
+        for outcome in ("ok", "lost", "error"):
+            metrics.heartbeats.labels(outcome)
+        return metrics
+
+    @classmethod
+    def _counters(cls, registry: CollectorRegistry) -> ClusterMetrics:
         return cls(
             claims=Counter(
                 "skydeck_lease_claims",
@@ -177,6 +204,8 @@ class Cluster:
         #: Also told when definitions changed (the scheduler's jobs, P22).
         self.on_definitions: list[Callable[[], Awaitable[None]]] = []
         self.lost_count = 0
+        #: Live hosts as the last scan counted them (P27 `skydeck_cluster_hosts`).
+        self.hosts_alive = 1
         self.heartbeat_sent_at = time.monotonic()
         self._poke = trio.Event()
         self._defs_version = -1
@@ -243,7 +272,7 @@ class Cluster:
                 await self._lose("the heartbeat found the host row expired")
                 continue
             self.heartbeat_sent_at = sent
-            self.store._healthy()
+            self.store.reached()
             self._count_heartbeat("ok")
 
     def _count_heartbeat(self, outcome: str) -> None:
@@ -283,7 +312,7 @@ class Cluster:
                 if self.ownership.incarnation is None:
                     await self.ownership.join()
                 await self._rename_sessions()
-                self.store._healthy()
+                self.store.reached()
                 return
             except (StoreUnreachable, HostInUse) as exc:
                 log.warning("rejoin failed; retrying", extra={"reason": str(exc)})
@@ -322,6 +351,7 @@ class Cluster:
     async def _claim_channels(self) -> None:
         owned = len(self.host.owned())
         channels, hosts = await self.store.cluster_size()
+        self.hosts_alive = hosts
         fair, slack = share(channels, hosts)
         cap = self.max_channels if self.max_channels > 0 else math.inf
         room = int(min(fair + slack, cap) - owned)
@@ -334,6 +364,7 @@ class Cluster:
         for item in claimed:
             if self.metrics is not None:
                 self.metrics.claims.labels(item.reason).inc()
+        dead_owner = {item.lease.name: item.previous_owner for item in claimed}
         # Every lease the store says is ours runs here: the new ones, and any whose
         # adoption a store failure cut short last time.
         running = self.host.owned()
@@ -341,7 +372,11 @@ class Cluster:
             if lease.name.startswith(ROLE_PREFIX) or lease.name in running:
                 continue
             try:
-                await self.host.adopt(lease.name, self.store.fence(lease.name, lease.token))
+                await self.host.adopt(
+                    lease.name,
+                    self.store.fence(lease.name, lease.token),
+                    dead_owner.get(lease.name),
+                )
             except FencedOut:
                 log.warning("claimed channel lost at once", extra={"channel": lease.name})
             if lease.name not in self.host.owned():  # its agent is gone: let the lease go
@@ -369,7 +404,8 @@ class Cluster:
             try:
                 channels, hosts = await self.store.cluster_size()
                 fair, slack = share(channels, hosts)
-                over = len(self.host.owned()) - (fair + slack)
+                alive = [host.owned for host in await self.ownership.hosts() if host.alive]
+                over = len(self.host.owned()) - keep(fair, slack, alive)
                 if over <= 0:
                     continue
                 give = self.host.idle_movable(self.workspaces_shared)[: min(over, REBALANCE_BATCH)]

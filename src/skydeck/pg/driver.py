@@ -43,6 +43,10 @@ URL_SCHEMES = ("postgres", "postgresql")
 CONNECT_TIMEOUT_S = 5
 #: SQLSTATEs a batch is re-run once for (P18): deadlock, serialization failure.
 RETRYABLE = {"40P01": "deadlock", "40001": "serialization"}
+#: SQLSTATEs of a server ending the session, its transaction rolled back: the idle
+#: in transaction timeout (P7: a paused host's batch), a terminated backend, a
+#: server shutting down. The store is unreachable for this call, not refusing a write.
+SESSION_ENDED = {"25P03", "57P01", "57P02", "57P03"}
 
 
 def is_postgres_url(url: str) -> bool:
@@ -147,13 +151,16 @@ class Session:
                 if not self._autocommit:
                     conn.commit()
                 return result
-            except psycopg.OperationalError as exc:
+            except psycopg.Error as exc:
                 reason = RETRYABLE.get(exc.sqlstate or "")
                 self._rollback(conn)
                 if reason is not None and attempt == 1:
                     self.retries[reason] = self.retries.get(reason, 0) + 1
                     continue
-                if reason is None and (conn.broken or conn.closed or exc.sqlstate is None):
+                lost = isinstance(exc, psycopg.OperationalError) and (
+                    conn.broken or conn.closed or exc.sqlstate is None
+                )
+                if reason is None and (lost or exc.sqlstate in SESSION_ENDED):
                     self._drop()
                     raise StoreUnreachable(describe(exc)) from exc
                 raise
@@ -193,11 +200,17 @@ class Session:
             self._conninfo, application_name=application_name
         )
         if self.connected:
-            await self.run(
-                lambda conn: conn.execute(
-                    "SELECT set_config('application_name', %s, false)", (application_name,)
+            try:
+                await self.run(
+                    lambda conn: conn.execute(
+                        "SELECT set_config('application_name', %s, false)", (application_name,)
+                    )
                 )
-            )
+            except StoreUnreachable:
+                # The connection was gone (idle through a server restart): the next
+                # one is opened with the new name. A rejoin must not fail on it, or
+                # its retry finds its own new incarnation in use.
+                log.debug("renaming a lost session: the next connection carries the name")
 
     async def connect(self) -> None:
         """Open the session now (a `run` would do it too), so start-up fails early."""
@@ -221,6 +234,11 @@ class Listener:
         self._conn: Connection | None = None
         #: Connections made after the first: notifications were lost meanwhile (P12).
         self.reconnects = -1
+
+    @property
+    def conninfo(self) -> str:
+        """What the next connection is made with (its P7 settings included)."""
+        return self._conninfo
 
     def rename(self, application_name: str) -> None:
         """The application_name of the next connection (a new incarnation, P3)."""

@@ -19,7 +19,8 @@ from prometheus_client import CollectorRegistry, Gauge
 from .. import __version__
 from ..errors import StoreUnreachable
 from ..store.postgres import PostgresStore, build_postgres
-from .cluster import CHANNELS, Cluster, ClusterMetrics
+from . import metrics as pg_metrics
+from .cluster import CHANNELS, REBALANCE_S, Cluster, ClusterMetrics
 from .config import default_host_id
 from .driver import Listener, Timeouts, conninfo, redact
 from .ownership import HostInUse
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
 
 #: Test hook (P12): no LISTEN, so every wake-up comes from the scan.
 NO_LISTEN_ENV = "SKYDECK_TEST_NO_LISTEN"
+#: Test hook (P13): seconds between rebalancing rounds (default `cluster.REBALANCE_S`),
+#: so a test sees a joiner get its share without waiting half a minute.
+REBALANCE_ENV = "SKYDECK_TEST_REBALANCE_S"
 
 
 @dataclass(slots=True)
@@ -83,6 +87,7 @@ class PgHost:
             max_channels=s.max_channels,
             fast_failover=s.fast_failover,
             listen=os.environ.get(NO_LISTEN_ENV) != "1",
+            rebalance_s=float(os.environ.get(REBALANCE_ENV, REBALANCE_S)),
             workspaces_shared=s.workspaces_shared,
             metrics=self.metrics,
             relay=self.events,
@@ -93,6 +98,7 @@ class PgHost:
             registry=metrics_registry,
         )
         owned.set_function(lambda: len(registry.owned()))
+        pg_metrics.watch(metrics_registry, self.store, self.cluster)
         return self.cluster
 
     async def open(self) -> None:
@@ -113,26 +119,37 @@ class PgHost:
         return None
 
     async def health(self) -> dict[str, Any]:
-        """P26: what `/health` adds for this host."""
+        """P26 (and P6): what `/health` adds for this host.
+
+        While the store is unreachable nothing is read from it (a read would only
+        wait for its timeout): ``hosts_alive`` is unknown, and ``owners`` names
+        this host for what it still runs and no one for the rest.
+        """
         ownership = self.store.ownership
         cluster = self.cluster
+        owned = cluster.host.owned() if cluster is not None else {}
         store: dict[str, Any] = {"kind": "postgres", "url": redact(self.settings.store_url or "")}
-        if self.store.error is not None:
-            store |= {"state": "unreachable", "since": self.store.failing_since}
-        hosts_alive = None
-        with contextlib.suppress(StoreUnreachable):
-            hosts_alive = sum(1 for host in await ownership.hosts() if host.alive)
+        hosts_alive: int | None = None
+        owners: dict[str, str | None] = dict.fromkeys(owned, ownership.host_id)
+        if self.store.unreachable_since is None:
+            with contextlib.suppress(StoreUnreachable):
+                hosts_alive = sum(1 for host in await ownership.hosts() if host.alive)
+                owners = await self.store.channel_owners()
+        since = self.store.unreachable_since  # a failed read above counts too
+        if since is not None:
+            store |= {"state": "unreachable", "since": since}
         return {
             "store": store,
             "host": {
                 "id": ownership.host_id,
                 "incarnation": ownership.incarnation,
-                "owned": len(cluster.host.owned()) if cluster is not None else 0,
+                "owned": len(owned),
                 "roles": sorted(cluster.roles) if cluster is not None else [],
                 "lease_ttl_s": ownership.ttl_s,
                 "heartbeat_age_s": round(cluster.heartbeat_age_s(), 3) if cluster else None,
                 "hosts_alive": hosts_alive,
             },
+            "owners": owners,
         }
 
     async def view(self) -> dict[str, Any]:

@@ -22,16 +22,20 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
 
 from ..ledger import MessageState, ThreadStatus, sql_state, sql_states
+
+# The records moved to the seam (§7); importing them from here still works.
+from ..store import Claimed as Claimed
+from ..store import ClaimReason, Incarnation
+from ..store import HostInfo as HostInfo
+from ..store import Lease as Lease
+from ..store import NotJoined as NotJoined
 from .driver import Connection, Session
 
 log = logging.getLogger(__name__)
 
-ClaimReason = Literal["unowned", "orphan", "released"]
 #: Lease names of the cluster's roles (P17): R1 names cannot contain `:`.
 ROLE_PREFIX = "role:"
 #: P16: a live host row with no session is expired after this many scans in a row.
@@ -51,52 +55,6 @@ def self_fence_margin(ttl_s: float) -> float:
 
 class HostInUse(Exception):
     """P3: another live daemon runs under this host id (exit 2)."""
-
-
-class NotJoined(Exception):
-    """An operation that needs a live incarnation, before `join` (or after `leave`)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Lease:
-    """A lease this host holds: the channel (or ``role:<r>``) and its token."""
-
-    name: str
-    token: int
-
-
-@dataclass(frozen=True, slots=True)
-class Claimed:
-    """One lease a claim took, and from whom (P15 names the old owner)."""
-
-    lease: Lease
-    reason: ClaimReason
-    previous_owner: str | None
-    previous_incarnation: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class HostInfo:
-    """A `hosts` row as `/api/cluster` shows it (P28)."""
-
-    id: str
-    incarnation: int
-    url: str | None
-    alive: bool
-    owned: int
-    heartbeat_age_s: float
-    version: str | None
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "id": self.id,
-            "incarnation": self.incarnation,
-            "url": self.url,
-            "alive": self.alive,
-            "owned": self.owned,
-            "heartbeat_age_s": round(self.heartbeat_age_s, 3),
-            "version": self.version,
-        }
 
 
 _JOIN = """
@@ -212,7 +170,7 @@ class PgOwnership:
         self._deadline = -math.inf
         #: Database clock minus this host's wall clock, at the last heartbeat (P23).
         self.clock_offset_s = 0.0
-        self._suspects: dict[tuple[str, int], int] = {}
+        self._suspects: dict[Incarnation, int] = {}
 
     # -- identity (P3, P8, P10) ---------------------------------------------------
 
@@ -473,15 +431,16 @@ class PgOwnership:
 
         return await self.session.run(hosts)
 
-    async def expire_dead(self) -> list[tuple[str, int]]:
+    async def expire_dead(self) -> list[Incarnation]:
         """P16: expire live host rows that had no session on `SESSIONLESS_SCANS`
         scans in a row; returns them. Safe when wrong: a live host fails its
         next heartbeat and fences itself, and new tokens fence its writes."""
         params = {"id": self.host_id, "inc": self._inc()}
         suspects = self._suspects
 
-        def scan(conn: Connection) -> list[tuple[str, int]]:
-            seen = [(h, int(i)) for h, i in conn.execute(_SESSIONLESS, params).fetchall()]
+        def scan(conn: Connection) -> list[Incarnation]:
+            rows = conn.execute(_SESSIONLESS, params).fetchall()
+            seen = [Incarnation(host, int(incarnation)) for host, incarnation in rows]
             counts = {key: suspects.get(key, 0) + 1 for key in seen}
             suspects.clear()
             suspects.update(counts)

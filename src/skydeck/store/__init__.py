@@ -1,7 +1,12 @@
 """The store seam: what the daemon asks of its system of record.
 
-One Protocol, `Store`, with the embedded SQLite engine in `store.sqlite` as its
-implementation (multi-host.md §7 names a PostgreSQL one to come). Every
+Three Protocols (multi-host.md §7). `Store`, with the embedded SQLite engine
+in `store.sqlite` and the shared PostgreSQL one in `store.postgres`;
+`Ownership`, who runs which channel (`store.local.LocalOwnership`: this host
+holds every channel, for good; `pg.ownership.PgOwnership`: leases with
+fencing tokens); and `Notifier`, the wake-ups between hosts
+(`store.local.LocalNotifier` in memory; `pg.notifier.PgNotifier` over
+LISTEN/NOTIFY). Every
 operation is ``async`` so that an engine may do network I/O; callers must not
 rely on an operation *not* reaching a checkpoint. A write returns once reads
 see it; it is durable when `flushed()` returns (SQLite: after the group commit
@@ -20,15 +25,37 @@ and a write that fails must leave them as they were.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 from ..errors import FencedOut
 from ..ledger import MessageState, ThreadStatus
-from ..model import Accepted, AgentSpec, Inbound, Job, Message, ProcessRecord, ThreadRecord
+from ..model import (
+    Accepted,
+    AgentSpec,
+    Inbound,
+    Job,
+    Message,
+    ProcessRecord,
+    ThreadRecord,
+    TurnEvent,
+)
 
-__all__ = ["Fence", "FencedOut", "Page", "Store"]
+__all__ = [
+    "Claimed",
+    "Fence",
+    "FencedOut",
+    "HostInfo",
+    "Incarnation",
+    "Lease",
+    "NotJoined",
+    "Notifier",
+    "Ownership",
+    "Page",
+    "Signal",
+    "Store",
+]
 
 #: The host name of the embedded store's only holder.
 LOCAL_HOST = "local"
@@ -63,6 +90,8 @@ class Page:
 class Store(Protocol):
     """The system of record: agents, jobs, messages, thread records, sessions."""
 
+    #: `/health` `store.kind` (P26): "sqlite" or "postgres".
+    kind: str
     #: Store failures so far (lost write groups); never goes down.
     failures: int
     #: Why the store is failing, until a commit succeeds again; None when healthy.
@@ -180,3 +209,150 @@ class Store(Protocol):
     ) -> list[ThreadRecord]: ...
     async def answered_by(self, reply_id: str) -> list[Message]: ...
     async def get_thread(self, thread_id: str) -> ThreadRecord | None: ...
+
+
+# -- who runs which channel (multi-host.md §3) -----------------------------------------
+
+ClaimReason = Literal["unowned", "orphan", "released"]
+
+
+class NotJoined(Exception):
+    """An operation that needs a live incarnation, before `join` (or after `leave`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A lease this host holds: the channel (or ``role:<r>``) and its token."""
+
+    name: str
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """One lease a claim took, and from whom (P15 names the old owner)."""
+
+    lease: Lease
+    reason: ClaimReason
+    previous_owner: str | None
+    previous_incarnation: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class HostInfo:
+    """A host as `/api/cluster` shows it (P28)."""
+
+    id: str
+    incarnation: int
+    url: str | None
+    alive: bool
+    owned: int
+    heartbeat_age_s: float
+    version: str | None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "incarnation": self.incarnation,
+            "url": self.url,
+            "alive": self.alive,
+            "owned": self.owned,
+            "heartbeat_age_s": round(self.heartbeat_age_s, 3),
+            "version": self.version,
+        }
+
+
+class Incarnation(NamedTuple):
+    """One life of a host id (P3): a tuple, so it compares equal to ``(host, n)``."""
+
+    host: str
+    incarnation: int
+
+
+class Ownership(Protocol):
+    """This host's identity and the channels it runs (P3, P8-P10, P16).
+
+    A channel's writes are fenced by the token its claim returned (`Fence`).
+    A host that cannot renew in time stops by itself at `deadline()` (P10).
+    """
+
+    host_id: str
+    #: The live incarnation, or None before `join` and after `leave`.
+    incarnation: int | None
+
+    async def join(self) -> int:
+        """Become a new incarnation of this host (P3); returns it."""
+        ...
+
+    async def heartbeat(self) -> bool:
+        """Renew every lease at once (P8). False: this incarnation is over (P10)."""
+        ...
+
+    async def claim(self, room: int, wanted: Sequence[str] | None = None) -> list[Claimed]:
+        """Take up to ``room`` channels that have an agent and no live owner
+        (only ``wanted`` ones, if given), each under a new token; never waits (P9)."""
+        ...
+
+    async def release(self, names: Sequence[str]) -> int:
+        """Give these leases up (tokens stay, so the next claim's is higher); how many."""
+        ...
+
+    async def leave(self) -> None:
+        """P14's last step: release every lease and end this incarnation."""
+        ...
+
+    def deadline(self) -> float:
+        """P10: the `time.monotonic` time past which this host must not write as owner."""
+        ...
+
+    async def hosts(self) -> list[HostInfo]:
+        """Every host the store knows, alive or not (P28)."""
+        ...
+
+    async def expire_dead(self) -> list[Incarnation]:
+        """P16: end the incarnations found crashed; returns them."""
+        ...
+
+
+# -- wake-ups between hosts (multi-host.md §4, §5) ------------------------------------
+
+SignalKind = Literal["wake", "defs", "lease", "watch", "event"]
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    """What `Notifier.listen` hands on.
+
+    - ``wake``: a message for channel ``name`` was stored (P19).
+    - ``defs``: definitions changed (``name`` is ``agent:<n>`` or ``job:<n>``, P22).
+    - ``lease``: leases may be claimable (a release; ``name`` the host, or ``""``
+      when notifications may have been missed, P12): scan now.
+    - ``watch``: channel ``name`` gained a viewer on some host (P25).
+    - ``event``: ``event`` of channel ``name``, relayed by its owner under
+      ``token`` (a receiver drops tokens below the highest seen, P25).
+    """
+
+    kind: SignalKind
+    name: str = ""
+    event: TurnEvent | None = None
+    token: int = 0
+
+
+class Notifier(Protocol):
+    """Signals between the hosts of one store. Each notifier has one listener."""
+
+    async def wake(self, channel: str) -> None:
+        """Tell the channel's owner to read its open messages (joins the next batch)."""
+        ...
+
+    def listen(self) -> AsyncGenerator[Signal, None]:
+        """The signals, in the order they were committed, until cancelled."""
+        ...
+
+    async def watch(self, channel: str) -> None:
+        """A viewer here wants ``channel``'s events, wherever it runs (P25)."""
+        ...
+
+    async def relay(self, channel: str, event: TurnEvent, fence: Fence) -> None:
+        """The owner's ``event`` for the watchers of ``channel``, under ``fence`` (P25)."""
+        ...

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
@@ -194,12 +195,19 @@ class PostgresStore:
         self.ownership = ownership
         self.on_dropped = on_dropped
         self.on_fenced = on_fenced
+        #: P27: seconds each batch took (`skydeck_store_batch_seconds`), and each
+        #: message's wait from its commit to its first turn start (database clock).
+        self.on_batch: Callable[[float], None] | None = None
+        self.on_wait: Callable[[float], None] | None = None
         #: Store failures so far: a batch lost or unconfirmed (never goes down).
         self.failures = 0
         #: Why the store is failing, until a batch commits again; None when healthy.
         self.error: str | None = None
-        #: When it started failing (ISO, for /health), None when healthy.
-        self.failing_since: str | None = None
+        #: P6: when a heartbeat or a store call first failed (ISO), until the next
+        #: good heartbeat (`reached`); None while the store answers. `/health` is
+        #: 503 `unavailable` meanwhile, even after a batch got through: only the
+        #: heartbeat says this host still holds its leases.
+        self.unreachable_since: str | None = None
         self._readers = list(readers)
         self._free = trio.Semaphore(len(self._readers))
         self._pending: list[_Pending[Any]] = []
@@ -231,7 +239,10 @@ class PostgresStore:
             delay = min(delay * 2, 2.0)
         incarnation = await self.ownership.join()
         await self.rename_sessions(application_name(self.host, incarnation))
-        await self.writer.connect()
+        # P7: every session now, not at its first use: start-up fails early, and the
+        # host holds the 7 sessions `max_connections` is sized for from the start.
+        for session in (self.writer, *self._readers):
+            await session.connect()
         return migrated
 
     def _migrate(self, allowed: bool) -> schema.Migrated:
@@ -255,11 +266,25 @@ class PostgresStore:
             raise pending.error
         return pending.result  # type: ignore[no-any-return]
 
-    async def _read(self, fn: Callable[[Connection], T]) -> T:
+    async def _read(self, fn: Callable[[Connection], T], *, repeatable: bool = True) -> T:
+        """``fn`` on a reader session. ``repeatable`` (a read): a session idle since
+        before a server restart fails its first call, so a read gets one more try
+        on a fresh connection (else the first reads after an outage would fail,
+        one per reader). A write's outcome is unknown then: never repeated."""
         async with self._free:
             session = self._readers.pop()
             try:
+                stale = repeatable and session.connected
+                try:
+                    return await session.run(fn)
+                except StoreUnreachable:
+                    if not stale:
+                        raise
+                session.retries["connection"] = session.retries.get("connection", 0) + 1
                 return await session.run(fn)
+            except StoreUnreachable as exc:
+                self._unreachable(exc.reason)  # a read loses nothing: no `failures`
+                raise
             finally:
                 self._readers.append(session)
 
@@ -270,7 +295,7 @@ class PostgresStore:
             with conn.transaction():
                 return fn(conn)
 
-        return await self._read(run)
+        return await self._read(run, repeatable=False)
 
     async def run_flusher(self) -> None:
         """Commit every tick's writes as one batch, forever (P18)."""
@@ -305,8 +330,11 @@ class PostgresStore:
             _send_notifications(conn, tick)
             return results
 
+        began = time.monotonic()
         try:
             outcomes = await self.writer.run(run)
+            if self.on_batch is not None:
+                self.on_batch(time.monotonic() - began)
         except StoreUnreachable as exc:
             self._failed(exc.reason)
             for item in batch:
@@ -342,17 +370,26 @@ class PostgresStore:
     def _failed(self, reason: str) -> None:
         if self.error is None:
             log.error("store failure: writes not confirmed", extra={"reason": reason})
-            self.failing_since = utc_now()
+        self._unreachable(reason)
         self.error = reason
         self.failures += 1
         self._notify()
+
+    def _unreachable(self, reason: str) -> None:
+        if self.unreachable_since is None:
+            log.warning("store unreachable", extra={"reason": reason})
+            self.unreachable_since = utc_now()
 
     def _healthy(self) -> None:
         if self.error is not None:
             log.warning("store recovered", extra={"failures": self.failures})
             self.error = None
-            self.failing_since = None
             self._notify()
+
+    def reached(self) -> None:
+        """A good heartbeat (or a rejoin): the store answers and the leases hold (P6)."""
+        self._healthy()
+        self.unreachable_since = None
 
     def _notify(self) -> None:
         self._health_changed.set()
@@ -377,6 +414,10 @@ class PostgresStore:
         for session in (self.writer, *self._readers, self.ownership.session):
             session.close_now()
 
+    def sessions(self) -> tuple[Session, ...]:
+        """Every session this host holds but the listener's (P7)."""
+        return (self.writer, *self._readers, self.ownership.session)
+
     async def rename_sessions(self, application_name: str) -> None:
         """P3: after a rejoin, every session carries the new incarnation's name."""
         for session in (self.writer, *self._readers, self.ownership.session):
@@ -394,6 +435,29 @@ class PostgresStore:
             return int(row[0]), int(row[1])
 
         return await self._read(read)
+
+    async def channel_owners(self) -> dict[str, str | None]:
+        """Channel with an agent -> the live host holding its lease, or None (P26)."""
+
+        def read(conn: Connection) -> dict[str, str | None]:
+            rows = conn.execute(
+                "SELECT c.name, h.host_id FROM channels c "
+                "LEFT JOIN leases l ON l.name = c.name "
+                "LEFT JOIN hosts h ON (h.host_id, h.incarnation) = (l.owner, l.incarnation) "
+                "AND h.expires_at > now() WHERE c.agent IS NOT NULL"
+            ).fetchall()
+            return {str(name): owner for name, owner in rows}
+
+        return await self._read(read)
+
+    async def notify(self, channel: str, payload: str) -> None:
+        """``pg_notify(channel, payload)`` in the commit of this tick's batch (§0:
+        one notifying commit per tick; identical ones are sent once)."""
+
+        def write(conn: Connection, tick: _Tick) -> None:
+            tick.notify.add((channel, payload))
+
+        await self._write(write)
 
     def _fence_params(self, fence: Fence) -> dict[str, Any]:
         return {
@@ -827,7 +891,9 @@ class PostgresStore:
         self, messages: Sequence[Message], thread: ThreadRecord, fence: Fence
     ) -> list[Message]:
         """The start record and the messages `working` (one more attempt), in one
-        fenced statement; the stored ``started_at`` is the database's clock."""
+        fenced statement; the stored ``started_at`` is the database's clock, set
+        when the record is first written (a single-threaded conversation's
+        record keeps it across turns, R17, as the SQLite store does)."""
         started = ledger.started(messages, thread.id)
         params = {
             **self._fence_params(fence),
@@ -868,23 +934,30 @@ class PostgresStore:
             ON CONFLICT (id) DO UPDATE SET channel = excluded.channel,
                 status = excluded.status, input = excluded.input, output = excluded.output,
                 session = excluded.session, turn_count = excluded.turn_count,
-                usage = excluded.usage, started_at = excluded.started_at, ended_at = NULL,
+                usage = excluded.usage, ended_at = NULL,
                 message_id = excluded.message_id, host = excluded.host, fence = excluded.fence
             RETURNING {_ts("started_at")}
         )
         SELECT (SELECT * FROM t), (SELECT count(*) FROM m) + (SELECT count(*) FROM s),
-            (SELECT count(*) FROM f)
+            (SELECT count(*) FROM f),
+            (SELECT array_agg(extract(epoch FROM clock_timestamp() - created_at)::float8)
+             FROM messages WHERE id = ANY(%(ids)s) AND attempts = 0)
         """
+        waits: list[float] = []
 
         def start(conn: Connection, tick: _Tick) -> str | _Moved | None:
             row = conn.execute(statement.encode(), params).fetchone()
             assert row is not None
             if row[0] is None:
                 return _MOVED if row[2] else None
+            waits[:] = row[3] or []
             return str(row[0])
 
         started_at: str | _Moved = await self._fenced_write(fence, start)
         _check_moved(started_at, fence)
+        if self.on_wait is not None:
+            for wait in waits:  # P27: commit -> first start, both on the database clock
+                self.on_wait(wait)
         return started
 
     async def end_turn(

@@ -227,6 +227,8 @@ class SQLiteStore:
     ``path=":memory:"`` gives the same store without a file (benchmarks, unit tests).
     """
 
+    kind = "sqlite"
+
     def __init__(
         self,
         path: str | Path,
