@@ -108,6 +108,11 @@ async def test_pt1_two_hosts_one_owner_each_posts_to_the_non_owner(
             owned = {h["id"]: h["owned"] for h in view["hosts"] if h["alive"]}
             assert owned == {h: list(found.values()).count(h) for h in ("h1", "h2")}
             assert view["channels"] == {"owned": 10, "unowned": 0}
+        for url in urls.values():  # P28: agents gain their owner, the same on both hosts
+            listed = (await client.get(f"{url}/api/agents")).json()["agents"]
+            assert {a["name"]: a["owner"] for a in listed} == found
+            one = (await client.get(f"{url}/api/agents/c0")).json()
+            assert one["owner"] == found["c0"]
         health = (await client.get(f"{h2.url}/health")).json()  # P26
         assert health["store"]["kind"] == "postgres"
         assert health["host"]["id"] == "h2" and health["host"]["hosts_alive"] == 2

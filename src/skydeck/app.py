@@ -177,6 +177,7 @@ def create_app(
     *,
     health_extra: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     cluster_view: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+    agent_owners: Callable[[], Awaitable[dict[str, str | None]]] | None = None,
     max_body: int = MAX_BODY_BYTES,
     body_timeout_s: float = BODY_TIMEOUT_S,
     origins: OriginPolicy | None = None,
@@ -193,15 +194,21 @@ def create_app(
     policy = origins or OriginPolicy()
     api_document = openapi.document(max_body=max_body, body_timeout_s=body_timeout_s)
 
-    def agent_json(agent: AgentSpec) -> dict[str, Any]:
+    def agent_json(agent: AgentSpec, owners: dict[str, str | None] | None = None) -> dict[str, Any]:
         status, queued = registry.status(agent.name)
         effective = sandbox.effective(agent) if sandbox is not None else agent.sandbox or "off"
-        return {
+        body = {
             **agent.to_json(),
             "status": status,
             "queued": queued,
             "sandbox_effective": effective,
         }
+        if owners is not None:  # P28, on a cluster
+            body["owner"] = owners.get(agent.channel)
+        return body
+
+    async def read_owners() -> dict[str, str | None] | None:
+        return await agent_owners() if agent_owners is not None else None
 
     def checked(agent: AgentSpec) -> AgentSpec:
         """S2/S3: what only the daemon's sandbox settings can refuse."""
@@ -508,7 +515,8 @@ def create_app(
     @app.get("/api/agents")
     async def list_agents() -> Json:
         await registry.refresh_status()  # P24: channels run on another host
-        return {"agents": [agent_json(agent) for agent in registry.agents()]}
+        owners = await read_owners()
+        return {"agents": [agent_json(agent, owners) for agent in registry.agents()]}
 
     @app.post("/api/agents")
     async def create_agent() -> Json:
@@ -519,7 +527,7 @@ def create_app(
     @app.get("/api/agents/<name>")
     async def get_agent(name: str) -> Json:
         await registry.refresh_status()
-        return agent_json(registry.get(name))
+        return agent_json(registry.get(name), await read_owners())
 
     @app.patch("/api/agents/<name>")
     async def patch_agent(name: str) -> Json:

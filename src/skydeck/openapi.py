@@ -146,6 +146,15 @@ def record(cls: type, *, exclude: tuple[str, ...] = (), extra: Schema | None = N
     }
 
 
+def _with_optional(schema: Schema, optional: Schema, description: str) -> Schema:
+    """``schema`` with properties that only some answers carry."""
+    return {
+        **schema,
+        "properties": {**schema["properties"], **optional},
+        "description": description,
+    }
+
+
 def defaults(cls: type) -> dict[str, Any]:
     """The plain default of each field that has one (what a body may leave out)."""
     return {
@@ -451,7 +460,11 @@ def schemas() -> Schema:
             ("ok", "state"),
             description="a vault note tagged outbound: acknowledged, nothing runs",
         ),
-        "Agent": record(AgentSpec, extra=agent_extra),
+        "Agent": _with_optional(
+            record(AgentSpec, extra=agent_extra),
+            {"owner": nullable({"type": "string"})},
+            "owner (P28): the host holding the channel's lease, in GET answers on PostgreSQL",
+        ),
         "NewAgent": _object(
             agent, ("name", "channel"), allOf=[command_needs_argv, egress_needs_workspace]
         ),

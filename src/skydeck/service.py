@@ -487,6 +487,7 @@ class Service:
             self.scheduler,
             health_extra=self._health_extra,
             cluster_view=self.pg.view if self.pg is not None else None,
+            agent_owners=self.pg.owners if self.pg is not None else None,
             max_body=settings.max_body,
             body_timeout_s=settings.body_timeout_s,
             origins=settings.origin_policy(),

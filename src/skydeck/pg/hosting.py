@@ -130,11 +130,10 @@ class PgHost:
         owned = cluster.host.owned() if cluster is not None else {}
         store: dict[str, Any] = {"kind": "postgres", "url": redact(self.settings.store_url or "")}
         hosts_alive: int | None = None
-        owners: dict[str, str | None] = dict.fromkeys(owned, ownership.host_id)
         if self.store.unreachable_since is None:
             with contextlib.suppress(StoreUnreachable):
                 hosts_alive = sum(1 for host in await ownership.hosts() if host.alive)
-                owners = await self.store.channel_owners()
+        owners = await self.owners()
         since = self.store.unreachable_since  # a failed read above counts too
         if since is not None:
             store |= {"state": "unreachable", "since": since}
@@ -151,6 +150,16 @@ class PgHost:
             },
             "owners": owners,
         }
+
+    async def owners(self) -> dict[str, str | None]:
+        """Channel with an agent -> the live host holding its lease (P26, P28).
+        While the store is unreachable: this host for what it still runs (a read
+        would only wait for its timeout)."""
+        owned = self.cluster.host.owned() if self.cluster is not None else {}
+        if self.store.unreachable_since is None:
+            with contextlib.suppress(StoreUnreachable):
+                return await self.store.channel_owners()
+        return dict.fromkeys(owned, self.store.ownership.host_id)
 
     async def view(self) -> dict[str, Any]:
         """P28: `GET /api/cluster`."""
