@@ -257,3 +257,24 @@ async def test_p23_a_slot_fires_once_across_schedulers(pg_url: str, hosts: Opene
     assert len(sql(pg_url, "SELECT id FROM messages")) == 1
     (stored,) = await h2.list_jobs()
     assert (stored.last_slot, stored.last_message_id) == ("s1", first[0].id)
+
+
+async def test_p17_a_former_outbox_deliverer_is_fenced(pg_url: str, hosts: Opener) -> None:
+    """The outbox's deliveries are fenced by `role:vault-outbox`: once another host
+    holds the role, the former holder's done/failed change nothing."""
+    h1, h2 = await hosts("h1"), await hosts("h2")
+    role = "role:vault-outbox"
+    (first,) = [c for c in await h1.ownership.claim(3, roles=True) if c.lease.name == role]
+    old = h1.fence(role, first.lease.token)
+    seq = await h1.outbox_add("reply", {"message_id": "m"})
+    await h1.outbox_failed(seq, "503", old)  # the holder's writes land
+    sql(pg_url, "UPDATE hosts SET expires_at = now() WHERE host_id = 'h1'")
+    (taken,) = [c for c in await h2.ownership.claim(3, roles=True) if c.lease.name == role]
+    before = snapshot(pg_url)
+    with pytest.raises(FencedOut):
+        await h1.outbox_done(seq, old)
+    with pytest.raises(FencedOut):
+        await h1.outbox_failed(seq, "again", old)
+    assert snapshot(pg_url) == before
+    await h2.outbox_done(seq, h2.fence(role, taken.lease.token))
+    assert sql(pg_url, "SELECT count(*) FROM outbox") == [(0,)]

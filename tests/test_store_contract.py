@@ -65,8 +65,11 @@ async def under(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     pg: PostgresStore = await open_postgres(url, host_id="h1", ttl_s=10, readers=2)
 
     async def claimed(channel: str) -> Fence:
-        for item in await pg.ownership.claim(10, [channel]):
-            return pg.fence(item.lease.name, item.lease.token)
+        role = channel.startswith("role:")
+        wanted = None if role else [channel]
+        for item in await pg.ownership.claim(10, wanted, roles=role):
+            if item.lease.name == channel:
+                return pg.fence(item.lease.name, item.lease.token)
         raise AssertionError(f"{channel} could not be claimed")
 
     async with trio.open_nursery() as nursery:
@@ -263,9 +266,10 @@ async def test_outbox_and_processes(under: Under) -> None:
     store = under.store
     seq = await store.outbox_add("reply", {"id": "m1"})
     assert await store.outbox_count() == 1
-    await store.outbox_failed(seq, "503")
+    deliverer = await under.fence_for("role:vault-outbox")
+    await store.outbox_failed(seq, "503", deliverer)
     assert await store.outbox_items() == [(seq, "reply", {"id": "m1"}, 1)]
-    await store.outbox_done(seq)
+    await store.outbox_done(seq, deliverer)
     assert await store.outbox_count() == 0
     proc = ProcessRecord(pid=42, start_time=7, boot_id="b", agent="a", channel="a")
     await store.add_process(proc)

@@ -146,7 +146,7 @@ def attach(
 
         async def deliver(fence: Fence) -> None:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(vault.run_outbox)
+                nursery.start_soon(vault.run_outbox, fence)
                 while True:
                     await trio.sleep(OUTBOX_POLL_S)
                     vault.wake()

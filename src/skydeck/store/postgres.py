@@ -1215,20 +1215,35 @@ class PostgresStore:
 
         return await self._read(read)
 
-    async def outbox_failed(self, seq: int, error: str) -> None:
-        def write(conn: Connection, tick: _Tick) -> None:
-            conn.execute(
-                "UPDATE outbox SET attempts = attempts + 1, last_error = %s WHERE seq = %s",
-                (error, seq),
-            )
+    async def outbox_failed(self, seq: int, error: str, fence: Fence) -> None:
+        await self._outbox_write(
+            "UPDATE outbox SET attempts = attempts + 1, last_error = %(error)s "
+            "WHERE seq = %(seq)s AND EXISTS (SELECT 1 FROM f) RETURNING 1",
+            fence,
+            seq=seq,
+            error=error,
+        )
 
-        await self._write(write)
+    async def outbox_done(self, seq: int, fence: Fence) -> None:
+        await self._outbox_write(
+            "DELETE FROM outbox WHERE seq = %(seq)s AND EXISTS (SELECT 1 FROM f) RETURNING 1",
+            fence,
+            seq=seq,
+        )
 
-    async def outbox_done(self, seq: int) -> None:
-        def write(conn: Connection, tick: _Tick) -> None:
-            conn.execute("DELETE FROM outbox WHERE seq = %s", (seq,))
+    async def _outbox_write(self, statement: str, fence: Fence, **values: object) -> None:
+        """One fenced statement of the outbox's deliverer (P11, P17): a former
+        holder of `role:vault-outbox` (paused past its lease) changes nothing."""
+        params = {**self._fence_params(fence), **values}
 
-        await self._write(write)
+        def write(conn: Connection, tick: _Tick) -> bool | None:
+            row = conn.execute(
+                f"WITH {_FENCE}, w AS ({statement}) SELECT (SELECT count(*) FROM f)".encode(),
+                params,
+            ).fetchone()
+            return True if row and row[0] else None
+
+        await self._fenced_write(fence, write)
 
     async def outbox_count(self) -> int:
         def read(conn: Connection) -> int:

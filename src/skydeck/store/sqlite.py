@@ -517,14 +517,14 @@ class SQLiteStore:
         ).fetchall()
         return [(row[0], row[1], json.loads(row[2]), row[3]) for row in rows]
 
-    async def outbox_failed(self, seq: int, error: str) -> None:
+    async def outbox_failed(self, seq: int, error: str, fence: Fence) -> None:
         with self._tx(atomic=False) as db:
             db.execute(
                 "UPDATE outbox SET attempts = attempts + 1, last_error = ? WHERE seq = ?",
                 (error, seq),
             )
 
-    async def outbox_done(self, seq: int) -> None:
+    async def outbox_done(self, seq: int, fence: Fence) -> None:
         with self._tx(atomic=False) as db:
             db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
 

@@ -133,6 +133,7 @@ class VaultMirror:
         self.channels: set[str] = set()
         self.definitions: dict[str, str] = {}  # agent name -> definition note id
         self._wake = trio.Event()
+        self._outbox_fence = OUTBOX_FENCE
 
     def serves(self, channel: str) -> bool:
         return channel in self.channels
@@ -253,8 +254,15 @@ class VaultMirror:
         await self.store.outbox_add("clear_session", {"agent": agent.name, "mode": agent.mode})
         self._wake.set()
 
-    async def run_outbox(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Deliver what could not be delivered, oldest first, with backoff."""
+    async def run_outbox(
+        self,
+        fence: Fence = OUTBOX_FENCE,
+        *,
+        task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Deliver what could not be delivered, oldest first, with backoff, under
+        ``fence`` (on several hosts the lease of `role:vault-outbox`, P17)."""
+        self._outbox_fence = fence
         task_status.started()
         backoff = 1.0
         while True:
@@ -282,18 +290,18 @@ class VaultMirror:
             except StoreFailure:
                 raise
             except DeliveryError as exc:
-                await self.store.outbox_failed(seq, str(exc))
+                await self.store.outbox_failed(seq, str(exc), self._outbox_fence)
                 if exc.transient:
                     await self.store.flushed()
                     return True  # the vault is down: keep the order, wait, try again
                 log.error("vault refused an outbox item; dropped", extra={"kind": kind})
-                await self.store.outbox_done(seq)
+                await self.store.outbox_done(seq, self._outbox_fence)
                 continue
             except Exception:  # a bug in one item never stops the outbox or the daemon
                 log.exception("outbox item failed; dropped", extra={"kind": kind})
-                await self.store.outbox_done(seq)
+                await self.store.outbox_done(seq, self._outbox_fence)
                 continue
-            await self.store.outbox_done(seq)
+            await self.store.outbox_done(seq, self._outbox_fence)
         await self.store.flushed()
         return False
 
@@ -336,7 +344,7 @@ class VaultMirror:
             return
         inbound = await self.store.get_message(message.in_reply_to) if message.in_reply_to else None
         remote_id = await self.write_reply(message, inbound)
-        await self.store.set_remote_id(message, remote_id, OUTBOX_FENCE)
+        await self.store.set_remote_id(message, remote_id, self._outbox_fence)
 
     async def _redeliver_reply(self, payload: dict[str, Any]) -> None:
         """A reply that failed R20 lands at last: same turn, records back to ok,
@@ -352,18 +360,18 @@ class VaultMirror:
         # comes again. Only what is not delivered yet is delivered and moved.
         if "remote_id" not in reply.metadata:
             remote_id = await self.write_reply(reply, inbound)
-            await self.store.set_remote_id(reply, remote_id, OUTBOX_FENCE)
+            await self.store.set_remote_id(reply, remote_id, self._outbox_fence)
         undone = [
             m
             for m in await self.store.answered_by(reply.id)
             if m.state in (MessageState.FAILED, MessageState.WORKING)
         ]
-        await self.store.set_state(undone, MessageState.DONE, OUTBOX_FENCE)
+        await self.store.set_state(undone, MessageState.DONE, self._outbox_fence)
         # A single-threaded conversation's record may show a later turn by now:
         # only a record still showing this turn (and not ok yet) is flipped back to ok.
         if thread.message_id == inbound.id and thread.status is ThreadStatus.ERROR:
             thread = thread_moved(thread, ThreadStatus.OK, output=reply.content)
-            await self.store.rewrite_thread(thread, OUTBOX_FENCE)
+            await self.store.rewrite_thread(thread, self._outbox_fence)
             try:
                 await self.write_thread(thread, "end", inbound)
             except DeliveryError as exc:
