@@ -322,6 +322,28 @@ async def test_pt6_p4_three_start_together_on_an_empty_database(
         assert daemon.stop() == 0
 
 
+async def test_p4_a_running_host_too_old_for_the_store_drains_and_exits_3(
+    tmp_path: Path, pg_url: str, stop_all: list[DaemonProcess]
+) -> None:
+    h1 = DaemonProcess(
+        tmp_path / "h1",
+        "--no-demo",
+        "--store",
+        pg_url,
+        "--host-id",
+        "h1",
+        env={"SKYDECK_TEST_VERSION_CHECK_S": "0.2"},
+    )
+    stop_all.append(h1)
+    async with httpx.AsyncClient(timeout=10) as client:
+        assert (await client.get(f"{h1.url}/health")).status_code == 200
+        query(pg_url, "UPDATE meta SET value = '99' WHERE key = 'min_compatible' RETURNING key")
+        code = await trio.to_thread.run_sync(lambda: h1.proc.wait(timeout=15))
+    assert code == 3
+    log = (tmp_path / "h1-daemon.log").read_text()
+    assert "too old for the store" in log and "upgrade skydeck" in log
+
+
 async def test_pt7_store_outage_no_false_200_and_rejoin_without_restart(
     tmp_path: Path, stop_all: list[DaemonProcess]
 ) -> None:

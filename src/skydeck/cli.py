@@ -187,7 +187,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if isinstance(failure, ConfigError):  # the start failed: one line, no traceback (D8)
             raise CliError(str(failure), code=2) from None
         raise
-    return 0
+    return service.exit_code
 
 
 def cmd_agent(args: argparse.Namespace, client: Client) -> int:

@@ -376,6 +376,8 @@ class Service:
         else:
             self.store = SQLiteStore(self.db_path, on_dropped=self.metrics.dropped.inc)
         # P25: on a cluster the hub also relays turn events between hosts.
+        #: What `skydeck serve` exits with once `run` returns (3: too old for the store, P4).
+        self.exit_code = 0
         self.events: TurnEvents = self.pg.events if self.pg is not None else TurnEvents()
         workspaces = settings.data_dir / "workspaces"
         self.claude_bin = find_claude()
@@ -591,9 +593,14 @@ class Service:
                 if self.pg is not None and self.pg.cluster is not None:
                     cluster = self.pg.cluster
 
+                    pg = self.pg
+
                     async def run_cluster(task_status: TaskStatus[None]) -> None:
                         with cluster_scope:
-                            await cluster.run(task_status=task_status)
+                            async with trio.open_nursery() as loops:
+                                loops.start_soon(pg.watch_compatibility, self._too_old)
+                                await loops.start(cluster.run)
+                                task_status.started()
 
                     await nursery.start(run_cluster)
 
@@ -674,6 +681,13 @@ class Service:
     @property
     def stopping(self) -> bool:
         return self._stopped.is_set()
+
+    def _too_old(self, reason: str) -> None:
+        """P4: a newer skydeck raised the store's `min_compatible` past this
+        version: drain as for SIGTERM (R29), then exit 3."""
+        log.error("this skydeck is too old for the store; stopping", extra={"reason": reason})
+        self.exit_code = 3
+        self.stop()
 
     def stop(self) -> None:
         """Begin the graceful shutdown (R29); `run` returns once it is complete."""

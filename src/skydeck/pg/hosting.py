@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import trio
 from prometheus_client import CollectorRegistry, Gauge
 
 from .. import __version__
@@ -25,7 +27,7 @@ from .config import default_host_id
 from .driver import Listener, Timeouts, conninfo, redact
 from .ownership import HostInUse
 from .relay import ClusterEvents
-from .schema import SchemaError
+from .schema import SCHEMA_VERSION, SchemaError
 
 if TYPE_CHECKING:
     from ..registry import Registry
@@ -36,6 +38,10 @@ NO_LISTEN_ENV = "SKYDECK_TEST_NO_LISTEN"
 #: Test hook (P13): seconds between rebalancing rounds (default `cluster.REBALANCE_S`),
 #: so a test sees a joiner get its share without waiting half a minute.
 REBALANCE_ENV = "SKYDECK_TEST_REBALANCE_S"
+#: P4: how often a running host re-reads `meta.min_compatible`.
+VERSION_CHECK_S = 60.0
+#: Test hook (P4): that interval, shorter.
+VERSION_CHECK_ENV = "SKYDECK_TEST_VERSION_CHECK_S"
 
 
 @dataclass(slots=True)
@@ -150,6 +156,24 @@ class PgHost:
             },
             "owners": owners,
         }
+
+    async def watch_compatibility(self, too_old: Callable[[str], None]) -> None:
+        """P4: every `VERSION_CHECK_S`, re-read the oldest version allowed to serve
+        the store; once a newer skydeck has raised it past this one, say why to
+        ``too_old`` (which drains, R29, and exits 3) and stop watching."""
+        interval = float(os.environ.get(VERSION_CHECK_ENV, VERSION_CHECK_S))
+        while True:
+            await trio.sleep(interval)
+            try:
+                needed = await self.store.min_compatible()
+            except StoreUnreachable:
+                continue  # P6 handles the outage; look again next time
+            if needed > SCHEMA_VERSION:
+                too_old(
+                    f"the store now needs skydeck with schema {needed} or later "
+                    f"(this is {SCHEMA_VERSION}); upgrade skydeck"
+                )
+                return
 
     async def owners(self) -> dict[str, str | None]:
         """Channel with an agent -> the live host holding its lease (P26, P28).

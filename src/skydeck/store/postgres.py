@@ -436,6 +436,15 @@ class PostgresStore:
 
         return await self._read(read)
 
+    async def min_compatible(self) -> int:
+        """The oldest schema version allowed to serve this store (P4's re-read)."""
+
+        def read(conn: Connection) -> int:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'min_compatible'").fetchone()
+            return int(row[0]) if row else 0
+
+        return await self._read(read)
+
     async def channel_owners(self) -> dict[str, str | None]:
         """Channel with an agent -> the live host holding its lease, or None (P26)."""
 
