@@ -189,7 +189,7 @@ async def test_an_owner_relays_only_watched_channels_and_nothing_past_its_deadli
                 assert await heard() == []
                 assert relay_counts(generate_latest(metrics).decode()) == {
                     "sent": 1,
-                    "dropped": 1,
+                    "discarded": 1,
                 }
             nursery.cancel_scope.cancel()
     finally:

@@ -225,7 +225,7 @@ class ClusterEvents(TurnEvents):
         self.counts = Counter(
             "skydeck_relay_events",
             "Turn events relayed between hosts (P25), by outcome: sent and spilled (of the "
-            "sent) by this owner, dropped (not sent: store refused, too many buffered, past "
+            "sent) by this owner, discarded (not sent: store refused, too many buffered, past "
             "the lease deadline; or not queued here on receipt), stale (received under a "
             "lower token)",
             ["outcome"],
@@ -252,7 +252,7 @@ class ClusterEvents(TurnEvents):
         if fence is None:
             return
         if len(self._pending) >= MAX_PENDING:
-            self.counts.labels("dropped").inc()
+            self.counts.labels("discarded").inc()
             return
         self._pending.append(Outgoing(channel, fence.token, event))
         self._dirty.set()
@@ -302,7 +302,7 @@ class ClusterEvents(TurnEvents):
             try:
                 self._inbox_send.send_nowait(payload)
             except trio.WouldBlock:
-                self.counts.labels("dropped").inc()
+                self.counts.labels("discarded").inc()
 
     # -- the loops --------------------------------------------------------------------
 
@@ -328,7 +328,7 @@ class ClusterEvents(TurnEvents):
         """One transaction on the control session: the spills, then every notification."""
         if not self.store.ownership.alive():
             # P10: past the deadline this host is no channel's source.
-            self.counts.labels("dropped").inc(len(batch))
+            self.counts.labels("discarded").inc(len(batch))
             return
         notices = plan(batch, self.serial)
         self.serial += len(notices)
@@ -348,7 +348,7 @@ class ClusterEvents(TurnEvents):
         try:
             await self.store.ownership.session.run(send)
         except StoreUnreachable as exc:
-            self.counts.labels("dropped").inc(len(batch))
+            self.counts.labels("discarded").inc(len(batch))
             log.warning(
                 "turn events not relayed", extra={"events": len(batch), "reason": exc.reason}
             )
