@@ -227,6 +227,34 @@ async def test_pt4_sigterm_hands_over_in_a_second_and_loses_nothing(
     assert set(acked) <= stored  # no acknowledged message lost
 
 
+async def test_pt6_without_fast_failover_a_killed_hosts_channels_move_after_the_ttl(
+    tmp_path: Path, pg_url: str, stop_all: list[DaemonProcess]
+) -> None:
+    """P16 off: a SIGKILLed host is only found when its row expires, TTL after its
+    last heartbeat (which was at most TTL/4 before the kill), plus one scan."""
+    h1, h2 = (host(tmp_path, pg_url, h, "--no-fast-failover") for h in ("h1", "h2"))
+    stop_all += [h1, h2]
+    names = [f"c{i}" for i in range(6)]
+    await create_echo_agents(h1.url, names)
+    found = await wait_for_owners(pg_url, 6)
+    orphans = [c for c, owner in found.items() if owner == "h1"]
+    assert orphans  # share 3 each: h1 holds some
+    ((killed_at,),) = query(pg_url, "SELECT extract(epoch FROM clock_timestamp())::float8")
+    h1.kill()
+    with trio.fail_after(15):
+        while any(owners(pg_url).get(c) != "h2" for c in orphans):
+            await trio.sleep(0.05)
+    moved = query(
+        pg_url,
+        "SELECT max(extract(epoch FROM acquired_at))::float8 FROM leases WHERE name = ANY(%s)",
+        orphans,
+    )
+    after = float(str(moved[0][0])) - float(str(killed_at))
+    ttl, scan = float(TTL), 0.5
+    print(f"PT6 no fast failover: moved {after:.2f} s after SIGKILL (TTL {ttl:g} s)")
+    assert ttl - ttl / 4 <= after <= ttl + scan + 0.5  # not before the row expired
+
+
 async def test_pt6_identity_restart_and_unreachable_store(
     tmp_path: Path, pg_url: str, stop_all: list[DaemonProcess]
 ) -> None:
