@@ -4,12 +4,14 @@ identity: P1, P3, P4, P5)."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import subprocess
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import psycopg
@@ -19,6 +21,9 @@ import trio
 from daemon_process import SKYDECK, DaemonProcess, clean_env
 from pg import PgCluster
 from skydeck.pg.driver import redact
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
 
 pytestmark = pytest.mark.slow
 
@@ -513,24 +518,45 @@ async def test_pt10_definitions_reach_every_host_and_a_delete_cancels_the_owner(
                     await trio.sleep(0.01)
             lags.append(time.monotonic() - started)
         print(f"PT10 definition lag: max {max(lags) * 1000:.0f} ms")
-        posted = await client.post(
-            f"{daemons[other].url}/api/channels/slow/messages", json={"content": "x"}
-        )
-        message_id = posted.json()["id"]
-        with trio.fail_after(5):
-            while query(pg_url, "SELECT state FROM messages WHERE id = %s", message_id) != [
-                ("working",)
-            ]:
-                await trio.sleep(0.05)
-        # R26/P22: a DELETE on the non-owner cancels the owner's running turn within 1 s.
-        assert (await client.delete(f"{daemons[other].url}/api/agents/slow")).status_code == 200
-        deleted = time.monotonic()
-        with trio.fail_after(1.0):
-            while query(pg_url, "SELECT state FROM messages WHERE id = %s", message_id) != [
-                ("cancelled",)
-            ]:
-                await trio.sleep(0.02)
-        print(f"PT10 delete -> cancelled: {(time.monotonic() - deleted) * 1000:.0f} ms")
+        seen: list[dict[str, object]] = []
+        removed = trio.Event()
+
+        async def viewer(task_status: TaskStatus[None]) -> None:
+            """On the non-owner: the owner's events arrive relayed (P25)."""
+            url = f"{daemons[other].url}/api/channels/slow/turn-events"
+            async with client.stream("GET", url, timeout=httpx.Timeout(30, read=None)) as stream:
+                async for line in stream.aiter_lines():
+                    if line.startswith(": subscribed"):
+                        task_status.started()
+                    elif line.startswith("data: "):
+                        seen.append(json.loads(line[len("data: ") :]))
+                        if seen[-1]["kind"] == "error":
+                            removed.set()
+                            return
+
+        async with trio.open_nursery() as viewers:
+            await viewers.start(viewer)
+            posted = await client.post(
+                f"{daemons[other].url}/api/channels/slow/messages", json={"content": "x"}
+            )
+            message_id = posted.json()["id"]
+            with trio.fail_after(5):
+                while query(pg_url, "SELECT state FROM messages WHERE id = %s", message_id) != [
+                    ("working",)
+                ]:
+                    await trio.sleep(0.05)
+            # R26/P22: a DELETE on the non-owner cancels the owner's running turn within 1 s.
+            assert (await client.delete(f"{daemons[other].url}/api/agents/slow")).status_code == 200
+            deleted = time.monotonic()
+            with trio.fail_after(1.0):
+                while query(pg_url, "SELECT state FROM messages WHERE id = %s", message_id) != [
+                    ("cancelled",)
+                ]:
+                    await trio.sleep(0.02)
+            print(f"PT10 delete -> cancelled: {(time.monotonic() - deleted) * 1000:.0f} ms")
+            with trio.fail_after(2.0):  # the viewer on the other host sees the removal
+                await removed.wait()
+        assert "agent removed" in str(seen[-1].get("error")), seen
     for daemon in daemons.values():
         assert daemon.stop() == 0
 

@@ -136,6 +136,9 @@ class Registry:
         self._idle = trio.Event()
         self._by_name: dict[str, ChannelTask] = {}
         self._by_channel: dict[str, ChannelTask] = {}
+        #: Channels being deregistered, while their running turn is cancelled: its
+        #: last events (`error agent removed`) are still this host's to relay (P25).
+        self._leaving: dict[str, Fence] = {}
         self._nursery: trio.Nursery | None = None
 
     # -- lifetime -----------------------------------------------------------------
@@ -422,7 +425,11 @@ class Registry:
         task = self._by_name.pop(name)
         del self._by_channel[task.agent.channel]
         if task.turn is not None:
-            await task.turn.cancel(REMOVED_REASON)
+            self._leaving[task.agent.channel] = task.fence
+            try:
+                await task.turn.cancel(REMOVED_REASON)
+            finally:
+                del self._leaving[task.agent.channel]
         task.scope.cancel()
         task.send.close()
         release_agent(self.deps.backends, name, REMOVED_REASON)  # W15
@@ -492,8 +499,12 @@ class Registry:
     # -- a cluster's channels (pg.cluster.ChannelHost; ``clustered`` only) -----------
 
     def owned(self) -> dict[str, Fence]:
-        """Channel -> the fence its task holds: what this host runs."""
-        return {channel: task.fence for channel, task in self._by_channel.items()}
+        """Channel -> the fence its task holds: what this host runs (a channel
+        whose running turn is being cancelled by its removal included)."""
+        return {
+            **self._leaving,
+            **{channel: task.fence for channel, task in self._by_channel.items()},
+        }
 
     async def adopt(self, channel: str, fence: Fence, interrupted_by: str | None = None) -> None:
         """This host just claimed ``channel``: run its task under ``fence``,
