@@ -285,3 +285,30 @@ async def test_p7_a_paused_client_s_row_locks_are_freed_by_the_idle_timeout(
         store.close()
     assert 1.5 < freed_after[0] < 2 + 1, freed_after
     print(f"P7: row lock freed {freed_after[0]:.2f} s into the pause")
+
+
+async def test_p7_a_statement_or_lock_timeout_is_an_unreachable_store(pg_url: str) -> None:
+    """P7's own timeouts leave the session usable, but the call did not happen:
+    the caller sees `StoreUnreachable` (a heartbeat fences itself, a post gets
+    P6's 503), not a raw psycopg error that would end the daemon."""
+    store = await open_postgres(pg_url, host_id="h1", ttl_s=4.0, readers=1)
+
+    def slow(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+        conn.execute("SET LOCAL statement_timeout = '50ms'")
+        conn.execute("SELECT pg_sleep(1)")
+
+    def locked(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+        conn.execute("SET LOCAL lock_timeout = '50ms'")
+        conn.execute("SELECT 1 FROM hosts WHERE host_id = 'h1' FOR UPDATE")
+
+    try:
+        with pytest.raises(StoreUnreachable, match="statement timeout"):
+            await store.writer.run(slow)
+        with psycopg.connect(pg_url) as holder:  # another session holds the row
+            holder.execute("SELECT 1 FROM skydeck.hosts WHERE host_id = 'h1' FOR UPDATE")
+            with pytest.raises(StoreUnreachable, match="lock timeout"):
+                await store.writer.run(locked)
+        # The session itself is fine: the next call goes through.
+        assert await store.writer.run(lambda conn: conn.execute("SELECT 1").fetchone()) == (1,)
+    finally:
+        store.close()

@@ -47,6 +47,11 @@ RETRYABLE = {"40P01": "deadlock", "40001": "serialization"}
 #: in transaction timeout (P7: a paused host's batch), a terminated backend, a
 #: server shutting down. The store is unreachable for this call, not refusing a write.
 SESSION_ENDED = {"25P03", "57P01", "57P02", "57P03"}
+#: SQLSTATEs of P7's own timeouts: `statement_timeout` (57014) and `lock_timeout`
+#: (55P03). The session stays usable, but the call did not happen: as for a lost
+#: connection, the caller sees an unreachable store (a heartbeat fences itself in
+#: time, a post gets P6's 503), never a raw database error that ends the daemon.
+TIMED_OUT = {"57014", "55P03"}
 
 
 def is_postgres_url(url: str) -> bool:
@@ -162,6 +167,8 @@ class Session:
                 )
                 if reason is None and (lost or exc.sqlstate in SESSION_ENDED):
                     self._drop()
+                    raise StoreUnreachable(describe(exc)) from exc
+                if exc.sqlstate in TIMED_OUT:  # the session is fine; the store was too slow
                     raise StoreUnreachable(describe(exc)) from exc
                 raise
             except BaseException:
