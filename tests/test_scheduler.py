@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -12,7 +15,11 @@ from helpers import OpenStore, ScriptBackend, agent, running_registry
 from skydeck.model import Job, Message
 from skydeck.registry import Registry
 from skydeck.scheduler import Scheduler, TrioWallClock
-from skydeck.store import Store
+from skydeck.store import Fence, Store
+from skydeck.store.sqlite import SQLiteStore
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
 
 EPOCH = datetime(2026, 1, 1, 0, 0, 30, tzinfo=UTC)  # virtual t=0 is 00:00:30 UTC
 DAY = 86_400
@@ -233,3 +240,27 @@ async def test_run_now_posts_at_once_and_counts_as_the_previous_run(
         assert accepted.message.metadata["job"] == "j"
         await trio.sleep(1)
         assert (await scheduler.get("j")).last_outcome == "done"
+
+
+async def test_a_former_tenure_unwinding_late_keeps_its_successors_fence(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """P23 on one scheduler object: the role was lost and taken again while the old
+    task had not finished unwinding; when it does, the new tenure's fence stays."""
+    store = SQLiteStore(tmp_path / "skydeck.db")
+    old, new = Fence("role:scheduler", 1), Fence("role:scheduler", 2)
+    async with running_registry(store) as registry, trio.open_nursery() as nursery:
+        scheduler = Scheduler(store, registry, TrioWallClock(EPOCH))
+        first = trio.CancelScope()
+
+        async def first_tenure(task_status: TaskStatus[None]) -> None:
+            with first:
+                await scheduler.run(fence=old, task_status=task_status)
+
+        await nursery.start(first_tenure)
+        await nursery.start(partial(scheduler.run, fence=new))
+        first.cancel()  # the old task unwinds only now
+        await trio.sleep(1)
+        assert scheduler.fence is new
+        nursery.cancel_scope.cancel()
+    store.close()

@@ -52,6 +52,9 @@ if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
 log = logging.getLogger(__name__)
+#: After a store failure in a fire, wait this long before trying again (a failed
+#: read does not move `store.failures`, so nothing else would slow the loop).
+FIRE_RETRY_S = 0.5
 
 
 class WallClock(Protocol):
@@ -207,8 +210,12 @@ class Scheduler:
             await self._load()
             await self._loop(task_status)
         finally:
-            self._running = False
-            self.fence = None
+            # A former tenure unwinding late (its task was stuck in a thread call
+            # while the role was lost and taken again) must not clear its
+            # successor's fence: that would fire the next slots unfenced.
+            if self.fence is fence:
+                self._running = False
+                self.fence = None
 
     async def _loop(self, task_status: TaskStatus[None]) -> None:
         async with trio.open_nursery() as nursery:
@@ -229,6 +236,7 @@ class Scheduler:
                     await self._fire_due(self.clock.now())
                 except StoreFailure as exc:
                     log.warning("job not fired: the store failed", extra={"reason": exc.reason})
+                    await trio.sleep(FIRE_RETRY_S)  # a failing read does not move the epoch
                     continue
                 self._changed = trio.Event()
                 if self._reload:  # a job changed on some host (P22): read them again
