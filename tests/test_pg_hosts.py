@@ -289,6 +289,15 @@ def test_pt6_p1_p5_bad_urls_and_no_password_shown(tmp_path: Path, pg_url: str) -
     assert gone.returncode == 2
     assert "cannot reach the store at postgresql://skydeck@/" in gone.stderr
     assert "hunter2" not in gone.stderr
+    # libpq's own parse error quotes the password; the daemon and `migrate` do not.
+    malformed = "postgresql://skydeck:pa%zzss@/db"
+    for command in (["serve", "--store"], ["migrate", "--store"]):
+        refused = subprocess.run(
+            [SKYDECK, *command, malformed], capture_output=True, text=True, env=clean_env()
+        )
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr.strip().endswith("is not a valid libpq URL"), refused.stderr
+        assert "zzss" not in refused.stderr and "Traceback" not in refused.stderr
 
 
 async def test_pt6_p5_waits_for_a_store_that_comes_up(

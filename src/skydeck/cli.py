@@ -359,7 +359,11 @@ def cmd_tail(args: argparse.Namespace, client: Client) -> int:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     """P4: migrate a PostgreSQL store without serving it (what --no-migrate points to)."""
-    if not args.store_url or store_config.store_kind(args.store_url) != "postgres":
+    try:
+        kind = store_config.store_kind(args.store_url)
+    except store_config.StoreConfigError as exc:
+        raise CliError(str(exc), code=2) from None
+    if kind != "postgres":
         raise CliError("skydeck migrate needs --store postgres://... (or SKYDECK_STORE_URL)")
     import psycopg
 

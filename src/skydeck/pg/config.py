@@ -99,10 +99,25 @@ def store_kind(url: str | None) -> str:
     if scheme in POSTGRES_SCHEMES:
         if importlib.util.find_spec("psycopg") is None:
             raise StoreConfigError(MISSING_DRIVER)
+        _check_libpq_url(url)
         return "postgres"
     raise StoreConfigError(
         f"--store must be sqlite:///ABS/PATH or a postgres:// URL, not a {scheme or 'bare'} URL"
     )
+
+
+def _check_libpq_url(url: str) -> None:
+    """P1: a URL libpq cannot parse is refused here, in one line that shows it
+    redacted; libpq's own message may quote the password (``invalid
+    percent-encoded token: "pa%zzss"``)."""
+    import psycopg
+
+    from .driver import redact
+
+    try:
+        psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        raise StoreConfigError(f"--store {redact(url)} is not a valid libpq URL") from None
 
 
 def sqlite_path(url: str) -> str:
