@@ -42,7 +42,7 @@ from skydeck.pg.cluster import CHANNELS, Cluster
 from skydeck.pg.driver import Listener, Timeouts, conninfo
 from skydeck.pg.ownership import application_name
 from skydeck.registry import Registry, build_registry
-from skydeck.store import Store
+from skydeck.store import Fence, Store
 from skydeck.store.postgres import PostgresStore
 from skydeck.store.sqlite import SQLiteStore
 from skydeck.transports.base import Mirror
@@ -149,16 +149,16 @@ class FlakyMirror:
     async def read_session(self, agent: AgentSpec) -> str | None:
         return None
 
-    async def queue_callback(self, callback: Inbound) -> None:
+    async def queue_callback(self, callback: Inbound, fence: Fence) -> None:
         self.callbacks.append(callback)
 
-    async def defer_reply(self, reply: Message, thread: ThreadRecord) -> None:
+    async def defer_reply(self, reply: Message, thread: ThreadRecord, fence: Fence) -> None:
         self.deferred.append(reply)
 
     async def clear_session(self, agent: AgentSpec) -> None:
         pass
 
-    async def queue_notify(self, message: Message) -> None:
+    async def queue_notify(self, message: Message, fence: Fence) -> None:
         self.deferred.append(message)
 
 

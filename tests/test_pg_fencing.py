@@ -113,6 +113,8 @@ async def test_pt12_a_stale_owner_is_fenced_and_the_new_owner_replays(
         await h1.set_remote_id(started[0], "remote", old)
     with pytest.raises(FencedOut):
         await h1.claim_open("c", old)
+    with pytest.raises(FencedOut):  # a deferred reply or callback of the stale turn
+        await h1.outbox_add("reply", {"message_id": started[0].id}, old)
     assert snapshot(pg_url) == before
 
     # P15: the orphaned record ended at the claim; the replay counts a second attempt.
@@ -266,7 +268,7 @@ async def test_p17_a_former_outbox_deliverer_is_fenced(pg_url: str, hosts: Opene
     role = "role:vault-outbox"
     (first,) = [c for c in await h1.ownership.claim(3, roles=True) if c.lease.name == role]
     old = h1.fence(role, first.lease.token)
-    seq = await h1.outbox_add("reply", {"message_id": "m"})
+    seq = await h1.outbox_add("reply", {"message_id": "m"}, None)
     await h1.outbox_failed(seq, "503", old)  # the holder's writes land
     sql(pg_url, "UPDATE hosts SET expires_at = now() WHERE host_id = 'h1'")
     (taken,) = [c for c in await h2.ownership.claim(3, roles=True) if c.lease.name == role]

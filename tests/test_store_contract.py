@@ -264,7 +264,7 @@ async def test_jobs_and_a_fired_slot(under: Under) -> None:
 
 async def test_outbox_and_processes(under: Under) -> None:
     store = under.store
-    seq = await store.outbox_add("reply", {"id": "m1"})
+    seq = await store.outbox_add("reply", {"id": "m1"}, await agent(under))
     assert await store.outbox_count() == 1
     deliverer = await under.fence_for("role:vault-outbox")
     await store.outbox_failed(seq, "503", deliverer)

@@ -445,7 +445,7 @@ class Turn:
             if refused.transient and reply is not None and self.mirror is not None:
                 # The reply is safe in the local store; the outbox keeps trying to
                 # deliver it, and turns the records to ok when it lands.
-                await self._guard("outbox", self.mirror.defer_reply, reply, self.thread)
+                await self._guard("outbox", self.mirror.defer_reply, reply, self.thread, self.fence)
         elif self._unsettled is not None:
             self.messages = await store.set_state(
                 self.messages, outcome.state, self.fence, outcome.error
@@ -473,7 +473,7 @@ class Turn:
             log.exception("settling the stopped turn failed", extra={"channel": self.channel})
             return
         if outcome.ok and reply is not None and self.mirror is not None:
-            await self._guard("outbox", self.mirror.defer_reply, reply, self.thread)
+            await self._guard("outbox", self.mirror.defer_reply, reply, self.thread, self.fence)
 
     async def _mirror_reply(
         self, reply: Message | None, outcome: Outcome
@@ -528,7 +528,7 @@ class Turn:
             remote=serves,
         ):
             if remote and mirror is not None:
-                await self._guard("callback", mirror.queue_callback, inbound)
+                await self._guard("callback", mirror.queue_callback, inbound, self.fence)
             else:
                 await self._guard("callback", self.submit, inbound)
 

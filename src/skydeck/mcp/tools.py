@@ -495,10 +495,11 @@ class Toolbox:
     async def _notify(self, call: Invocation, args: dict[str, Any]) -> dict[str, Any]:
         with self._post_slot(call):
             grant = call.caller.grant
+            fence = grant.fence if grant is not None else Fence.local(call.channel)
             message = await self.store.add_outbound(
                 call.channel,
                 args["content"],
-                grant.fence if grant is not None else Fence.local(call.channel),
+                fence,
                 metadata={"notify": "true"},
                 in_reply_to=grant.message_id if grant is not None else None,
                 thread_id=grant.thread_id if grant is not None else None,
@@ -515,7 +516,7 @@ class Toolbox:
             log.exception("notify event failed", extra={"channel": call.channel})
         mirror = self.registry.deps.mirror
         if mirror is not None and mirror.serves(call.channel):
-            await mirror.queue_notify(message)  # written there like a reply, from the outbox
+            await mirror.queue_notify(message, fence)  # written there like a reply, from the outbox
             await self.store.flushed()
         return {"id": message.id, "channel": call.channel}
 

@@ -1204,16 +1204,32 @@ class PostgresStore:
 
     # -- outbox (fenced by role:vault-outbox, P17) ------------------------------------
 
-    async def outbox_add(self, kind: str, payload: dict[str, Any]) -> int:
-        def write(conn: Connection, tick: _Tick) -> int:
-            row = conn.execute(
-                "INSERT INTO outbox (kind, payload) VALUES (%s, %s) RETURNING seq",
-                (kind, json.dumps(payload)),
-            ).fetchone()
-            assert row is not None
-            return int(row[0])
+    async def outbox_add(self, kind: str, payload: dict[str, Any], fence: Fence | None) -> int:
+        """A row for the outbox's deliverer; a turn's (``fence``) only while its
+        lease holds (P11, PT12)."""
+        if fence is None:
 
-        return await self._write(write)
+            def write(conn: Connection, tick: _Tick) -> int:
+                row = conn.execute(
+                    "INSERT INTO outbox (kind, payload) VALUES (%s, %s) RETURNING seq",
+                    (kind, json.dumps(payload)),
+                ).fetchone()
+                assert row is not None
+                return int(row[0])
+
+            return await self._write(write)
+        params = {**self._fence_params(fence), "kind": kind, "payload": json.dumps(payload)}
+
+        def fenced(conn: Connection, tick: _Tick) -> int | None:
+            row = conn.execute(
+                f"WITH {_FENCE}, o AS (INSERT INTO outbox (kind, payload) "
+                "SELECT %(kind)s, %(payload)s WHERE EXISTS (SELECT 1 FROM f) RETURNING seq) "
+                "SELECT (SELECT seq FROM o)".encode(),
+                params,
+            ).fetchone()
+            return int(row[0]) if row and row[0] is not None else None
+
+        return await self._fenced_write(fence, fenced)
 
     async def outbox_items(self) -> list[tuple[int, str, dict[str, Any], int]]:
         def read(conn: Connection) -> list[tuple[int, str, dict[str, Any], int]]:

@@ -504,7 +504,7 @@ class SQLiteStore:
 
     # -- outbox: mirror writes that must not be lost -------------------------------
 
-    async def outbox_add(self, kind: str, payload: dict[str, Any]) -> int:
+    async def outbox_add(self, kind: str, payload: dict[str, Any], fence: Fence | None) -> int:
         with self._tx(atomic=False) as db:
             cursor = db.execute(
                 "INSERT INTO outbox (kind, payload) VALUES (?, ?)", (kind, json.dumps(payload))

@@ -17,6 +17,7 @@ import trio
 
 from ..errors import DeliveryError
 from ..model import AgentSpec, Inbound, Message, ThreadRecord
+from ..store import Fence
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +46,12 @@ class Mirror(Protocol):
 
     async def read_session(self, agent: AgentSpec) -> str | None: ...
 
-    async def queue_callback(self, callback: Inbound) -> None:
-        """R22a: a callback for a sender served there; written from a durable outbox."""
+    async def queue_callback(self, callback: Inbound, fence: Fence) -> None:
+        """R22a: a callback for a sender served there; written from a durable outbox
+        (its row under the finishing turn's ``fence``, P11)."""
         ...
 
-    async def defer_reply(self, reply: Message, thread: ThreadRecord) -> None:
+    async def defer_reply(self, reply: Message, thread: ThreadRecord, fence: Fence) -> None:
         """Keep retrying a reply that could not be written now (durable outbox)."""
         ...
 
@@ -57,7 +59,7 @@ class Mirror(Protocol):
         """R27 there too (durable outbox)."""
         ...
 
-    async def queue_notify(self, message: Message) -> None:
+    async def queue_notify(self, message: Message, fence: Fence) -> None:
         """mcp.md M17: a `notify` message, written there like a reply (durable outbox)."""
         ...
 
@@ -141,21 +143,21 @@ class Mirrors:
                 return session
         return None
 
-    async def queue_callback(self, callback: Inbound) -> None:
+    async def queue_callback(self, callback: Inbound, fence: Fence) -> None:
         for mirror in self.mirrors:
             if mirror.takes_callbacks(callback.channel):
-                await mirror.queue_callback(callback)
+                await mirror.queue_callback(callback, fence)
                 return
 
-    async def defer_reply(self, reply: Message, thread: ThreadRecord) -> None:
+    async def defer_reply(self, reply: Message, thread: ThreadRecord, fence: Fence) -> None:
         self._written.pop(reply.id, None)
         for mirror in self._serving(reply.channel):
-            await mirror.defer_reply(reply, thread)
+            await mirror.defer_reply(reply, thread, fence)
 
     async def clear_session(self, agent: AgentSpec) -> None:
         for mirror in self._serving(agent.channel):
             await mirror.clear_session(agent)
 
-    async def queue_notify(self, message: Message) -> None:
+    async def queue_notify(self, message: Message, fence: Fence) -> None:
         for mirror in self._serving(message.channel):
-            await mirror.queue_notify(message)
+            await mirror.queue_notify(message, fence)

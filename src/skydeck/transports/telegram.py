@@ -699,17 +699,17 @@ class TelegramMirror:
     async def read_session(self, agent: AgentSpec) -> str | None:
         return None
 
-    async def queue_callback(self, callback: Inbound) -> None:
+    async def queue_callback(self, callback: Inbound, fence: Fence) -> None:
         raise AssertionError("TelegramMirror takes no callbacks")  # takes_callbacks is False
 
-    async def defer_reply(self, reply: Message, thread: ThreadRecord) -> None:
+    async def defer_reply(self, reply: Message, thread: ThreadRecord, fence: Fence) -> None:
         """Nothing to do: the rows are queued already, and the sender settles the
         turn when they land (`settle_late`)."""
 
     async def clear_session(self, agent: AgentSpec) -> None:
         """Telegram keeps no session."""
 
-    async def queue_notify(self, message: Message) -> None:
+    async def queue_notify(self, message: Message, fence: Fence) -> None:
         """mcp.md M17: a progress message goes where the turn's reply will (the
         origin chat, threaded; else the `deliver: all` links), through the outbox,
         and never settles the turn."""

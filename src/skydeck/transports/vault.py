@@ -232,26 +232,28 @@ class VaultMirror:
 
     # -- the outbox ---------------------------------------------------------------
 
-    async def queue_callback(self, callback: Inbound) -> None:
+    async def queue_callback(self, callback: Inbound, fence: Fence) -> None:
         payload = {
             "channel": callback.channel,
             "content": callback.content,
             "metadata": callback.metadata,
         }
-        await self.store.outbox_add("callback", payload)
+        await self.store.outbox_add("callback", payload, fence)
         self._wake.set()
 
-    async def defer_reply(self, reply: Message, thread: ThreadRecord) -> None:
-        await self.store.outbox_add("reply", {"message_id": reply.id, "thread_id": thread.id})
+    async def defer_reply(self, reply: Message, thread: ThreadRecord, fence: Fence) -> None:
+        payload = {"message_id": reply.id, "thread_id": thread.id}
+        await self.store.outbox_add("reply", payload, fence)
         self._wake.set()
 
-    async def queue_notify(self, message: Message) -> None:
-        await self.store.outbox_add("notify", {"message_id": message.id})
+    async def queue_notify(self, message: Message, fence: Fence) -> None:
+        await self.store.outbox_add("notify", {"message_id": message.id}, fence)
         self._wake.set()
 
     async def clear_session(self, agent: AgentSpec) -> None:
         """R27 for a vault agent: the thread note's session is cleared too."""
-        await self.store.outbox_add("clear_session", {"agent": agent.name, "mode": agent.mode})
+        payload = {"agent": agent.name, "mode": agent.mode}
+        await self.store.outbox_add("clear_session", payload, None)  # R27: no turn
         self._wake.set()
 
     async def run_outbox(
