@@ -12,6 +12,7 @@ import pytest
 import trio
 import trio.testing
 
+from daemon_process import DaemonProcess
 from helpers import THREAD_HOPS, OpenStore
 from pg import PgCluster, start_cluster
 from skydeck.service import Service, Settings
@@ -86,6 +87,16 @@ async def daemon_on_both(request: pytest.FixtureRequest, tmp_path: Path) -> Asyn
         settings.host_id = "h1"
     async with serving(settings) as daemon:
         yield daemon
+
+
+@pytest.fixture
+def stop_all() -> Iterator[list[DaemonProcess]]:
+    """Real daemons a test started: any still running at its end is killed."""
+    daemons: list[DaemonProcess] = []
+    yield daemons
+    for daemon in daemons:
+        if daemon.proc.poll() is None:
+            daemon.kill()
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import trio
 
 from daemon_process import DaemonProcess
 from skydeck.pg.cluster import share
-from test_pg_hosts import host, owners, stop_all  # noqa: F401 (fixture)
+from test_pg_hosts import owners
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +69,7 @@ async def settle(url: str, hosts: list[str], total: int, timeout: float) -> dict
 async def test_pt2_a_joiner_takes_only_echo_channels_without_shared_workspaces(
     tmp_path: Path,
     pg_url: str,
-    stop_all: list[DaemonProcess],  # noqa: F811
+    stop_all: list[DaemonProcess],
 ) -> None:
     echo = [f"e{i}" for i in range(30)]
     command = [f"c{i}" for i in range(6)]
@@ -89,7 +89,7 @@ async def test_pt2_a_joiner_takes_only_echo_channels_without_shared_workspaces(
 async def test_pt2_with_shared_workspaces_command_channels_move_too(
     tmp_path: Path,
     pg_url: str,
-    stop_all: list[DaemonProcess],  # noqa: F811
+    stop_all: list[DaemonProcess],
 ) -> None:
     command = [f"c{i}" for i in range(12)]
     first = [member(tmp_path, pg_url, h, "--workspaces-shared") for h in ("h1", "h2")]

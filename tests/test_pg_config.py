@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -25,7 +24,7 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from daemon_process import SKYDECK, DaemonProcess, clean_env
-from pg import PgCluster
+from pg import PgCluster, query
 from skydeck.errors import StoreUnreachable
 from skydeck.model import AgentSpec
 from skydeck.pg.driver import redact
@@ -38,21 +37,6 @@ pytestmark = pytest.mark.slow
 
 ROLE = "pw_user"
 PASSWORD = "s3cret-Pw-7"
-
-
-def query(url: str, statement: str, *args: object) -> list[tuple[Any, ...]]:
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("SET search_path = skydeck")
-        return conn.execute(statement.encode(), args or None).fetchall()
-
-
-@pytest.fixture
-def stop_all() -> Iterator[list[DaemonProcess]]:
-    daemons: list[DaemonProcess] = []
-    yield daemons
-    for daemon in daemons:
-        if daemon.proc.poll() is None:
-            daemon.kill()
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ import trio
 from prometheus_client import CollectorRegistry, generate_latest
 
 from daemon_process import DaemonProcess
+from pg import query
 from skydeck.model import EventKind, TurnEvent
 from skydeck.pg.relay import (
     EVENTS,
@@ -35,9 +36,7 @@ from skydeck.pg.relay import (
 )
 from skydeck.store import Fence
 from skydeck.store.postgres import open_postgres
-from test_pg_hosts import create_echo_agents, host, query, stop_all, wait_for_owners
-
-__all__ = ["stop_all"]  # the fixture, used by name
+from test_pg_hosts import create_echo_agents, host, wait_for_owners
 
 BIG = 20_000
 

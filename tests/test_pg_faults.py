@@ -26,11 +26,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import httpx
-import psycopg
 import pytest
 import trio
 
 from daemon_process import DaemonProcess
+from pg import query
 
 TTL = 3.0
 SCAN = 0.5
@@ -42,12 +42,6 @@ TOTAL = len(CHANNELS) * PER_CHANNEL
 HOSTS = ("h1", "h2", "h3")
 
 pytestmark = pytest.mark.slow
-
-
-def query(url: str, statement: str, *args: object) -> list[tuple[object, ...]]:
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("SET search_path = skydeck")
-        return conn.execute(statement.encode(), args or None).fetchall()
 
 
 def incarnations(url: str) -> dict[str, int]:

@@ -8,7 +8,6 @@ import json
 import statistics
 import subprocess
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,7 +18,7 @@ import pytest
 import trio
 
 from daemon_process import SKYDECK, DaemonProcess, clean_env
-from pg import PgCluster
+from pg import PgCluster, query
 from skydeck.pg.driver import redact
 
 if TYPE_CHECKING:
@@ -28,12 +27,6 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.slow
 
 TTL = "3"
-
-
-def query(url: str, statement: str, *args: object) -> list[tuple[object, ...]]:
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("SET search_path = skydeck")
-        return conn.execute(statement.encode(), args or None).fetchall()
 
 
 def host(root: Path, store: str, host_id: str, *extra: str) -> DaemonProcess:
@@ -86,15 +79,6 @@ async def create_echo_agents(base: str, names: list[str]) -> None:
         for name in names:
             spec = {"name": name, "channel": name, "backend": "echo", "mode": "multi-threaded"}
             assert (await client.post("/api/agents", json=spec)).status_code == 201
-
-
-@pytest.fixture
-def stop_all() -> Iterator[list[DaemonProcess]]:
-    daemons: list[DaemonProcess] = []
-    yield daemons
-    for daemon in daemons:
-        if daemon.proc.poll() is None:
-            daemon.kill()
 
 
 async def test_pt1_two_hosts_one_owner_each_posts_to_the_non_owner(

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 import trio
 
 from daemon_process import DaemonProcess
+from pg import query
 
 pytestmark = pytest.mark.slow
 
@@ -33,21 +32,6 @@ STRANDED = (
     "SELECT m.channel, m.seq FROM messages m JOIN channels c ON c.name = m.channel "
     "WHERE m.state = 'buffered' AND c.agent IS NOT NULL"
 )
-
-
-def query(url: str, statement: str, *args: object) -> list[tuple[Any, ...]]:
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("SET search_path = skydeck")
-        return conn.execute(statement.encode(), args or None).fetchall()
-
-
-@pytest.fixture
-def stop_all() -> Iterator[list[DaemonProcess]]:
-    daemons: list[DaemonProcess] = []
-    yield daemons
-    for daemon in daemons:
-        if daemon.proc.poll() is None:
-            daemon.kill()
 
 
 async def test_pt8_a_post_racing_a_registration_is_never_left_buffered(

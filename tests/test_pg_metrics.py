@@ -6,16 +6,15 @@ heartbeat finds no row: lease lost), while owned channels add up across hosts.""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 import trio
 
 from daemon_process import DaemonProcess
+from pg import query
 
 pytestmark = pytest.mark.slow
 
@@ -37,12 +36,6 @@ SERIES: dict[str, tuple[str, ...]] = {
 SAMPLE = re.compile(r'^(\w+)(?:\{\w+="([^"]*)"\})? (\S+)$')
 
 
-def query(url: str, statement: str, *args: object) -> list[tuple[Any, ...]]:
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("SET search_path = skydeck")
-        return conn.execute(statement.encode(), args or None).fetchall()
-
-
 def samples(text: str) -> dict[tuple[str, str], float]:
     """(name, the one label's value or "") -> value."""
     found = {}
@@ -55,15 +48,6 @@ def samples(text: str) -> dict[tuple[str, str], float]:
 async def scrape(url: str) -> dict[tuple[str, str], float]:
     async with httpx.AsyncClient(timeout=10) as client:
         return samples((await client.get(f"{url}/metrics")).text)
-
-
-@pytest.fixture
-def stop_all() -> Iterator[list[DaemonProcess]]:
-    daemons: list[DaemonProcess] = []
-    yield daemons
-    for daemon in daemons:
-        if daemon.proc.poll() is None:
-            daemon.kill()
 
 
 def serve(root: Path, store: str, host_id: str, ttl: str) -> DaemonProcess:

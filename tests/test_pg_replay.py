@@ -7,53 +7,21 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
-import psycopg
 import pytest
 import trio
 
 from daemon_process import SKYDECK, DaemonProcess, clean_env
+from pg import query
+from test_pg_hosts import host
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
 pytestmark = pytest.mark.slow
-
-TTL = "3"
-
-
-def query(url: str, statement: str, *args: object) -> list[tuple[Any, ...]]:
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("SET search_path = skydeck")
-        return conn.execute(statement.encode(), args or None).fetchall()
-
-
-def host(root: Path, store: str, host_id: str) -> DaemonProcess:
-    return DaemonProcess(
-        root / host_id,
-        "--no-demo",
-        "--store",
-        store,
-        "--host-id",
-        host_id,
-        "--lease-ttl",
-        TTL,
-        "--scan-interval",
-        "0.5",
-    )
-
-
-@pytest.fixture
-def stop_all() -> Iterator[list[DaemonProcess]]:
-    daemons: list[DaemonProcess] = []
-    yield daemons
-    for daemon in daemons:
-        if daemon.proc.poll() is None:
-            daemon.kill()
 
 
 async def owner_of(url: str, channel: str) -> str:

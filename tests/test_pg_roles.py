@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,21 +17,13 @@ from hypercorn.trio import serve
 
 from daemon_process import DaemonProcess
 from fake_vault import TOKEN, FakeVault
+from pg import query
 from skydeck.model import Job
 from skydeck.scheduler import iso
 from skydeck.service import Service, Settings
-from test_pg_hosts import create_echo_agents, host, owners, query
+from test_pg_hosts import create_echo_agents, host, owners
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def stop_all() -> Iterator[list[DaemonProcess]]:
-    daemons: list[DaemonProcess] = []
-    yield daemons
-    for daemon in daemons:
-        if daemon.proc.poll() is None:
-            daemon.kill()
 
 
 def role_holder(url: str) -> str | None:
