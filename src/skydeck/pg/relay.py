@@ -334,16 +334,23 @@ class ClusterEvents(TurnEvents):
         self.serial += len(notices)
 
         def send(conn: Connection) -> None:
+            payloads: list[str] = []
             for notice in notices:
                 if isinstance(notice, Spill):
                     row = conn.execute(
                         "INSERT INTO event_spill (body) VALUES (%s) RETURNING id", (notice.body,)
                     ).fetchone()
                     assert row is not None
-                    payload = notice.payload(int(row[0]))
+                    payloads.append(notice.payload(int(row[0])))
                 else:
-                    payload = notice.payload
-                conn.execute("SELECT pg_notify(%s, %s)", (EVENTS, payload))
+                    payloads.append(notice.payload)
+            # One round trip for the lot, in order (unnest yields the array's order):
+            # the control session also carries the heartbeats, which must not wait
+            # behind a notification per event.
+            conn.execute(
+                "SELECT count(pg_notify(%s, payload)) FROM unnest(%s::text[]) AS t(payload)",
+                (EVENTS, payloads),
+            )
 
         try:
             await self.store.ownership.session.run(send)
