@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from helpers import OpenStore, ScriptBackend, agent, post, running_registry, settle
-from skydeck.errors import Conflict, NotFound
+from skydeck.errors import Conflict, FencedOut, NotFound
 from skydeck.model import Inbound
+from skydeck.store.sqlite import SQLiteStore
 
 
 async def test_r6_fifo_per_channel_and_no_overlap_under_concurrent_posts(
@@ -189,3 +192,31 @@ async def test_r25_crashing_event_subscriber_never_kills_the_channel(
         first, second = await post(registry, "a", "one"), await post(registry, "a", "two")
         messages = await settle(store, [first, second])
     assert [m.state for m in messages] == ["done", "done"]
+
+
+class FencingStore(SQLiteStore):
+    """An embedded store whose channel has moved to another host (P11): every
+    record write of a cancel is refused."""
+
+    async def end_thread(self, *args: Any, **kwargs: Any) -> Any:
+        raise FencedOut("a", 1)
+
+    async def set_state(self, *args: Any, **kwargs: Any) -> Any:
+        raise FencedOut("a", 1)
+
+
+async def test_p11_a_fenced_cancel_announces_nothing_and_calls_nobody_back(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    store = FencingStore(tmp_path / "skydeck.db")
+    backend = ScriptBackend()
+    async with running_registry(store, backend, agents=[agent("a"), agent("b")]) as registry:
+        await post(registry, "a", "hang", reply_to="b")
+        await trio.sleep(1)
+        with registry.events.subscribe("a") as events:
+            await registry.remove("a")
+            with pytest.raises(trio.WouldBlock):  # no `error agent removed` from here
+                events.receive_nowait()
+        await trio.sleep(1)
+    assert backend.prompts("b") == []  # and no callback to the sender
+    store.close()

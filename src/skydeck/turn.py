@@ -37,7 +37,7 @@ import trio
 from . import ledger
 from .backends.base import Backend
 from .backends.base import EventKind as BackendEventKind
-from .errors import BackendError, DeliveryError, StoreFailure, unwrap
+from .errors import BackendError, DeliveryError, FencedOut, StoreFailure, unwrap
 from .events import TurnEvents
 from .ledger import CallbackStatus, MessageState, Outcome, ThreadStatus
 from .model import (
@@ -299,19 +299,31 @@ class Turn:
             # Each write on its own (R25); a store failure leaves the messages
             # `working`, and they replay (R28). A turn stopped before it started
             # (waiting on the mirror's session) wrote no record to end.
+            fenced = False
             try:
                 if self._began:
                     self.thread = await store.end_thread(
                         self.thread, outcome.thread_status, outcome.output, self.fence
                     )
+            except FencedOut:
+                fenced = True
             except Exception:
                 log.exception("thread record failed", extra={"channel": self.channel})
-            try:
-                self.messages = await store.set_state(
-                    self.messages, outcome.state, self.fence, outcome.error
-                )
-            except Exception:
-                log.exception("message states failed", extra={"channel": self.channel})
+            if not fenced:
+                try:
+                    self.messages = await store.set_state(
+                        self.messages, outcome.state, self.fence, outcome.error
+                    )
+                except FencedOut:
+                    fenced = True
+                except Exception:
+                    log.exception("message states failed", extra={"channel": self.channel})
+            if fenced:
+                # P11: another host holds the channel and replays these messages;
+                # nothing more from here (no event, no callback), as at a turn's end.
+                log.warning("cancel stopped: write fenced", extra={"channel": self.channel})
+                self._scope.cancel()
+                return
             self._announce(outcome)
             await self._call_back(outcome.callback, None, None)
             self._finished(outcome)
