@@ -500,6 +500,21 @@ class PostgresStore:
         self._check_deadline(fence)
         return await self._write(fn, fence)  # type: ignore[arg-type]
 
+    async def _fenced_statement(self, statement: str, fence: Fence, **values: object) -> None:
+        """One write guarded by ``fence`` (P11): ``statement`` reads the fence's
+        CTE ``f`` (``... AND EXISTS (SELECT 1 FROM f)``) and changes nothing once
+        the lease has another token; `FencedOut` then."""
+        params = {**self._fence_params(fence), **values}
+
+        def write(conn: Connection, tick: _Tick) -> bool | None:
+            row = conn.execute(
+                f"WITH {_FENCE}, w AS ({statement}) SELECT (SELECT count(*) FROM f)".encode(),
+                params,
+            ).fetchone()
+            return True if row and row[0] else None
+
+        await self._fenced_write(fence, write)
+
     # -- meta -------------------------------------------------------------------------
 
     async def get_meta(self, key: str) -> str | None:
@@ -1080,20 +1095,14 @@ class PostgresStore:
 
     async def rewrite_thread(self, thread: ThreadRecord, fence: Fence) -> None:
         """R21: rewrite the same turn's record; the turn count does not move."""
-        params = {**self._fence_params(fence), **_thread_params(thread)}
-
-        def write(conn: Connection, tick: _Tick) -> bool | None:
-            row = conn.execute(
-                f"WITH {_FENCE}, t AS (UPDATE threads SET status = %(status)s, "
-                "input = %(input)s, output = %(output)s, session = %(session)s, "
-                "turn_count = %(turn_count)s, usage = %(usage)s, message_id = %(message_id)s "
-                "WHERE id = %(id)s AND EXISTS (SELECT 1 FROM f) RETURNING 1) "
-                "SELECT (SELECT count(*) FROM f)".encode(),
-                params,
-            ).fetchone()
-            return True if row and row[0] else None
-
-        await self._fenced_write(fence, write)
+        await self._fenced_statement(
+            "UPDATE threads SET status = %(status)s, "
+            "input = %(input)s, output = %(output)s, session = %(session)s, "
+            "turn_count = %(turn_count)s, usage = %(usage)s, message_id = %(message_id)s "
+            "WHERE id = %(id)s AND EXISTS (SELECT 1 FROM f) RETURNING 1",
+            fence,
+            **_thread_params(thread),
+        )
 
     async def end_thread(
         self, thread: ThreadRecord, status: ThreadStatus, output: str, fence: Fence
@@ -1151,22 +1160,13 @@ class PostgresStore:
 
     async def set_remote_id(self, message: Message, remote_id: str, fence: Fence) -> Message:
         updated = replace(message, metadata={**message.metadata, "remote_id": remote_id})
-        params = {
-            **self._fence_params(fence),
-            "id": message.id,
-            "metadata": json.dumps(updated.metadata),
-        }
-
-        def write(conn: Connection, tick: _Tick) -> bool | None:
-            row = conn.execute(
-                f"WITH {_FENCE}, m AS (UPDATE messages SET metadata = %(metadata)s "
-                "WHERE id = %(id)s AND EXISTS (SELECT 1 FROM f) RETURNING 1) "
-                "SELECT (SELECT count(*) FROM f)".encode(),
-                params,
-            ).fetchone()
-            return True if row and row[0] else None
-
-        await self._fenced_write(fence, write)
+        await self._fenced_statement(
+            "UPDATE messages SET metadata = %(metadata)s "
+            "WHERE id = %(id)s AND EXISTS (SELECT 1 FROM f) RETURNING 1",
+            fence,
+            id=message.id,
+            metadata=json.dumps(updated.metadata),
+        )
         return updated
 
     async def get_session(self, agent: str) -> str | None:
@@ -1241,7 +1241,7 @@ class PostgresStore:
         return await self._read(read)
 
     async def outbox_failed(self, seq: int, error: str, fence: Fence) -> None:
-        await self._outbox_write(
+        await self._fenced_statement(
             "UPDATE outbox SET attempts = attempts + 1, last_error = %(error)s "
             "WHERE seq = %(seq)s AND EXISTS (SELECT 1 FROM f) RETURNING 1",
             fence,
@@ -1250,25 +1250,11 @@ class PostgresStore:
         )
 
     async def outbox_done(self, seq: int, fence: Fence) -> None:
-        await self._outbox_write(
+        await self._fenced_statement(
             "DELETE FROM outbox WHERE seq = %(seq)s AND EXISTS (SELECT 1 FROM f) RETURNING 1",
             fence,
             seq=seq,
         )
-
-    async def _outbox_write(self, statement: str, fence: Fence, **values: object) -> None:
-        """One fenced statement of the outbox's deliverer (P11, P17): a former
-        holder of `role:vault-outbox` (paused past its lease) changes nothing."""
-        params = {**self._fence_params(fence), **values}
-
-        def write(conn: Connection, tick: _Tick) -> bool | None:
-            row = conn.execute(
-                f"WITH {_FENCE}, w AS ({statement}) SELECT (SELECT count(*) FROM f)".encode(),
-                params,
-            ).fetchone()
-            return True if row and row[0] else None
-
-        await self._fenced_write(fence, write)
 
     async def outbox_count(self) -> int:
         def read(conn: Connection) -> int:
