@@ -13,7 +13,7 @@ import trio
 
 from daemon_process import DaemonProcess
 from skydeck.pg.cluster import share
-from test_pg_hosts import owners
+from test_pg_hosts import host, owners
 
 pytestmark = pytest.mark.slow
 
@@ -22,20 +22,7 @@ FAST_REBALANCE = {"SKYDECK_TEST_REBALANCE_S": "1"}
 
 
 def member(root: Path, url: str, host_id: str, *extra: str) -> DaemonProcess:
-    return DaemonProcess(
-        root / host_id,
-        "--no-demo",
-        "--store",
-        url,
-        "--host-id",
-        host_id,
-        "--lease-ttl",
-        "3",
-        "--scan-interval",
-        "0.5",
-        *extra,
-        env=FAST_REBALANCE,
-    )
+    return host(root, url, host_id, *extra, env=FAST_REBALANCE)
 
 
 async def create(base: str, echo: list[str], command: list[str]) -> None:

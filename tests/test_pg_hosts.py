@@ -29,7 +29,9 @@ pytestmark = pytest.mark.slow
 TTL = "3"
 
 
-def host(root: Path, store: str, host_id: str, *extra: str) -> DaemonProcess:
+def host(
+    root: Path, store: str, host_id: str, *extra: str, env: dict[str, str] | None = None
+) -> DaemonProcess:
     return DaemonProcess(
         root / host_id,
         "--no-demo",
@@ -42,6 +44,7 @@ def host(root: Path, store: str, host_id: str, *extra: str) -> DaemonProcess:
         "--scan-interval",
         "0.5",
         *extra,
+        env=env,
     )
 
 
